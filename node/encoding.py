@@ -1,0 +1,279 @@
+"""Canonical msgpack encoding of records (DESIGN §3).
+
+A record is a frozen, slotted dataclass that inherits ``Record``. It encodes as a msgpack array of
+its fields in declared order (never a map), so one value has exactly one byte form:
+
+* ``int`` and the uint64 NewTypes (``Height``, ``Nonce``, ``ChainId``, ...) → msgpack uint, minimal;
+* ``Amount`` (and anything that may exceed 2**64) → 32-byte big-endian ``bin``;
+* ``Address`` / ``Hash32`` / ``Signature`` → ``bin`` of exactly 20 / 32 / 65 bytes;
+* ``bytes`` → ``bin`` (max length from the field's ``limit``), ``str`` → UTF-8 ``str``;
+* ``bool``; ``T | None`` → ``nil`` or ``T``; ``tuple[T, ...]`` → array; nested records → arrays.
+
+Decoding is strict: the total size is checked before msgpack allocates anything, msgpack's own
+per-container limits are set, every field is type- and range-checked, and finally the input must
+equal the re-encoding of what was decoded (``encode(decode(b)) == b``), which rejects every
+non-minimal form msgpack would otherwise accept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar, Self, TypeVar
+
+import msgpack
+
+from node.errors import DecodeError, NonCanonicalEncoding, TooLarge
+from node.types import (
+    UINT64_MAX,
+    UINT256_MAX,
+    Address,
+    Amount,
+    ChainId,
+    Hash32,
+    Height,
+    Nonce,
+    Round,
+    Signature,
+    TimestampMs,
+)
+
+DEFAULT_MAX_BYTES = 1 << 20  # a bytes field without an explicit limit
+DEFAULT_MAX_STR = 1024  # UTF-8 bytes
+DEFAULT_MAX_ITEMS = 100_000
+DEFAULT_MAX_RECORD = 8 << 20  # total encoded size unless the caller passes max_size
+
+_Enc = Callable[[Any], Any]
+_Dec = Callable[[Any, str], Any]
+
+
+def limit(n: int) -> dict[str, int]:
+    """Field metadata giving the maximum length (bytes, str) or item count (tuple)."""
+    return {"max": n}
+
+
+class Record:
+    """Base of every encoded record; subclasses must be ``@dataclass(frozen=True, slots=True)``."""
+
+    __slots__ = ()
+    _codec: ClassVar[tuple[_Enc, _Dec] | None] = None
+
+    def to_wire(self) -> Any:
+        """The msgpack-ready tree (nested tuples/ints/bytes) of this record."""
+        return _codec_of(type(self))[0](self)
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.to_wire(), use_bin_type=True)
+
+    @classmethod
+    def from_wire(cls, tree: Any) -> Self:
+        return typing.cast(Self, _codec_of(cls)[1](tree, cls.__name__))
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = DEFAULT_MAX_RECORD) -> Self:
+        tree = unpack_canonical(data, max_size=max_size)
+        return cls.from_wire(tree)
+
+
+R = TypeVar("R", bound=Record)
+
+
+def unpack_canonical(data: bytes, *, max_size: int = DEFAULT_MAX_RECORD) -> Any:
+    """Unpack msgpack bytes with limits, and require that they are the canonical form."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError("expected bytes")
+    n = len(data)
+    if n > max_size:
+        raise TooLarge(f"encoded record of {n} bytes exceeds the limit of {max_size}")
+    if n == 0:
+        raise DecodeError("empty input")
+    try:
+        tree = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=min(n, DEFAULT_MAX_ITEMS),
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData as exc:
+        raise DecodeError("trailing bytes after the record") from exc
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from exc
+    if msgpack.packb(tree, use_bin_type=True) != bytes(data):
+        raise NonCanonicalEncoding("bytes are not the canonical (minimal) msgpack form")
+    return tree
+
+
+def pack(tree: Any) -> bytes:
+    return msgpack.packb(tree, use_bin_type=True)
+
+
+# --- codec compilation -------------------------------------------------------------------------
+
+_UINT64_TYPES: tuple[object, ...] = (int, Height, Round, Nonce, ChainId, TimestampMs)
+_FIXED_BYTES: dict[object, int] = {Address: 20, Hash32: 32, Signature: 65}
+
+
+def _codec_of(cls: type[Record]) -> tuple[_Enc, _Dec]:
+    codec = cls.__dict__.get("_codec")
+    if codec is None:
+        codec = _compile_record(cls)
+        cls._codec = codec
+    return codec
+
+
+def _compile_record(cls: type[Record]) -> tuple[_Enc, _Dec]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    encs: list[_Enc] = []
+    decs: list[_Dec] = []
+    for f in fields:
+        enc, dec = _compile_type(hints[f.name], f.metadata.get("max"))
+        encs.append(enc)
+        decs.append(dec)
+    count = len(fields)
+    pairs = list(zip(names, encs, strict=True))
+    dec_items = list(zip(names, decs, strict=True))
+
+    def enc_record(value: Any) -> tuple[Any, ...]:
+        return tuple([e(getattr(value, n)) for n, e in pairs])
+
+    def dec_record(tree: Any, where: str) -> Any:
+        if type(tree) is not tuple:
+            raise DecodeError(f"{where}: expected an array of {count} fields")
+        if len(tree) != count:
+            raise DecodeError(f"{where}: expected {count} fields, got {len(tree)}")
+        return cls(*[d(v, f"{where}.{n}") for (n, d), v in zip(dec_items, tree, strict=True)])
+
+    return enc_record, dec_record
+
+
+def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:  # noqa: C901 - one dispatch
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1 or len(typing.get_args(tp)) != 2:
+            raise TypeError(f"only `T | None` unions are supported, got {tp}")
+        inner_enc, inner_dec = _compile_type(args[0], max_len)
+
+        def enc_opt(v: Any) -> Any:
+            return None if v is None else inner_enc(v)
+
+        def dec_opt(v: Any, where: str) -> Any:
+            return None if v is None else inner_dec(v, where)
+
+        return enc_opt, dec_opt
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"only tuple[T, ...] is supported, got {tp}")
+        item_enc, item_dec = _compile_type(args[0], None)
+        cap = max_len if max_len is not None else DEFAULT_MAX_ITEMS
+
+        def enc_tuple(v: Any) -> Any:
+            return tuple([item_enc(x) for x in v])
+
+        def dec_tuple(v: Any, where: str) -> Any:
+            if type(v) is not tuple:
+                raise DecodeError(f"{where}: expected an array")
+            if len(v) > cap:
+                raise TooLarge(f"{where}: {len(v)} items exceed the limit of {cap}")
+            return tuple([item_dec(x, f"{where}[{i}]") for i, x in enumerate(v)])
+
+        return enc_tuple, dec_tuple
+    if tp is Amount:
+        return _enc_u256, _dec_u256
+    if tp in _FIXED_BYTES:
+        return _fixed_bytes_codec(_FIXED_BYTES[tp])
+    if tp is bool:
+        return _identity, _dec_bool
+    if tp in _UINT64_TYPES:
+        return _identity, _dec_u64
+    if tp is bytes:
+        return _var_bytes_codec(max_len if max_len is not None else DEFAULT_MAX_BYTES)
+    if tp is str:
+        return _str_codec(max_len if max_len is not None else DEFAULT_MAX_STR)
+    if isinstance(tp, type) and issubclass(tp, Record):
+        sub: type[Record] = tp
+
+        def enc_sub(v: Any) -> Any:
+            return _codec_of(sub)[0](v)
+
+        def dec_sub(v: Any, where: str) -> Any:
+            return _codec_of(sub)[1](v, where)
+
+        return enc_sub, dec_sub
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+def _identity(v: Any) -> Any:
+    return v
+
+
+def _dec_bool(v: Any, where: str) -> bool:
+    if type(v) is not bool:
+        raise DecodeError(f"{where}: expected a boolean")
+    return v
+
+
+def _dec_u64(v: Any, where: str) -> int:
+    if type(v) is not int or v < 0 or v > UINT64_MAX:
+        raise DecodeError(f"{where}: expected an unsigned 64-bit integer")
+    return v
+
+
+def _enc_u256(v: int) -> bytes:
+    if type(v) is not int or v < 0 or v > UINT256_MAX:
+        raise ValueError("amount out of uint256 range")
+    return v.to_bytes(32, "big")
+
+
+def _dec_u256(v: Any, where: str) -> int:
+    if type(v) is not bytes or len(v) != 32:
+        raise DecodeError(f"{where}: expected a 32-byte big-endian uint256")
+    return int.from_bytes(v, "big")
+
+
+def _fixed_bytes_codec(size: int) -> tuple[_Enc, _Dec]:
+    def dec(v: Any, where: str) -> bytes:
+        if type(v) is not bytes or len(v) != size:
+            raise DecodeError(f"{where}: expected {size} bytes")
+        return v
+
+    def enc(v: Any) -> bytes:
+        if len(v) != size:
+            raise ValueError(f"expected {size} bytes, got {len(v)}")
+        return bytes(v)
+
+    return enc, dec
+
+
+def _var_bytes_codec(cap: int) -> tuple[_Enc, _Dec]:
+    def dec(v: Any, where: str) -> bytes:
+        if type(v) is not bytes:
+            raise DecodeError(f"{where}: expected bytes")
+        if len(v) > cap:
+            raise TooLarge(f"{where}: {len(v)} bytes exceed the limit of {cap}")
+        return v
+
+    return bytes, dec
+
+
+def _str_codec(cap: int) -> tuple[_Enc, _Dec]:
+    def dec(v: Any, where: str) -> str:
+        if type(v) is not str:
+            raise DecodeError(f"{where}: expected a string")
+        if len(v.encode("utf-8")) > cap:
+            raise TooLarge(f"{where}: string exceeds {cap} bytes")
+        return v
+
+    return _identity, dec
