@@ -1,0 +1,333 @@
+"""The chain service: the single writer of blocks and state (DESIGN §1, §5, §7).
+
+It owns the chain store and the state tree. It builds proposals, validates proposed blocks on a
+discardable overlay, and commits a decided block with its receipts, state changes, tree records
+and seen commit in one synced batch. After each commit it publishes an immutable ``ReadView``
+(head, params, a storage snapshot) that RPC reads use from their own thread.
+
+Methods here are synchronous and CPU-bound; the consensus service calls them in a worker thread
+one at a time (``trio.to_thread.run_sync``), so nothing else writes concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from node.api import StateProof, TxLocation
+from node.consensus.blocks import Block, Commit, Header
+from node.consensus.params import ChainParams, VotableParams
+from node.consensus.state import PARAMS_KEY, VALIDATOR_SET_KEY, Account, get_account
+from node.consensus.transition import (
+    BlockResult,
+    BuiltBlock,
+    ValidatorContext,
+    apply_block,
+    build_block,
+)
+from node.consensus.txs import VerifiedTransaction
+from node.consensus.validators import ValidatorSet
+from node.errors import ConfigError, CorruptDatabase, HistoryPruned, NotFound
+from node.genesis import Genesis, build_genesis_state, genesis_hash
+from node.storage.api import KVStore, Snapshot
+from node.storage.chain_store import ChainReader, ChainStore
+from node.storage.smt import StateTree, TreeUpdate
+from node.types import Address, Hash32, Height
+
+log = logging.getLogger(__name__)
+
+TREE_PREFIX = b"T"
+# Snapshots handed to the RPC thread stay open at least this long after being superseded.
+VIEW_GRACE_SECONDS = 30.0
+VIEWS_KEPT = 2
+
+
+class _LiveState:
+    """The latest committed state values, read from the store (chain thread only)."""
+
+    __slots__ = ("_reader",)
+
+    def __init__(self, reader: ChainReader) -> None:
+        self._reader = reader
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._reader.get_state(key)
+
+
+class ReadView:
+    """An immutable view of one committed head; safe to use from any thread until closed."""
+
+    def __init__(
+        self, snapshot: Snapshot, chain: ChainParams, params: VotableParams,
+        head: Header | None, tree_prefix: bytes,
+    ) -> None:
+        self._kv = snapshot
+        self._snap = ChainReader(snapshot)
+        self.chain = chain
+        self.params = params
+        self.head = head
+        self._tree_prefix = tree_prefix
+
+    @property
+    def head_height(self) -> int:
+        return 0 if self.head is None else self.head.height
+
+    def get_block(self, height: int) -> Block | None:
+        if height > self.head_height:
+            return None
+        return self._snap.get_block(height)
+
+    def get_block_by_hash(self, block_hash: bytes) -> Block | None:
+        height = self._snap.get_height(block_hash)
+        if height is None or height > self.head_height:
+            return None
+        return self._snap.get_block(height)
+
+    def get_commit(self, height: int) -> Commit | None:
+        if height > self.head_height:
+            return None
+        return self._snap.get_commit(height)
+
+    def get_transaction(self, tx_id: bytes) -> TxLocation | None:
+        loc = self._snap.get_tx_location(tx_id)
+        if loc is None or loc[0] > self.head_height:
+            return None
+        height, index = loc
+        block = self._snap.get_block(height)
+        receipts = self._snap.get_receipts(height)
+        if block is None or receipts is None:
+            raise CorruptDatabase(f"block {height} indexed for a transaction is missing")
+        return TxLocation(
+            Hash32(bytes(tx_id)), height, index, block.hash(), block.txs[index], receipts[index]
+        )
+
+    def get_account(self, address: Address) -> Account:
+        return get_account(_LiveState(self._snap), address)
+
+    def get_state(self, key: bytes) -> bytes | None:
+        return self._snap.get_state(key)
+
+    def get_proof(self, key: bytes, height: int | None = None) -> StateProof:
+        head = self.head_height
+        h = head if height is None else height
+        if h > head:
+            raise NotFound(f"height {h} is above the head {head}")
+        oldest = max(0, head - self.chain.state_history_blocks + 1)
+        if h < oldest:
+            raise HistoryPruned(
+                f"state at height {h} is no longer kept (the oldest served is {oldest})"
+            )
+        tree = StateTree(self._kv, self._tree_prefix, cache_nodes=0)
+        value, proof = tree.get_proof(h, key)
+        return StateProof(key, value, Height(h), tree.root_at(h), proof.encode())
+
+    def close(self) -> None:
+        self._kv.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Validated:
+    """A block that passed ``validate``; kept so that committing it needs no re-execution."""
+
+    block: Block
+    result: BlockResult
+    tree_update: TreeUpdate
+
+
+class ChainService:
+    """Single writer of the chain. Not thread-safe: one caller at a time."""
+
+    def __init__(self, kv: KVStore, genesis: Genesis) -> None:
+        self.kv = kv
+        self.genesis = genesis
+        self.chain: ChainParams = genesis.chain_params
+        self.store = ChainStore(kv)
+        self.tree = StateTree(kv, TREE_PREFIX)
+        self._state = _LiveState(self.store)
+        self._validated: dict[Hash32, Validated] = {}
+        self._views: deque[tuple[float, ReadView]] = deque()
+        self._view_lock = threading.Lock()
+        self._view: ReadView | None = None
+        self.head: Header | None = None
+        self.params: VotableParams = genesis.votable_params
+
+    # --- opening -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Initialise from genesis on an empty database, else verify the head and the tree."""
+        expected_hash = genesis_hash(self.genesis)
+        if not self.store.is_initialized():
+            state = build_genesis_state(self.genesis)
+            update = self.tree.apply(0, state)
+            self.store.init_genesis(self.chain.chain_id, expected_hash, state, update.puts)
+            self.tree.committed(update)
+            log.info("initialised chain %d from genesis", self.chain.chain_id)
+        else:
+            if self.store.chain_id() != self.chain.chain_id:
+                raise ConfigError(
+                    f"the database holds chain {self.store.chain_id()}, the genesis file is for "
+                    f"chain {self.chain.chain_id}"
+                )
+            if self.store.genesis_hash() != expected_hash:
+                raise ConfigError(
+                    "the database was initialised from a different genesis file; use the "
+                    "genesis it was created with or a fresh data directory"
+                )
+        check = self.store.verify_head()
+        self.head = self.store.head()
+        head_height = 0 if self.head is None else self.head.height
+        tree_height = self.tree.latest_height()
+        if tree_height != head_height:
+            raise CorruptDatabase(
+                f"the state tree is at height {tree_height} but the chain head is at "
+                f"{head_height}; restore the data directory from a backup or resync"
+            )
+        if self.head is not None and self.tree.root_at(head_height) != self.head.state_root:
+            raise CorruptDatabase(
+                f"the state root at height {head_height} does not match the head block's"
+            )
+        self.params = self._load_params()
+        self._publish_view()
+        log.info("chain head at height %d (%s)", head_height, check)
+
+    def _load_params(self) -> VotableParams:
+        raw = self.store.get_state(PARAMS_KEY)
+        if raw is None:
+            raise CorruptDatabase("the votable parameters are missing from state")
+        return VotableParams.decode(raw)
+
+    # --- views ---------------------------------------------------------------------------------
+
+    @property
+    def head_height(self) -> int:
+        return 0 if self.head is None else self.head.height
+
+    def state_view(self) -> _LiveState:
+        """The latest committed state (for the mempool and execution; chain thread only)."""
+        return self._state
+
+    def read_view(self) -> ReadView:
+        view = self._view
+        assert view is not None, "open() publishes the first view"
+        return view
+
+    def _publish_view(self) -> None:
+        view = ReadView(
+            self.kv.snapshot(), self.chain, self.params, self.head, TREE_PREFIX
+        )
+        now = time.monotonic()
+        with self._view_lock:
+            self._view = view
+            self._views.append((now, view))
+            while len(self._views) > VIEWS_KEPT and now - self._views[0][0] > VIEW_GRACE_SECONDS:
+                _, old = self._views.popleft()
+                old.close()
+
+    def close(self) -> None:
+        with self._view_lock:
+            while self._views:
+                self._views.popleft()[1].close()
+            self._view = None
+
+    # --- validators ----------------------------------------------------------------------------
+
+    def validator_set(self) -> ValidatorSet:
+        raw = self.store.get_state(VALIDATOR_SET_KEY)
+        if raw is None:
+            raise CorruptDatabase("the validator set is missing from state")
+        return ValidatorSet.decode(raw)
+
+    def validator_context(self, height: int) -> ValidatorContext:
+        # Changes to the set apply at h+2 (DESIGN §5); with no change transactions yet the set
+        # of every height is the one in state.
+        current = self.validator_set()
+        return ValidatorContext(current, current, current if height > 1 else None)
+
+    # --- blocks --------------------------------------------------------------------------------
+
+    def _root_fn(self, height: int, sink: list[TreeUpdate]) -> object:
+        def state_root(changes: Mapping[bytes, bytes | None]) -> Hash32:
+            update = self.tree.apply(height, changes)
+            sink.append(update)
+            return update.root
+
+        return state_root
+
+    def build(
+        self,
+        round_: int,
+        proposer: Address,
+        last_commit: Commit | None,
+        candidates: Sequence[VerifiedTransaction],
+    ) -> BuiltBlock:
+        height = self.head_height + 1
+        sink: list[TreeUpdate] = []
+        built = build_block(
+            self._state,
+            self.chain,
+            self.params,
+            self.head,
+            round_,
+            proposer,
+            last_commit,
+            self.validator_context(height),
+            candidates,
+            self._root_fn(height, sink),  # type: ignore[arg-type]
+        )
+        self._validated[built.block.hash()] = Validated(built.block, built.result, sink[-1])
+        return built
+
+    def validate(
+        self, block: Block, verified: Sequence[VerifiedTransaction] | None = None
+    ) -> BlockResult:
+        """Execute ``block`` on a discardable overlay of the head state; raise ``InvalidBlock``."""
+        block_hash = block.hash()
+        known = self._validated.get(block_hash)
+        if known is not None:
+            return known.result
+        height = self.head_height + 1
+        sink: list[TreeUpdate] = []
+        result = apply_block(
+            self._state,
+            self.chain,
+            self.params,
+            self.head,
+            block,
+            self.validator_context(height),
+            self._root_fn(height, sink),  # type: ignore[arg-type]
+            verified,
+        )
+        self._validated[block_hash] = Validated(block, result, sink[-1])
+        return result
+
+    def commit(self, block: Block, commit: Commit) -> BlockResult:
+        """Write a decided block in one synced batch and publish a new read view."""
+        block_hash = block.hash()
+        if block_hash not in self._validated:
+            self.validate(block)
+        validated = self._validated[block_hash]
+        update = validated.tree_update
+        height = block.header.height
+        prune_from = height - self.chain.state_history_blocks + 1
+        prune = self.tree.prune(prune_from) if prune_from > 0 and height % 16 == 0 else None
+        puts = dict(update.puts)
+        deletes = list(update.deletes)
+        if prune is not None:
+            puts.update(prune.puts)
+            deletes.extend(prune.deletes)
+        self.store.commit_block(
+            block, commit, validated.result.receipts, validated.result.changes, puts, deletes
+        )
+        self.tree.committed(update)
+        if prune is not None:
+            self.tree.committed(prune)
+        self.head = block.header
+        self._validated.clear()
+        if PARAMS_KEY in validated.result.changes:
+            self.params = self._load_params()
+        self._publish_view()
+        return validated.result

@@ -1,0 +1,536 @@
+"""The Python SDK for a node's JSON-RPC API: ``AsyncClient`` (aiohttp) and its sync twin ``Client``.
+
+::
+
+    from rpc.client import Client
+
+    with Client("http://127.0.0.1:8545/") as node:
+        print(node.block_number())
+        tx_id = node.send_raw_transaction(signed.encode())
+        receipt = node.wait_for_receipt(tx_id, timeout=30)
+
+Errors are typed (``rpc.errors``): ``TransportError`` (and ``RequestTimeout``) when no JSON-RPC
+answer came back; ``RpcError`` subclasses for error answers — the standard ones
+(``InvalidParams``, ``MethodNotFound``, ...) and, for application codes, an exception that is also
+the matching ``node.errors`` class (``except node.errors.NonceTooLow`` works). Results keep the
+JSON shapes of ``docs/rpc.md``, except where a small typed value is clearer (``AccountInfo``,
+``node.api.StateProof``, ``node.api.NodeStatus``, ids as ``bytes``, amounts as ``int``).
+
+``Client`` runs a private asyncio loop in one background thread and blocks the calling thread on
+it: safe from any thread (including inside a trio or asyncio program) and fast enough for a CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import aiohttp
+
+from node.api import NodeStatus, StateProof
+from node.types import Address, Amount, Hash32, Height
+from rpc.errors import (
+    InternalError,
+    ReceiptTimeout,
+    RequestTimeout,
+    RpcError,
+    TransportError,
+    error_from_json,
+)
+
+T = TypeVar("T")
+Params = list[Any] | dict[str, Any] | None
+
+DEFAULT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    address: Address
+    nonce: int
+    balance: Amount  # base units (1 NSD = 10**18)
+
+
+# --- conversions between Python values and the wire ------------------------------------------------
+
+
+def _hex(value: bytes | str, name: str) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, str):
+        return value if value.startswith(("0x", "0X")) else "0x" + value
+    raise TypeError(f"{name} must be bytes or a hex string, not {type(value).__name__}")
+
+
+def _unhex(value: Any) -> bytes:
+    if not isinstance(value, str) or not value.startswith("0x"):
+        raise ValueError(f"expected 0x-hex, got {value!r:.80}")
+    return bytes.fromhex(value[2:])
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r:.80}")
+    return value
+
+
+def _account(obj: Any) -> AccountInfo:
+    return AccountInfo(Address(_unhex(obj["address"])), _int(obj["nonce"]), Amount(int(obj["balance"])))
+
+
+def _proof(obj: Any) -> StateProof:
+    value = obj["value"]
+    return StateProof(
+        key=_unhex(obj["key"]),
+        value=None if value is None else _unhex(value),
+        height=Height(_int(obj["height"])),
+        state_root=Hash32(_unhex(obj["stateRoot"])),
+        proof=_unhex(obj["proof"]),
+    )
+
+
+def _status(obj: Any) -> NodeStatus:
+    validator = obj["validatorAddress"]
+    return NodeStatus(
+        chain_id=_int(obj["chainId"]),
+        node_version=str(obj["nodeVersion"]),
+        head_height=_int(obj["headHeight"]),
+        head_hash=Hash32(_unhex(obj["headHash"])),
+        head_time_ms=_int(obj["headTime"]),
+        validator_address=None if validator is None else Address(_unhex(validator)),
+        is_validator=bool(obj["isValidator"]),
+        mempool_size=_int(obj["mempoolSize"]),
+        mempool_bytes=_int(obj["mempoolBytes"]),
+        peers=_int(obj["peers"]),
+        syncing=bool(obj["syncing"]),
+    )
+
+
+def _convert(method: str, convert: Callable[[Any], T], value: Any) -> T:
+    try:
+        return convert(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TransportError(f"malformed result of {method} from the server: {exc}") from exc
+
+
+def _fee_params(tx: bytes | None, kind: int | None, size: int | None, new_accounts: int) -> list[Any]:
+    if tx is not None:
+        if kind is not None or size is not None:
+            raise TypeError("pass either a signed transaction or kind and size, not both")
+        return [_hex(tx, "tx")]
+    if kind is None or size is None:
+        raise TypeError("estimate_fee needs a signed transaction or both kind and size")
+    return [{"kind": kind, "size": size, "newAccounts": new_accounts}]
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+class BatchCall:
+    """One call of a batch; ``result()`` returns its value or raises its error once sent."""
+
+    __slots__ = ("_error", "_result", "_sent", "method", "params")
+
+    def __init__(self, method: str, params: Params) -> None:
+        self.method = method
+        self.params = params
+        self._sent = False
+        self._result: Any = None
+        self._error: RpcError | None = None
+
+    def result(self) -> Any:
+        if not self._sent:
+            raise RuntimeError("the batch has not been sent yet")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _set(self, result: Any, error: RpcError | None) -> None:
+        self._sent = True
+        self._result = result
+        self._error = error
+
+
+class _BatchBase:
+    def __init__(self) -> None:
+        self._calls: list[BatchCall] = []
+
+    def call(self, method: str, params: Params = None) -> BatchCall:
+        if self._calls and self._calls[0]._sent:
+            raise RuntimeError("this batch was already sent")
+        item = BatchCall(method, params)
+        self._calls.append(item)
+        return item
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+
+class AsyncBatch(_BatchBase):
+    """Calls sent together in one JSON-RPC batch: ``b.call(...)`` then ``await b.send()``."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        super().__init__()
+        self._client = client
+
+    async def send(self) -> list[BatchCall]:
+        await self._client._send_batch(self._calls)
+        return self._calls
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None and self._calls:
+            await self.send()
+
+
+class Batch(_BatchBase):
+    """The sync client's batch: ``b.call(...)`` then ``b.send()`` (or use it as a context manager)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self._client = client
+
+    def send(self) -> list[BatchCall]:
+        self._client._run(self._client._async._send_batch(self._calls))
+        return self._calls
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None and self._calls:
+            self.send()
+
+
+# --- the async client ----------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """A JSON-RPC client over aiohttp; use ``async with AsyncClient(url) as node: ...``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self._ids = itertools.count(1)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self._headers
+            )
+        return self._session
+
+    async def _post(self, payload: Any) -> Any:
+        """POST one JSON body and return the decoded JSON answer (``None`` for 204)."""
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        try:
+            async with self._get_session().post(self.url, data=body) as response:
+                raw = await response.read()
+                status = response.status
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no answer from {self.url} within {self.timeout} s") from exc
+        except aiohttp.InvalidURL as exc:
+            raise TransportError(f"invalid node URL {self.url!r}") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"cannot reach the node at {self.url}: {exc}") from exc
+        if status == 204:
+            return None
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise TransportError(
+                f"HTTP {status} from {self.url} is not a JSON-RPC answer (is this a node's RPC URL?)"
+            ) from None
+        if status != 200 and not (isinstance(answer, dict) and "error" in answer):
+            raise TransportError(f"HTTP {status} from {self.url}")
+        return answer
+
+    async def call(self, method: str, params: Params = None) -> Any:
+        """Call any method; returns its JSON result or raises its typed error."""
+        req_id = next(self._ids)
+        request: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": method}
+        if params is not None:
+            request["params"] = params
+        answer = await self._post(request)
+        if not isinstance(answer, dict):
+            raise TransportError(f"unexpected answer to {method} from {self.url}")
+        if "error" in answer:
+            raise error_from_json(answer["error"])
+        if "result" not in answer:
+            raise TransportError(f"answer to {method} from {self.url} has no result")
+        return answer["result"]
+
+    def batch(self) -> AsyncBatch:
+        return AsyncBatch(self)
+
+    async def _send_batch(self, calls: list[BatchCall]) -> None:
+        if not calls:
+            raise ValueError("an empty batch cannot be sent")
+        if calls[0]._sent:
+            raise RuntimeError("this batch was already sent")
+        by_id: dict[Any, BatchCall] = {}
+        requests = []
+        for item in calls:
+            req_id = next(self._ids)
+            by_id[req_id] = item
+            request: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": item.method}
+            if item.params is not None:
+                request["params"] = item.params
+            requests.append(request)
+        answer = await self._post(requests)
+        if isinstance(answer, dict) and "error" in answer:
+            raise error_from_json(answer["error"])  # the batch as a whole was refused
+        if not isinstance(answer, list):
+            raise TransportError(f"unexpected answer to a batch from {self.url}")
+        for response in answer:
+            answered = by_id.pop(response.get("id"), None) if isinstance(response, dict) else None
+            if answered is None:
+                continue
+            if "error" in response:
+                answered._set(None, error_from_json(response["error"]))
+            else:
+                answered._set(response.get("result"), None)
+        for unanswered in by_id.values():
+            unanswered._set(None, InternalError("the server sent no answer for this call"))
+
+    # --- typed methods (mirroring ns_*) ----------------------------------------------------------
+
+    async def chain_id(self) -> int:
+        return _convert("ns_chainId", _int, await self.call("ns_chainId"))
+
+    async def block_number(self) -> int:
+        return _convert("ns_blockNumber", _int, await self.call("ns_blockNumber"))
+
+    async def get_block(
+        self, number: int | str = "latest", *, full_transactions: bool = False
+    ) -> dict[str, Any] | None:
+        """The block at a height (or ``"latest"``/``"earliest"``); ``None`` if there is none."""
+        result = await self.call("ns_getBlockByNumber", [number, full_transactions])
+        return result if result is None else dict(result)
+
+    async def get_block_by_hash(
+        self, block_hash: bytes | str, *, full_transactions: bool = False
+    ) -> dict[str, Any] | None:
+        params = [_hex(block_hash, "block_hash"), full_transactions]
+        result = await self.call("ns_getBlockByHash", params)
+        return result if result is None else dict(result)
+
+    async def get_transaction(self, tx_id: bytes | str) -> dict[str, Any] | None:
+        result = await self.call("ns_getTransaction", [_hex(tx_id, "tx_id")])
+        return result if result is None else dict(result)
+
+    async def get_receipt(self, tx_id: bytes | str) -> dict[str, Any] | None:
+        """The receipt once the transaction is in a block; ``None`` before that."""
+        result = await self.call("ns_getReceipt", [_hex(tx_id, "tx_id")])
+        return result if result is None else dict(result)
+
+    async def get_account(self, address: bytes | str) -> AccountInfo:
+        result = await self.call("ns_getAccount", [_hex(address, "address")])
+        return _convert("ns_getAccount", _account, result)
+
+    async def get_proof(self, key: bytes | str, height: int | str = "latest") -> StateProof:
+        result = await self.call("ns_getProof", [_hex(key, "key"), height])
+        return _convert("ns_getProof", _proof, result)
+
+    async def send_raw_transaction(self, raw: bytes) -> Hash32:
+        """Submit an encoded ``SignedTransaction``; returns its id."""
+        result = await self.call("ns_sendRawTransaction", [_hex(raw, "raw")])
+        return Hash32(_convert("ns_sendRawTransaction", _unhex, result))
+
+    async def estimate_fee(
+        self,
+        tx: bytes | None = None,
+        *,
+        kind: int | None = None,
+        size: int | None = None,
+        new_accounts: int = 0,
+    ) -> Amount:
+        """The minimum fee in base units, for a signed transaction or for (kind, size)."""
+        result = await self.call("ns_estimateFee", _fee_params(tx, kind, size, new_accounts))
+        return Amount(_convert("ns_estimateFee", int, result))
+
+    async def status(self) -> NodeStatus:
+        return _convert("ns_status", _status, await self.call("ns_status"))
+
+    async def pending_nonce(self, address: bytes | str) -> int:
+        result = await self.call("ns_pendingNonce", [_hex(address, "address")])
+        return _convert("ns_pendingNonce", _int, result)
+
+    async def wait_for_receipt(
+        self, tx_id: bytes | str, timeout: float = 30.0, *, poll_interval: float = 0.25
+    ) -> dict[str, Any]:
+        """Poll until the transaction has a receipt; ``ReceiptTimeout`` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            receipt = await self.get_receipt(tx_id)
+            if receipt is not None:
+                return receipt
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ReceiptTimeout(
+                    f"transaction {_hex(tx_id, 'tx_id')} has no receipt after {timeout} s"
+                )
+            await asyncio.sleep(min(poll_interval, left))
+
+
+# --- the sync client -------------------------------------------------------------------------------
+
+
+class _LoopThread:
+    """A private asyncio loop running in one daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="rpc-client", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class Client:
+    """The blocking client: the same methods as ``AsyncClient``, usable from any thread."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._async = AsyncClient(url, timeout=timeout, headers=headers)
+        self._lock = threading.Lock()
+        self._loop: _LoopThread | None = None
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                loop.run(self._async.aclose())
+            finally:
+                loop.stop()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            if self._loop is None:
+                self._loop = _LoopThread()
+            loop = self._loop
+        return loop.run(coro)
+
+    def call(self, method: str, params: Params = None) -> Any:
+        return self._run(self._async.call(method, params))
+
+    def batch(self) -> Batch:
+        return Batch(self)
+
+    def chain_id(self) -> int:
+        return self._run(self._async.chain_id())
+
+    def block_number(self) -> int:
+        return self._run(self._async.block_number())
+
+    def get_block(
+        self, number: int | str = "latest", *, full_transactions: bool = False
+    ) -> dict[str, Any] | None:
+        return self._run(self._async.get_block(number, full_transactions=full_transactions))
+
+    def get_block_by_hash(
+        self, block_hash: bytes | str, *, full_transactions: bool = False
+    ) -> dict[str, Any] | None:
+        return self._run(
+            self._async.get_block_by_hash(block_hash, full_transactions=full_transactions)
+        )
+
+    def get_transaction(self, tx_id: bytes | str) -> dict[str, Any] | None:
+        return self._run(self._async.get_transaction(tx_id))
+
+    def get_receipt(self, tx_id: bytes | str) -> dict[str, Any] | None:
+        return self._run(self._async.get_receipt(tx_id))
+
+    def get_account(self, address: bytes | str) -> AccountInfo:
+        return self._run(self._async.get_account(address))
+
+    def get_proof(self, key: bytes | str, height: int | str = "latest") -> StateProof:
+        return self._run(self._async.get_proof(key, height))
+
+    def send_raw_transaction(self, raw: bytes) -> Hash32:
+        return self._run(self._async.send_raw_transaction(raw))
+
+    def estimate_fee(
+        self,
+        tx: bytes | None = None,
+        *,
+        kind: int | None = None,
+        size: int | None = None,
+        new_accounts: int = 0,
+    ) -> Amount:
+        return self._run(
+            self._async.estimate_fee(tx, kind=kind, size=size, new_accounts=new_accounts)
+        )
+
+    def status(self) -> NodeStatus:
+        return self._run(self._async.status())
+
+    def pending_nonce(self, address: bytes | str) -> int:
+        return self._run(self._async.pending_nonce(address))
+
+    def wait_for_receipt(
+        self, tx_id: bytes | str, timeout: float = 30.0, *, poll_interval: float = 0.25
+    ) -> dict[str, Any]:
+        return self._run(
+            self._async.wait_for_receipt(tx_id, timeout, poll_interval=poll_interval)
+        )
