@@ -266,7 +266,9 @@ def _values_from_toml(raw: bytes, path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for section, table in doc.items():
         if section not in _SECTIONS:
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+            raise ConfigError(
+                f"{path}: unknown section [{section}] (known: {', '.join(_SECTIONS)})"
+            )
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: {section}: expected a [{section}] table")
         for key, value in table.items():
@@ -377,7 +379,9 @@ def init_data_dir(
     layout = DataDirLayout(root)
     genesis = load_genesis(genesis_path)
     if not dev and password is not None:
-        raise ConfigError("a password is only used with dev=True (to encrypt the dev validator key)")
+        raise ConfigError(
+            "a password is only used with dev=True (to encrypt the dev validator key)"
+        )
     if layout.genesis.exists():
         existing = load_genesis(layout.genesis)
         if genesis_hash(existing) != genesis_hash(genesis):

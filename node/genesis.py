@@ -209,13 +209,16 @@ def _parse_votable(value: object) -> VotableParams:
         f: _uint(obj[f], f"{where}.{f}", lo=1 if f in _POSITIVE_TIMEOUTS else 0, hi=MAX_TIMEOUT_MS)
         for f in _TIMEOUT_FIELDS
     }
-    max_tx_bytes = _uint(obj["max_tx_bytes"], f"{where}.max_tx_bytes", lo=MIN_TX_BYTES,
-                         hi=MAX_TX_BYTES_HARD)
+    max_tx_bytes = _uint(
+        obj["max_tx_bytes"], f"{where}.max_tx_bytes", lo=MIN_TX_BYTES, hi=MAX_TX_BYTES_HARD
+    )
     # A block must be able to hold at least one transaction of the largest allowed size.
-    max_block_bytes = _uint(obj["max_block_bytes"], f"{where}.max_block_bytes", lo=max_tx_bytes,
-                            hi=MAX_BLOCK_BYTES)
-    max_block_txs = _uint(obj["max_block_txs"], f"{where}.max_block_txs", lo=1,
-                          hi=MAX_BLOCK_TXS_HARD)
+    max_block_bytes = _uint(
+        obj["max_block_bytes"], f"{where}.max_block_bytes", lo=max_tx_bytes, hi=MAX_BLOCK_BYTES
+    )
+    max_block_txs = _uint(
+        obj["max_block_txs"], f"{where}.max_block_txs", lo=1, hi=MAX_BLOCK_TXS_HARD
+    )
     fees = _parse_fees(obj["fees"], f"{where}.fees")
     return VotableParams(
         **timeouts,
@@ -260,7 +263,9 @@ def _parse_validators(value: object) -> tuple[GenesisValidator, ...]:
         obj = _object(item, here, ("address", "power", "bond"))
         address = parse_address(obj["address"], f"genesis: {here}.address")
         if address in seen:
-            raise ConfigError(f"genesis: {here}.address: duplicate validator {to_checksum(address)}")
+            raise ConfigError(
+                f"genesis: {here}.address: duplicate validator {to_checksum(address)}"
+            )
         seen.add(address)
         power = _uint(obj["power"], f"{here}.power", lo=1, hi=MAX_POWER)
         bond = _amount(obj["bond"], f"{here}.bond")

@@ -128,16 +128,23 @@ class Keystore:
             raise KeystoreError(f"a key for address 0x{hex_} is already in the keystore")
         keyfile = _EthAccount.encrypt(key.secret, password, kdf="scrypt", iterations=params.n)
         data = json.dumps(keyfile, indent=None, separators=(",", ":")).encode("utf-8")
-        self._ensure_directory()
         final = self.directory / f"UTC--{_utc_stamp()}--{hex_}.json"
         tmp = self.directory / f".tmp-{secrets.token_hex(8)}-{hex_}"
-        _write_new_file(tmp, data)
         try:
-            os.rename(tmp, final)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.directory)
+            self._ensure_directory()
+            # Written in full and synced under a name list() ignores, then renamed: a crash
+            # leaves either no key file or a complete one, never a truncated one.
+            _write_new_file(tmp, data)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise KeystoreError(
+                f"cannot write key file in {self.directory}: {exc.strerror}"
+            ) from None
         return key.address
 
     def _ensure_directory(self) -> None:
@@ -262,7 +269,9 @@ def read_password(
             with open(password_file, encoding="utf-8", newline="") as fh:
                 line = fh.readline(64 << 10)
         except OSError as exc:
-            raise KeystoreError(f"cannot read password file {password_file}: {exc.strerror}") from None
+            raise KeystoreError(
+                f"cannot read password file {password_file}: {exc.strerror}"
+            ) from None
         except UnicodeDecodeError:
             raise KeystoreError(f"password file {password_file} is not UTF-8") from None
         # Strip only the line ending: spaces may be part of the password.

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Final
@@ -242,7 +243,10 @@ class _ServerThread:
         if self.address is None:
             self._thread.join()
             error = self._error
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            if isinstance(error, OSError) and error.errno is not None:
+                reason = os.strerror(error.errno).lower()
+            else:
+                reason = str(error)
             raise ConfigError(f"cannot serve JSON-RPC on {self._host}:{self._port}: {reason}")
         return self.address
 

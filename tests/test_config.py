@@ -109,7 +109,7 @@ def test_render_roundtrip(tmp_path: Path) -> None:
         rpc_port=9999,
         p2p_bootstrap_peers=("/dns4/example.org/tcp/1",),
         validator_address=dev_address(3),
-        validator_password_file=Path("secret \"pw\".txt"),
+        validator_password_file=Path('secret "pw".txt'),
         log_level="warning",
     )
     (tmp_path / "config.toml").write_text(render_config_toml(c))
@@ -123,8 +123,13 @@ def test_overrides(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[rpc]\nport = 9100\n")
     c = load_config(
         tmp_path,
-        {"rpc_port": 9200, "rpc_host": None, "log_level": "DEBUG",
-         "validator_address": to_checksum(dev_address(1)), "validator_password_file": "pw"},
+        {
+            "rpc_port": 9200,
+            "rpc_host": None,
+            "log_level": "DEBUG",
+            "validator_address": to_checksum(dev_address(1)),
+            "validator_password_file": "pw",
+        },
     )
     assert c.rpc_port == 9200  # the flag beats the file
     assert c.rpc_host == DEFAULT_RPC_HOST  # None = flag not given
@@ -134,7 +139,7 @@ def test_overrides(tmp_path: Path) -> None:
     assert c.validator_password_file is not None and c.validator_password_file.is_absolute()
     with pytest.raises(ConfigError, match="unknown setting"):
         load_config(tmp_path, {"rpc_prot": 1})
-    with pytest.raises(ConfigError, match="rpc.port"):
+    with pytest.raises(ConfigError, match=r"rpc\.port"):
         load_config(tmp_path, {"rpc_port": 70000})
 
 
@@ -161,8 +166,11 @@ def test_overrides(tmp_path: Path) -> None:
         ("[p2p]\nbootstrap = [1]\n", "p2p.bootstrap"),
         ('[validator]\naddress = "0x12"\n', "validator.address"),
         ('[validator]\npassword_file = "pw"\n', "validator.address"),
-        ('[validator]\naddress = "0x7578a097cecf0307a14a4e296ddc3e7b9b9663c2"\n'
-         'password_file = ""\n', "validator.password_file"),
+        (
+            '[validator]\naddress = "0x7578a097cecf0307a14a4e296ddc3e7b9b9663c2"\n'
+            'password_file = ""\n',
+            "validator.password_file",
+        ),
         ("[mempool]\nmax_txs = 0\n", "mempool.max_txs"),
         ("[mempool]\nmax_bytes = 1\n", "mempool.max_bytes"),
         ("[mempool]\nmax_future_per_sender = -1\n", "mempool.max_future_per_sender"),
@@ -270,7 +278,7 @@ def test_init_rejects_bad_genesis_and_leaves_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     d = tmp_path / "node"
-    with pytest.raises(ConfigError, match="bad.json"):
+    with pytest.raises(ConfigError, match=r"bad\.json"):
         init_data_dir(d, bad, dev=False)
     assert not d.exists()
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
 
 import pytest
 from eth_account import Account as EthAccount
-from eth_keys import keys as eth_keys
+from eth_keys.datatypes import Signature as EthSignature
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -90,9 +91,12 @@ def test_dev_key_rule() -> None:
 def test_dev_key_pinned() -> None:
     # Pinned so an accidental change of the derivation (which would orphan every devnet) fails.
     assert dev_secret(0).hex() == hashlib.sha256(b"neuroseed-devnet-key-0").hexdigest()
-    assert dev_address(0).hex() == EthAccount.from_key(
-        hashlib.sha256(b"neuroseed-devnet-key-0").digest()
-    ).address.lower()[2:]
+    assert (
+        dev_address(0).hex()
+        == EthAccount.from_key(hashlib.sha256(b"neuroseed-devnet-key-0").digest()).address.lower()[
+            2:
+        ]
+    )
 
 
 @pytest.mark.parametrize("bad", [-1, True, "1", 1.0])
@@ -139,7 +143,7 @@ def test_malleated_signature_rejected(vec: dict[str, Any]) -> None:
     digest = bytes.fromhex(vec["digest"])
     # The twin is a valid ECDSA signature for the same key (eth-keys recovers it); only our
     # low-S rule stops it from being a second byte form of the same signed record.
-    other = eth_keys.Signature(twin).recover_public_key_from_msg_hash(digest)
+    other = EthSignature(twin).recover_public_key_from_msg_hash(digest)
     assert other.to_canonical_address().hex() == vec["address"]
     with pytest.raises(MalleableSignature):
         crypto.recover_address(digest, twin)
@@ -186,10 +190,8 @@ def test_sign_recover_property(digest: bytes, key_index: int) -> None:
 
 @given(st.binary(min_size=65, max_size=65), st.binary(min_size=32, max_size=32))
 def test_random_signatures_raise_only_invalid_signature(sig: bytes, digest: bytes) -> None:
-    try:
+    with contextlib.suppress(InvalidSignature):
         crypto.recover_address(digest, sig)
-    except InvalidSignature:
-        pass
 
 
 # --- transactions and votes --------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 import typing
@@ -125,11 +124,16 @@ def _strategy(tp: Any, cap: int | None) -> st.SearchStrategy[Any]:
     raise TypeError(f"no strategy for {tp!r}")
 
 
+def _field_strategy(tp: Any, cap: int | None) -> st.SearchStrategy[Any]:
+    # Deferred so that records nesting other records build their strategies lazily.
+    return st.deferred(lambda: _strategy(tp, cap))
+
+
 def record_strategy(cls: type[Record]) -> st.SearchStrategy[Record]:
     hints = typing.get_type_hints(cls)
     fields = {
-        f.name: st.deferred(lambda f=f: _strategy(hints[f.name], f.metadata.get("max")))
-        for f in dataclasses.fields(cls)
+        f.name: _field_strategy(hints[f.name], f.metadata.get("max"))
+        for f in gen_vectors._fields(cls)
     }
     return st.builds(cls, **fields)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -46,7 +47,8 @@ REPO_GENESIS = Path(__file__).resolve().parent.parent / "genesis.json"
 
 
 def _doc() -> dict[str, Any]:
-    return json.loads(REPO_GENESIS.read_text())
+    doc: dict[str, Any] = json.loads(REPO_GENESIS.read_text())
+    return doc
 
 
 @pytest.fixture
@@ -102,10 +104,12 @@ def test_devnet_genesis_state(devnet: Genesis) -> None:
     assert supply.issued == 10 * 1_000_000 * NSD + devnet.validators[0].bond
     assert supply.burned == 0
     assert account_key(dev_address(0)) not in state  # the validator holds only its bond
-    expected_keys = (
-        {account_key(dev_address(i)) for i in range(1, 11)}
-        | {PARAMS_KEY, VALIDATOR_SET_KEY, SUPPLY_KEY, validator_key(dev_address(0))}
-    )
+    expected_keys = {account_key(dev_address(i)) for i in range(1, 11)} | {
+        PARAMS_KEY,
+        VALIDATOR_SET_KEY,
+        SUPPLY_KEY,
+        validator_key(dev_address(0)),
+    }
     assert set(state) == expected_keys
 
 
@@ -117,7 +121,7 @@ def test_genesis_hash_is_stable_and_sensitive(devnet: Genesis) -> None:
     doc = _doc()
     reordered = json.dumps(dict(reversed(list(doc.items()))))
     assert genesis_hash(genesis_from_json(reordered)) == h
-    for mutate in (
+    mutations: list[Callable[[dict[str, Any]], None]] = [
         lambda d: d.__setitem__("chain_id", 7311),
         lambda d: d.__setitem__("genesis_time", "2025-01-01T00:00:00.001Z"),
         lambda d: d["chain_params"].__setitem__("evidence_max_age", 99_999),
@@ -125,7 +129,8 @@ def test_genesis_hash_is_stable_and_sensitive(devnet: Genesis) -> None:
         lambda d: d["validators"][0].__setitem__("bond", "1"),
         lambda d: d["validators"][0].__setitem__("power", 2),
         lambda d: d["balances"].__setitem__(to_checksum(dev_address(50)), "1"),
-    ):
+    ]
+    for mutate in mutations:
         changed = copy.deepcopy(doc)
         mutate(changed)
         assert genesis_hash(parse_genesis(changed)) != h
@@ -253,8 +258,11 @@ BAD_CASES: list[tuple[str, Any, str]] = [
     ("timeout_zero", _set("votable_params.timeout_propose_ms", 0), "timeout_propose_ms"),
     ("timeout_huge", _set("votable_params.timeout_prevote_ms", 10**9), "timeout_prevote_ms"),
     ("timeout_negative", _set("votable_params.timeout_commit_ms", -1), "timeout_commit_ms"),
-    ("missing_timeout", _delete("votable_params.timeout_precommit_delta_ms"),
-     "timeout_precommit_delta_ms"),
+    (
+        "missing_timeout",
+        _delete("votable_params.timeout_precommit_delta_ms"),
+        "timeout_precommit_delta_ms",
+    ),
     ("tx_bytes_tiny", _set("votable_params.max_tx_bytes", 10), "max_tx_bytes"),
     ("tx_bytes_over_hard_cap", _set("votable_params.max_tx_bytes", 2 << 20), "max_tx_bytes"),
     ("block_smaller_than_tx", _set("votable_params.max_block_bytes", 4096), "max_block_bytes"),

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eth_account import Account as EthAccount
@@ -281,3 +282,29 @@ def test_read_password_confirm_match_and_mismatch() -> None:
     answers = iter(["", ""])
     with pytest.raises(KeystoreError, match="empty"):
         read_password(None, confirm=True, prompt=lambda _: next(answers))
+
+
+def test_new_keys_default_to_the_standard_scrypt_cost(
+    ks: Keystore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Production default without paying ~1 s of scrypt here: record the cost asked for, then
+    # encrypt cheaply.
+    asked: list[object] = []
+    real_encrypt = EthAccount.encrypt
+
+    def spy(secret: bytes, password: str, kdf: Any, iterations: int) -> dict[str, Any]:
+        asked.append((kdf, iterations))
+        return real_encrypt(secret, password, kdf=kdf, iterations=LIGHT_SCRYPT.n)
+
+    # node.keystore holds eth_account's Account class itself, so patching the class reaches it.
+    monkeypatch.setattr(EthAccount, "encrypt", spy)
+    address = ks.new(PW)
+    assert asked == [("scrypt", STANDARD_SCRYPT.n)]
+    assert ks.load(address, PW).address == address
+
+
+def test_unwritable_directory_is_a_keystore_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(KeystoreError, match="cannot write"):
+        Keystore(blocker / "ks").new(PW, kdf_params=LIGHT_SCRYPT)

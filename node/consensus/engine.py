@@ -232,39 +232,68 @@ class EngineConfig:
     max_proposals_per_round: int = 4  # a double-proposing proposer cannot flood the log
     max_far_rounds_per_validator: int = 2  # rounds above round + 1 one validator may open
     max_next_height_votes_per_validator: int = 16  # buffered votes for height + 1
+    max_conflicting_votes: int = 2  # extra values one validator is counted for per round and type
 
 
 @dataclass(frozen=True, slots=True)
 class VoteSet:
-    """The first vote of each validator of one type in one round, and power tallies."""
+    """The votes of one type in one round, tallied per value and overall.
 
-    votes: Mapping[Address, SignedVote]
+    Each validator counts at most once per value, and once in ``power`` (the "2f+1 for anything"
+    tallies of rules 4 and 7), whatever it sent. A validator that votes for two values (an
+    equivocation, recorded as evidence) counts once for each: quorums for two different values
+    still cannot both form, since two sets of more than 2/3 of the power share more than 1/3, so
+    at least one honest validator would have voted for both. Counting it only for its first
+    value would instead let a faulty validator keep an honest node from recognising a quorum
+    that the others saw (CometBFT likewise counts such a vote for a block a peer claims 2/3 for).
+    """
+
+    by_value: Mapping[Hash32 | None, Mapping[Address, SignedVote]]
+    values_of: Mapping[Address, tuple[Hash32 | None, ...]]  # first value first
     power_by_value: Mapping[Hash32 | None, int]
-    power: int  # power of every validator that voted, whatever the value
+    power: int  # each validator that voted, once
 
     def with_vote(self, signed: SignedVote, power: int) -> VoteSet:
-        value = signed.vote.block_hash
+        """Add a vote for a value this validator has not voted for yet in this set."""
+        validator, value = signed.vote.validator, signed.vote.block_hash
+        previous = self.values_of.get(validator, ())
         return VoteSet(
-            {**self.votes, signed.vote.validator: signed},
+            {**self.by_value, value: {**self.by_value.get(value, {}), validator: signed}},
+            {**self.values_of, validator: (*previous, value)},
             {**self.power_by_value, value: self.power_by_value.get(value, 0) + power},
-            self.power + power,
+            self.power + (0 if previous else power),
         )
 
-    def without(self, validator: Address, power: int) -> VoteSet:
-        signed = self.votes[validator]
-        value = signed.vote.block_hash
-        votes = {a: v for a, v in self.votes.items() if a != validator}
+    def without(self, validator: Address, value: Hash32 | None, power: int) -> VoteSet:
+        """Remove the validator's vote for ``value`` (a vote found invalid after the fact)."""
+        voters = {a: v for a, v in self.by_value[value].items() if a != validator}
+        by_value = {k: v for k, v in self.by_value.items() if k != value}
+        if voters:
+            by_value[value] = voters
+        remaining = tuple(x for x in self.values_of[validator] if x != value)
+        values_of = {a: v for a, v in self.values_of.items() if a != validator}
+        if remaining:
+            values_of[validator] = remaining
         tallies = dict(self.power_by_value)
         tallies[value] -= power
-        if tallies[value] == 0:
+        if not tallies[value]:
             del tallies[value]
-        return VoteSet(votes, tallies, self.power - power)
+        return VoteSet(by_value, values_of, tallies, self.power - (0 if remaining else power))
+
+    def first_vote(self, validator: Address) -> SignedVote | None:
+        values = self.values_of.get(validator)
+        return None if not values else self.by_value[values[0]][validator]
 
     def power_for(self, value: Hash32 | None) -> int:
         return self.power_by_value.get(value, 0)
 
+    def votes_for(self, value: Hash32 | None) -> tuple[SignedVote, ...]:
+        """The votes for ``value``, ordered by validator address."""
+        voters = self.by_value.get(value, {})
+        return tuple(voters[a] for a in sorted(voters))
 
-EMPTY_VOTES = VoteSet({}, {}, 0)
+
+EMPTY_VOTES = VoteSet({}, {}, {}, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +408,7 @@ def commit_votes(state: ConsensusState) -> tuple[SignedVote, ...]:
     if state.decision is None:
         return ()
     messages = state.rounds.get(state.decision.round, EMPTY_ROUND)
-    return _votes_for(messages.precommits, state.decision.block_hash)
+    return messages.precommits.votes_for(state.decision.block_hash)
 
 
 def block_time_from_commit(
@@ -601,20 +630,23 @@ def _add_vote(
         return state
     messages = state.rounds.get(vote.round, EMPTY_ROUND)
     votes = messages.votes(vote.vote_type)
-    first = votes.votes.get(signer)
-    if first is not None:
-        if first.vote.block_hash == vote.block_hash:
-            return state  # a duplicate (a re-sent vote); never counted twice
-        # Equivocation: keep the first vote, record the pair once, never count the second.
+    values = votes.values_of.get(signer, ())
+    if vote.block_hash in values:
+        return state  # a duplicate (a re-sent vote); never counted twice
+    s = state
+    if values:
+        # Equivocation (consensus-notes): record the pair with the first vote, once.
+        first = votes.first_vote(signer)
         key = (signer, int(vote.round), int(vote.vote_type))
-        if key in state.equivocations:
-            return state
-        a, b = sorted((first, signed), key=lambda v: v.encode())
-        out.append(RecordEvidence(DuplicateVoteEvidence(a, b)))
-        return replace(state, equivocations=state.equivocations | {key})
+        if first is not None and key not in s.equivocations:
+            a, b = sorted((first, signed), key=lambda v: v.encode())
+            out.append(RecordEvidence(DuplicateVoteEvidence(a, b)))
+            s = replace(s, equivocations=s.equivocations | {key})
+        if len(values) > s.config.max_conflicting_votes:
+            return s
     messages = messages.with_votes(vote.vote_type, votes.with_vote(signed, power))
     messages = messages.with_sender(signer, power)
-    return replace(state, rounds={**state.rounds, vote.round: messages})
+    return replace(s, rounds={**s.rounds, vote.round: messages})
 
 
 def _buffer_next_height(
@@ -637,21 +669,13 @@ def _learn_block(
     rounds = dict(state.rounds)
     for r, messages in state.rounds.items():
         precommits = messages.precommits
-        for validator, signed in messages.precommits.votes.items():
-            if signed.vote.block_hash == block_hash and signed.vote.time <= info.time_ms:
-                precommits = precommits.without(validator, vals.power_of(validator))
+        for signed in precommits.votes_for(block_hash):
+            if signed.vote.time <= info.time_ms:
+                validator = signed.vote.validator
+                precommits = precommits.without(validator, block_hash, vals.power_of(validator))
         if precommits is not messages.precommits:
             rounds[r] = replace(messages, precommits=precommits)
     return replace(state, blocks={**state.blocks, block_hash: info}, rounds=rounds)
-
-
-def _votes_for(votes: VoteSet, value: Hash32) -> tuple[SignedVote, ...]:
-    return tuple(
-        sorted(
-            (v for v in votes.votes.values() if v.vote.block_hash == value),
-            key=lambda v: v.vote.validator,
-        )
-    )
 
 
 # --- transitions ---------------------------------------------------------------------------------
@@ -870,7 +894,7 @@ def _rule_decide(s: ConsensusState, out: list[Action]) -> ConsensusState | None:
             block = s.blocks.get(v)
             if block is None or not block.valid:
                 continue
-            out.append(Decide(s.height, Round(r), v, _votes_for(precommits, v)))
+            out.append(Decide(s.height, Round(r), v, precommits.votes_for(v)))
             return replace(s, decision=Decided(Round(r), v))
     return None
 

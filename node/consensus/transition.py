@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from node import crypto
 from node.consensus.blocks import (
     Block,
     Commit,
@@ -24,6 +23,7 @@ from node.consensus.blocks import (
     compute_tx_root,
     vote_signer,
 )
+from node.consensus.engine import block_time_from_commit
 from node.consensus.fees import cost_of, split_fee
 from node.consensus.params import ChainParams, VotableParams
 from node.consensus.receipts import Attribute, Event, Receipt, ReceiptStatus
@@ -229,18 +229,6 @@ def check_commit(
     return [t for t, _ in times]
 
 
-def weighted_median_time(commit: Commit, validators: ValidatorSet) -> int:
-    """BFT time: the power-weighted median of the precommit times of ``commit``."""
-    pairs = sorted((s.vote.time, validators.power_of(s.vote.validator)) for s in commit.precommits)
-    total = sum(p for _, p in pairs)
-    acc = 0
-    for t, p in pairs:
-        acc += p
-        if 2 * acc >= total:
-            return t
-    raise InvalidCommit("empty commit")
-
-
 def expected_block_time(
     chain: ChainParams, parent: Header | None, last_commit: Commit | None,
     previous: ValidatorSet | None,
@@ -249,7 +237,7 @@ def expected_block_time(
         return chain.genesis_time
     if last_commit is None or previous is None:
         raise InvalidBlock("a block after the first must carry the last commit")
-    return weighted_median_time(last_commit, previous)
+    return block_time_from_commit(last_commit.precommits, previous)
 
 
 def check_header(
@@ -457,9 +445,7 @@ __all__ = [
     "check_header",
     "check_transaction",
     "compute_receipts_root",
-    "crypto",
     "execute_block",
     "settle_fees",
     "verify_block_transactions",
-    "weighted_median_time",
 ]

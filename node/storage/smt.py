@@ -141,23 +141,13 @@ class TreeUpdate:
             batch.delete(key)
 
 
-class _Node:
-    """A decoded internal node: its 16 slots and the binary heap of hashes over them.
-
-    ``heap`` holds 32 hashes of 32 bytes and ``kinds`` their kinds, heap-ordered: position 1 is
-    the node's root, ``2i``/``2i+1`` are the children of ``i``, positions 16..31 the slots. The
-    15 inner hashes are kept so that an update rehashes only the paths above changed slots, and
-    in bytearrays rather than lists so that thousands of cached nodes cost the garbage collector
-    almost nothing to traverse.
-    """
-
-    __slots__ = ("heap", "kinds", "slots")
-
-    def __init__(self, heap: bytearray, kinds: bytearray, slots: list[_Slot | None]) -> None:
-        self.heap = heap
-        self.kinds = kinds
-        self.slots = slots
-
+# A decoded internal node: (heap, kinds, slots). ``heap`` holds 32 hashes of 32 bytes and ``kinds``
+# their kinds, heap-ordered: position 1 is the node's root, ``2i``/``2i+1`` are the children of
+# ``i``, positions 16..31 the 16 slots. The 15 inner hashes are kept so that an update rehashes
+# only the paths above changed slots. A plain tuple of bytearrays and a tuple of slot tuples,
+# because CPython's collector untracks tuples that hold no containers: tens of thousands of cached
+# nodes then cost a full collection nothing (a class with a list of slots cost ~50 ms per pass).
+_Node = tuple[bytearray, bytearray, tuple[_Slot | None, ...]]
 
 _ONE_ZERO = b"\x01" + _ZERO
 _CLIMB = {s: (s >> 1, s >> 2, s >> 3, 1) for s in range(16, 32)}
@@ -235,7 +225,7 @@ def _decode_node(raw: bytes, expected_hash: bytes) -> _Node:
         raise CorruptDatabase(f"state tree node: {exc.message}") from exc
     if type(tree) is not tuple or len(tree) != 16:
         raise CorruptDatabase("state tree node is not a 16-array")
-    slots = [_decode_slot(item) for item in tree]
+    slots = tuple([_decode_slot(item) for item in tree])
     heap = bytearray(1024)
     kinds = bytearray(32)
     for n, slot in enumerate(slots):
@@ -243,7 +233,7 @@ def _decode_node(raw: bytes, expected_hash: bytes) -> _Node:
     _rehash(heap, kinds, _ALL_POSITIONS)
     if kinds[1] != _INTERNAL or heap[32:64] != expected_hash:
         raise CorruptDatabase("state tree node does not match its hash")
-    return _Node(heap, kinds, slots)
+    return (heap, kinds, slots)
 
 
 def _u64(n: int) -> bytes:
@@ -331,7 +321,7 @@ class _Updater:
                     return slot
         key = self.new_node_prefix + path
         self.puts[key] = pack(slots)
-        self.nodes[key] = _Node(heap, kinds, slots)
+        self.nodes[key] = (heap, kinds, tuple(slots))
         return (bytes(heap[32:64]), self.height, None)
 
     # --- the walk --------------------------------------------------------------------------
@@ -347,7 +337,7 @@ class _Updater:
         if slot[2] is not None:
             return self.merge_leaf(slot, depth, path, lo, hi)
         node = self.tree._load_node(slot, path)
-        old_slots = node.slots
+        old_heap, old_kinds, old_slots = node
         key_hashes = self.key_hashes
         byte_i = depth >> 1
         shift = 0 if depth & 1 else 4
@@ -366,9 +356,9 @@ class _Updater:
         if not changed:
             return slot
         self.stale_node(slot, path)
-        heap = node.heap[:]
-        kinds = node.kinds[:]
-        slots = old_slots.copy()
+        heap = old_heap[:]
+        kinds = old_kinds[:]
+        slots = list(old_slots)
         dirty = []
         for nib, new in changed:
             slots[nib] = new
@@ -514,7 +504,7 @@ class StateTree:
                 return self._read_leaf(slot, key)
             node = self._load_node(slot, path)
             nib = (key_hash[depth >> 1] >> (0 if depth & 1 else 4)) & 15
-            slot = node.slots[nib]
+            slot = node[2][nib]
             path += _NIBBLE[nib]
             depth += 1
         return None
@@ -533,8 +523,7 @@ class StateTree:
                 break
             node = self._load_node(slot, path)
             nib = (key_hash[depth >> 1] >> (0 if depth & 1 else 4)) & 15
-            heap = node.heap
-            kinds = node.kinds
+            heap, kinds, slots = node
             idx = 1
             for level in range(4):
                 if kinds[idx] != _INTERNAL:
@@ -550,9 +539,9 @@ class StateTree:
                 # A lone leaf in this part of the node: it sits at this binary depth.
                 while idx < 16:
                     idx = idx << 1 if kinds[idx << 1] != _EMPTY else (idx << 1) | 1
-                leaf = node.slots[idx - 16]
+                leaf = slots[idx - 16]
                 break
-            slot = node.slots[idx - 16]
+            slot = slots[idx - 16]
             path += _NIBBLE[nib]
             depth += 1
         if leaf is None:

@@ -688,18 +688,22 @@ def prop_tx(sender: int, nonce: int, fee_step: int, memo: int, amount: int) -> V
     return _SIGNED[key]
 
 
+Op = tuple[str, tuple[int, ...]]
+
 add_op = st.tuples(
     st.just("add"),
-    st.integers(0, len(PROP_KEYS) - 1),  # sender
-    st.integers(0, 4),  # nonce offset from the account nonce
-    st.integers(0, 5),  # fee step
-    st.sampled_from([0, 40, 120]),  # memo bytes
-    st.integers(0, 3),  # amount in thousands (odd: to another sender)
+    st.tuples(
+        st.integers(0, len(PROP_KEYS) - 1),  # sender
+        st.integers(0, 4),  # nonce offset from the account nonce
+        st.integers(0, 5),  # fee step
+        st.sampled_from([0, 40, 120]),  # memo bytes
+        st.integers(0, 3),  # amount in thousands (odd: to another sender)
+    ),
 )
-commit_op = st.tuples(st.just("commit"), st.integers(1, 5), st.integers(150, 2_000))
-remove_op = st.tuples(st.just("remove"), st.integers(0, 50))
+commit_op = st.tuples(st.just("commit"), st.tuples(st.integers(1, 5), st.integers(150, 2_000)))
+remove_op = st.tuples(st.just("remove"), st.tuples(st.integers(0, 50)))
 # A block from another proposer with a transaction this pool never saw (same nonce, other id).
-foreign_op = st.tuples(st.just("foreign"), st.integers(0, len(PROP_KEYS) - 1))
+foreign_op = st.tuples(st.just("foreign"), st.tuples(st.integers(0, len(PROP_KEYS) - 1)))
 
 
 @given(
@@ -716,7 +720,7 @@ foreign_op = st.tuples(st.just("foreign"), st.integers(0, len(PROP_KEYS) - 1))
     ),
 )
 def test_random_sequences_keep_order_limits_and_apply_cleanly(
-    ops: list[tuple[object, ...]],
+    ops: list[Op],
     max_txs: int,
     max_kib: int,
     max_future: int,
@@ -728,13 +732,12 @@ def test_random_sequences_keep_order_limits_and_apply_cleanly(
     )
     pool = Mempool(CHAIN_ID, limits)
     state = state_of({k.address: (0, b) for k, b in zip(PROP_KEYS, balances, strict=True)})
-    for op in ops:
+    for kind, args in ops:
         view: StateView = DictView(state)
-        if op[0] == "add":
-            _, sender, offset, fee_step, memo, amount = op
-            assert isinstance(sender, int) and isinstance(offset, int)
+        if kind == "add":
+            sender, offset, fee_step, memo, amount = args
             nonce = get_account(view, PROP_KEYS[sender].address).nonce + offset
-            vtx = prop_tx(sender, nonce, int(fee_step), int(memo), int(amount))  # type: ignore[call-overload]
+            vtx = prop_tx(sender, nonce, fee_step, memo, amount)
             try:
                 pool.add(vtx, view, params)
             except (
@@ -745,22 +748,21 @@ def test_random_sequences_keep_order_limits_and_apply_cleanly(
                 FutureQueueFull,
                 MempoolFull,
             ):
-                pass
+                pass  # each reason has its own test; here only the invariants matter
             else:
                 assert vtx.tx_id in pool
-        elif op[0] == "commit":
-            _, count, budget = op
-            assert isinstance(count, int) and isinstance(budget, int)
+        elif kind == "commit":
+            count, budget = args
             selected = pool.select(count, budget)
             assert len(selected) <= count and sum(v.size for v in selected) <= budget
             block_apply(state, selected, params)  # raises if the order or funds are wrong
             result = pool.on_block_committed(ids(selected), DictView(state))
             assert result.included == len(selected)
-        elif op[0] == "foreign":
-            assert isinstance(op[1], int)
-            address = PROP_KEYS[op[1]].address
+        elif kind == "foreign":
+            (sender,) = args
+            address = PROP_KEYS[sender].address
             account = get_account(view, address)
-            other = prop_tx(op[1], account.nonce, 2, 0, 7)
+            other = prop_tx(sender, account.nonce, 2, 0, 7)
             if account.balance < compute_max_spend(other):
                 continue
             block_apply(state, [other], params)
@@ -769,18 +771,18 @@ def test_random_sequences_keep_order_limits_and_apply_cleanly(
         else:
             held = sorted(t.tx_id for t in pool.select(10**6, 10**9))
             if held:
-                assert isinstance(op[1], int)
-                assert pool.remove(held[op[1] % len(held)])
+                assert pool.remove(held[args[0] % len(held)])
         pool.check_invariants()
         assert len(pool) <= max_txs and pool.size_bytes <= max_kib * 1024
         # The whole executable set: per-sender nonces consecutive from the account nonce.
         everything = pool.select(10**6, 10**9)
-        next_nonce = {k.address: get_account(DictView(state), k.address).nonce for k in PROP_KEYS}
+        after = DictView(state)
+        next_nonce = {k.address: int(get_account(after, k.address).nonce) for k in PROP_KEYS}
         for vtx in everything:
             assert vtx.tx.nonce == next_nonce[vtx.sender]
             next_nonce[vtx.sender] += 1
         for k in PROP_KEYS:
-            assert pool.pending_nonce(k.address, DictView(state)) == next_nonce[k.address]
+            assert pool.pending_nonce(k.address, after) == next_nonce[k.address]
         block_apply(dict(state), everything, params)
 
 

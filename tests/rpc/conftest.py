@@ -4,18 +4,21 @@ bridged calls)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
 
 from rpc.server import RpcLimits, RpcServer
 from tests.rpc.fakes import FakeNode
+
+T = TypeVar("T")
 
 LIMITS = RpcLimits(max_body_bytes=64 * 1024, max_batch_size=10, max_in_flight=4)
 
@@ -63,6 +66,18 @@ async def call(url: str, method: str, params: Any = None, req_id: Any = 1) -> di
     assert answer.headers["Content-Type"].startswith("application/json")
     out: dict[str, Any] = answer.json()
     return out
+
+
+async def in_asyncio(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main`` in a fresh asyncio loop in a worker thread, as the RPC thread does."""
+
+    def run() -> T:
+        async def wrapper() -> T:
+            return await main()
+
+        return asyncio.run(wrapper())
+
+    return await trio.to_thread.run_sync(run)
 
 
 @dataclass

@@ -544,15 +544,15 @@ async def test_shutdown_answers_in_flight_calls_and_frees_the_port(served: Serve
         pass
 
 
-async def test_port_in_use_is_a_config_error() -> None:
+async def test_port_in_use_is_a_config_error(nursery: trio.Nursery) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
         server = RpcServer(FakeNode(), "127.0.0.1", port)
-        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve)
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: address already in use"):
+            await nursery.start(server.serve)
+    assert not [t for t in threading.enumerate() if t.name == "rpc-server"]
 
 
 async def test_serving_twice_is_refused(served: Served) -> None:

@@ -112,6 +112,11 @@ _INT_TYPES: tuple[object, ...] = (int, Height, Round, Nonce, ChainId, TimestampM
 # --- JSON <-> record values -------------------------------------------------------------------
 
 
+def _fields(cls: type[Record]) -> tuple[dataclasses.Field[Any], ...]:
+    # Every Record subclass is a dataclass; the base class itself is not, hence the cast.
+    return dataclasses.fields(typing.cast(Any, cls))
+
+
 def to_json_value(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
@@ -128,10 +133,7 @@ def to_json_value(tp: Any, value: Any) -> Any:
         return value
     if isinstance(tp, type) and issubclass(tp, Record):
         hints = typing.get_type_hints(tp)
-        return {
-            f.name: to_json_value(hints[f.name], getattr(value, f.name))
-            for f in dataclasses.fields(tp)
-        }
+        return {f.name: to_json_value(hints[f.name], getattr(value, f.name)) for f in _fields(tp)}
     raise TypeError(f"no JSON form for {tp!r}")
 
 
@@ -151,8 +153,7 @@ def from_json_value(tp: Any, value: Any) -> Any:
         return value
     if isinstance(tp, type) and issubclass(tp, Record):
         hints = typing.get_type_hints(tp)
-        return tp(**{f.name: from_json_value(hints[f.name], value[f.name])
-                     for f in dataclasses.fields(tp)})
+        return tp(**{f.name: from_json_value(hints[f.name], value[f.name]) for f in _fields(tp)})
     raise TypeError(f"no JSON form for {tp!r}")
 
 
@@ -189,8 +190,9 @@ def sample_records() -> list[tuple[str, Record]]:
         ChainId(CHAIN_ID), Nonce(UINT64_MAX), Amount(0), 1, transfer_memo.encode()
     )
     signed = make_transaction(k[0], CHAIN_ID, 0, 10**14, transfer)
-    prevote_nil = Vote(int(VoteType.PREVOTE), Height(1), Round(0), None, TimestampMs(0),
-                       k[0].address)
+    prevote_nil = Vote(
+        int(VoteType.PREVOTE), Height(1), Round(0), None, TimestampMs(0), k[0].address
+    )
     precommit = Vote(
         int(VoteType.PRECOMMIT),
         Height(42),
@@ -217,21 +219,36 @@ def sample_records() -> list[tuple[str, Record]]:
     )
     proposal = Proposal(Height(42), Round(3), header.hash(), None, k[1].address)
     proposal_pol = Proposal(Height(42), Round(4), header.hash(), 3, k[1].address)
-    commit = Commit(Height(41), Round(0), _h("block-41"), (
-        sign_vote(k[0], CHAIN_ID, Vote(int(VoteType.PRECOMMIT), Height(41), Round(0),
-                                       _h("block-41"), TimestampMs(1_735_689_599_000),
-                                       k[0].address)),
-    ))
+    commit = Commit(
+        Height(41),
+        Round(0),
+        _h("block-41"),
+        (
+            sign_vote(
+                k[0],
+                CHAIN_ID,
+                Vote(
+                    int(VoteType.PRECOMMIT),
+                    Height(41),
+                    Round(0),
+                    _h("block-41"),
+                    TimestampMs(1_735_689_599_000),
+                    k[0].address,
+                ),
+            ),
+        ),
+    )
     conflicting = DuplicateVoteEvidence(
-        sign_vote(k[2], CHAIN_ID, Vote(1, Height(7), Round(0), _h("a"), TimestampMs(1),
-                                       k[2].address)),
-        sign_vote(k[2], CHAIN_ID, Vote(1, Height(7), Round(0), _h("b"), TimestampMs(1),
-                                       k[2].address)),
+        sign_vote(
+            k[2], CHAIN_ID, Vote(1, Height(7), Round(0), _h("a"), TimestampMs(1), k[2].address)
+        ),
+        sign_vote(
+            k[2], CHAIN_ID, Vote(1, Height(7), Round(0), _h("b"), TimestampMs(1), k[2].address)
+        ),
     )
     block = Block(header, (signed.encode(),), (), commit)
     fees = FeeSchedule(1, Amount(10**13), Amount(10**10), Amount(2 * 10**13), Amount(10**14))
-    votable = VotableParams(3000, 500, 1000, 500, 1000, 500, 1000, 4 << 20, 5000, 64 << 10,
-                            (fees,))
+    votable = VotableParams(3000, 500, 1000, 500, 1000, 500, 1000, 4 << 20, 5000, 64 << 10, (fees,))
     receipt = Receipt(
         _h("tx"),
         0,
@@ -262,8 +279,10 @@ def sample_records() -> list[tuple[str, Record]]:
         ("supply", Supply(Amount(10 * 1_000_000 * NSD), Amount(12345))),
         ("fee_schedule", fees),
         ("votable_params", votable),
-        ("chain_params", ChainParams(ChainId(CHAIN_ID), TimestampMs(1_735_689_600_000),
-                                     10_000, 100_000, 1)),
+        (
+            "chain_params",
+            ChainParams(ChainId(CHAIN_ID), TimestampMs(1_735_689_600_000), 10_000, 100_000, 1),
+        ),
         ("receipt", receipt),
     ]
 
@@ -275,95 +294,75 @@ def _account_hex(nonce_hex: str, balance: int = 1, bin_header: str = "c420") -> 
 def invalid_encodings() -> list[dict[str, Any]]:
     """Bytes every decoder must refuse, each with the error class it must raise."""
     one = (1).to_bytes(32, "big").hex()
-    attr_ok = "92" + "a3" + b"fee".hex() + "c400"  # Attribute("fee", b"")
+    attr_ok = "92a3" + b"fee".hex() + "c400"  # Attribute("fee", b"")
     transfer_ok = Transfer(_addr("bob"), Amount(1), b"").encode().hex()
     k = keys()
     vote = Vote(1, Height(1), Round(0), None, TimestampMs(0), k[0].address)
     vote_hex = vote.encode().hex()
-    cases: list[dict[str, Any]] = [
+    nc, de, tl = "NonCanonicalEncoding", "DecodeError", "TooLarge"
+    a, at, t, v = "Account", "Attribute", "Transfer", "Vote"
+    fee = b"fee".hex()
+    addr = k[0].address.hex()
+    # (name, record type, hex, error class[, max_size])
+    cases: list[tuple[Any, ...]] = [
         # Non-minimal forms msgpack itself would accept.
-        {"name": "uint8_where_fixint_fits", "type": "Account",
-         "encoded": _account_hex("cc05"), "error": "NonCanonicalEncoding"},
-        {"name": "uint16_where_fixint_fits", "type": "Account",
-         "encoded": _account_hex("cd0005"), "error": "NonCanonicalEncoding"},
-        {"name": "uint32_where_fixint_fits", "type": "Account",
-         "encoded": _account_hex("ce00000005"), "error": "NonCanonicalEncoding"},
-        {"name": "uint64_where_fixint_fits", "type": "Account",
-         "encoded": _account_hex("cf0000000000000005"), "error": "NonCanonicalEncoding"},
-        {"name": "int8_for_a_positive_value", "type": "Account",
-         "encoded": _account_hex("d005"), "error": "NonCanonicalEncoding"},
-        {"name": "uint16_where_uint8_fits", "type": "Account",
-         "encoded": _account_hex("cd00ff"), "error": "NonCanonicalEncoding"},
-        {"name": "bin16_header_for_32_byte_amount", "type": "Account",
-         "encoded": _account_hex("05", 1, "c50020"), "error": "NonCanonicalEncoding"},
-        {"name": "bin32_header_for_32_byte_amount", "type": "Account",
-         "encoded": _account_hex("05", 1, "c600000020"), "error": "NonCanonicalEncoding"},
-        {"name": "array16_header_for_2_fields", "type": "Account",
-         "encoded": "dc0002" + "05c420" + one, "error": "NonCanonicalEncoding"},
-        {"name": "array32_header_for_2_fields", "type": "Account",
-         "encoded": "dd00000002" + "05c420" + one, "error": "NonCanonicalEncoding"},
-        {"name": "str8_where_fixstr_fits", "type": "Attribute",
-         "encoded": "92" + "d903" + b"fee".hex() + "c400", "error": "NonCanonicalEncoding"},
-        {"name": "str16_where_fixstr_fits", "type": "Attribute",
-         "encoded": "92" + "da0003" + b"fee".hex() + "c400", "error": "NonCanonicalEncoding"},
-        {"name": "bin16_for_empty_bytes", "type": "Attribute",
-         "encoded": "92" + "a3" + b"fee".hex() + "c50000", "error": "NonCanonicalEncoding"},
-        {"name": "float64_where_uint_expected", "type": "Account",
-         "encoded": _account_hex("cb4014000000000000"), "error": "DecodeError"},
+        ("uint8_where_fixint_fits", a, _account_hex("cc05"), nc),
+        ("uint16_where_fixint_fits", a, _account_hex("cd0005"), nc),
+        ("uint32_where_fixint_fits", a, _account_hex("ce00000005"), nc),
+        ("uint64_where_fixint_fits", a, _account_hex("cf0000000000000005"), nc),
+        ("int8_for_a_positive_value", a, _account_hex("d005"), nc),
+        ("uint16_where_uint8_fits", a, _account_hex("cd00ff"), nc),
+        ("bin16_header_for_32_byte_amount", a, _account_hex("05", 1, "c50020"), nc),
+        ("bin32_header_for_32_byte_amount", a, _account_hex("05", 1, "c600000020"), nc),
+        ("array16_header_for_2_fields", a, "dc0002" + "05c420" + one, nc),
+        ("array32_header_for_2_fields", a, "dd00000002" + "05c420" + one, nc),
+        ("str8_where_fixstr_fits", at, "92" + "d903" + fee + "c400", nc),
+        ("str16_where_fixstr_fits", at, "92" + "da0003" + fee + "c400", nc),
+        ("bin16_for_empty_bytes", at, "92" + "a3" + fee + "c50000", nc),
+        ("float64_where_uint_expected", a, _account_hex("cb4014000000000000"), de),
         # Wrong shape.
-        {"name": "too_few_fields", "type": "Account", "encoded": "9105",
-         "error": "DecodeError"},
-        {"name": "too_many_fields", "type": "Account",
-         "encoded": "93" + "05c420" + one + "c0", "error": "DecodeError"},
-        {"name": "empty_array", "type": "Transfer", "encoded": "90", "error": "DecodeError"},
-        {"name": "map_instead_of_array", "type": "Account", "encoded": "80",
-         "error": "DecodeError"},
-        {"name": "scalar_instead_of_array", "type": "Account", "encoded": "05",
-         "error": "DecodeError"},
+        ("too_few_fields", a, "9105", de),
+        ("too_many_fields", a, "93" + "05c420" + one + "c0", de),
+        ("empty_array", t, "90", de),
+        ("map_instead_of_array", a, "80", de),
+        ("scalar_instead_of_array", a, "05", de),
         # Wrong types.
-        {"name": "bool_where_int", "type": "Account", "encoded": _account_hex("c3"),
-         "error": "DecodeError"},
-        {"name": "nil_where_int", "type": "Account", "encoded": _account_hex("c0"),
-         "error": "DecodeError"},
-        {"name": "negative_int_where_uint", "type": "Account", "encoded": _account_hex("ff"),
-         "error": "DecodeError"},
-        {"name": "uint_where_amount_bin", "type": "Account", "encoded": "920501",
-         "error": "DecodeError"},
-        {"name": "amount_of_31_bytes", "type": "Account",
-         "encoded": "9205c41f" + "00" * 30 + "01", "error": "DecodeError"},
-        {"name": "amount_of_33_bytes", "type": "Account",
-         "encoded": "9205c421" + "00" * 32 + "01", "error": "DecodeError"},
-        {"name": "str_where_bin", "type": "Attribute",
-         "encoded": "92" + "a3" + b"fee".hex() + "a0", "error": "DecodeError"},
-        {"name": "bin_where_str", "type": "Attribute",
-         "encoded": "92" + "c403" + b"fee".hex() + "c400", "error": "DecodeError"},
-        {"name": "address_of_19_bytes", "type": "Transfer",
-         "encoded": "93c413" + "11" * 19 + "c420" + one + "c400", "error": "DecodeError"},
-        {"name": "address_of_21_bytes", "type": "Transfer",
-         "encoded": "93c415" + "11" * 21 + "c420" + one + "c400", "error": "DecodeError"},
-        {"name": "bool_where_optional_hash", "type": "Vote",
-         "encoded": "96010100" + "c2" + "00" + "c414" + k[0].address.hex(),
-         "error": "DecodeError"},
-        {"name": "invalid_utf8_in_str", "type": "Attribute",
-         "encoded": "92" + "a2" + "c328" + "c400", "error": "DecodeError"},
+        ("bool_where_int", a, _account_hex("c3"), de),
+        ("nil_where_int", a, _account_hex("c0"), de),
+        ("negative_int_where_uint", a, _account_hex("ff"), de),
+        ("uint_where_amount_bin", a, "920501", de),
+        ("amount_of_31_bytes", a, "9205c41f" + "00" * 30 + "01", de),
+        ("amount_of_33_bytes", a, "9205c421" + "00" * 32 + "01", de),
+        ("str_where_bin", at, "92" + "a3" + fee + "a0", de),
+        ("bin_where_str", at, "92" + "c403" + fee + "c400", de),
+        ("address_of_19_bytes", t, "93c413" + "11" * 19 + "c420" + one + "c400", de),
+        ("address_of_21_bytes", t, "93c415" + "11" * 21 + "c420" + one + "c400", de),
+        ("bool_where_optional_hash", v, "96010100" + "c2" + "00" + "c414" + addr, de),
+        ("invalid_utf8_in_str", at, "92" + "a2" + "c328" + "c400", de),
         # Framing.
-        {"name": "trailing_byte", "type": "Attribute", "encoded": attr_ok + "00",
-         "error": "DecodeError"},
-        {"name": "truncated", "type": "Transfer", "encoded": transfer_ok[:-2],
-         "error": "DecodeError"},
-        {"name": "empty_input", "type": "Account", "encoded": "", "error": "DecodeError"},
+        ("trailing_byte", at, attr_ok + "00", de),
+        ("truncated", t, transfer_ok[:-2], de),
+        ("empty_input", a, "", de),
         # Size limits.
-        {"name": "memo_over_field_limit", "type": "Transfer",
-         "encoded": "93c414" + "11" * 20 + "c420" + one + "c50101" + "00" * 257,
-         "error": "TooLarge"},
-        {"name": "input_over_max_size", "type": "Account", "encoded": _account_hex("05"),
-         "max_size": 35, "error": "TooLarge"},
+        (
+            "memo_over_field_limit",
+            t,
+            "93c414" + "11" * 20 + "c420" + one + "c50101" + "00" * 257,
+            tl,
+        ),
+        ("input_over_max_size", a, _account_hex("05"), tl, 35),
     ]
     # Sanity of the hand-written bytes: the canonical forms they are built from do decode.
     Attribute.decode(bytes.fromhex(attr_ok))
     Account.decode(bytes.fromhex(_account_hex("05")))
     assert vote_hex == "96010100" + "c0" + "00" + "c414" + k[0].address.hex()
-    return cases
+    out = []
+    for name, type_name, encoded, error, *max_size in cases:
+        entry = {"name": name, "type": type_name, "encoded": encoded, "error": error}
+        if max_size:
+            entry["max_size"] = max_size[0]
+        out.append(entry)
+    return out
 
 
 def build_encoding_vectors() -> dict[str, Any]:
@@ -406,13 +405,30 @@ def build_signature_vectors() -> dict[str, Any]:
 
     messages = [
         ("tx_empty_message", crypto.TAG_TX, CHAIN_ID, b""),
-        ("tx_transaction", crypto.TAG_TX, CHAIN_ID,
-         Transaction(ChainId(CHAIN_ID), Nonce(7), Amount(10**14), 1,
-                     Transfer(_addr("bob"), Amount(NSD), b"").encode()).encode()),
-        ("vote_other_chain", crypto.TAG_VOTE, 1,
-         Vote(2, Height(9), Round(1), _h("b9"), TimestampMs(5), k[1].address).encode()),
-        ("proposal_max_chain_id", crypto.TAG_PROPOSAL, UINT64_MAX,
-         Proposal(Height(9), Round(1), _h("b9"), 0, k[2].address).encode()),
+        (
+            "tx_transaction",
+            crypto.TAG_TX,
+            CHAIN_ID,
+            Transaction(
+                ChainId(CHAIN_ID),
+                Nonce(7),
+                Amount(10**14),
+                1,
+                Transfer(_addr("bob"), Amount(NSD), b"").encode(),
+            ).encode(),
+        ),
+        (
+            "vote_other_chain",
+            crypto.TAG_VOTE,
+            1,
+            Vote(2, Height(9), Round(1), _h("b9"), TimestampMs(5), k[1].address).encode(),
+        ),
+        (
+            "proposal_max_chain_id",
+            crypto.TAG_PROPOSAL,
+            UINT64_MAX,
+            Proposal(Height(9), Round(1), _h("b9"), 0, k[2].address).encode(),
+        ),
     ]
     signatures = []
     for i, (name, tag, chain_id, message) in enumerate(messages):
@@ -436,21 +452,21 @@ def build_signature_vectors() -> dict[str, Any]:
 
     # Signatures that must be refused, over the first message's digest.
     first = signatures[0]
-    sig = bytes.fromhex(first["signature"])
-    r, s = sig[:32], sig[32:64]
+    good = bytes.fromhex(str(first["signature"]))
+    r, s = good[:32], good[32:64]
     n = crypto.SECP256K1_N.to_bytes(32, "big")
     zero = b"\x00" * 32
     invalid = [
-        ("high_s", crypto.malleate(sig), "MalleableSignature"),
+        ("high_s", crypto.malleate(good), "MalleableSignature"),
         ("recovery_id_2", r + s + b"\x02", "MalleableSignature"),
         ("recovery_id_3", r + s + b"\x03", "MalleableSignature"),
         ("recovery_id_27", r + s + b"\x1b", "MalleableSignature"),
-        ("r_zero", zero + s + sig[64:], "InvalidSignature"),
-        ("s_zero", r + zero + sig[64:], "InvalidSignature"),
-        ("r_equals_n", n + s + sig[64:], "InvalidSignature"),
-        ("s_equals_n", r + n + sig[64:], "InvalidSignature"),
-        ("length_64", sig[:64], "InvalidSignature"),
-        ("length_66", sig + b"\x00", "InvalidSignature"),
+        ("r_zero", zero + s + good[64:], "InvalidSignature"),
+        ("s_zero", r + zero + good[64:], "InvalidSignature"),
+        ("r_equals_n", n + s + good[64:], "InvalidSignature"),
+        ("s_equals_n", r + n + good[64:], "InvalidSignature"),
+        ("length_64", good[:64], "InvalidSignature"),
+        ("length_66", good + b"\x00", "InvalidSignature"),
     ]
     invalid_entries = [
         {"name": name, "digest": first["digest"], "signature": bad.hex(), "error": error}
@@ -474,8 +490,7 @@ def build_signature_vectors() -> dict[str, Any]:
                 "name": name,
                 "key": key_index,
                 "unsigned": signed.tx.encode().hex(),
-                "digest": crypto.signing_digest(crypto.TAG_TX, CHAIN_ID,
-                                                signed.tx.encode()).hex(),
+                "digest": crypto.signing_digest(crypto.TAG_TX, CHAIN_ID, signed.tx.encode()).hex(),
                 "signature": signed.signature.hex(),
                 "signed": raw.hex(),
                 "tx_id": crypto.sha256(raw).hex(),
@@ -489,8 +504,9 @@ def build_signature_vectors() -> dict[str, Any]:
         )
 
     votes = []
-    vote = Vote(2, Height(42), Round(3), _h("block-42"), TimestampMs(1_735_689_600_123),
-                k[1].address)
+    vote = Vote(
+        2, Height(42), Round(3), _h("block-42"), TimestampMs(1_735_689_600_123), k[1].address
+    )
     signed_vote = sign_vote(k[1], CHAIN_ID, vote)
     votes.append(
         {
@@ -500,9 +516,9 @@ def build_signature_vectors() -> dict[str, Any]:
             "vote": vote.encode().hex(),
             "digest": crypto.signing_digest(crypto.TAG_VOTE, CHAIN_ID, vote.encode()).hex(),
             "signed": signed_vote.encode().hex(),
-            "malleated_signed": SignedVote(
-                vote, Signature(crypto.malleate(signed_vote.signature))
-            ).encode().hex(),
+            "malleated_signed": SignedVote(vote, Signature(crypto.malleate(signed_vote.signature)))
+            .encode()
+            .hex(),
         }
     )
     return {
@@ -527,8 +543,7 @@ def main(argv: list[str]) -> int:
         SIGNATURES_FILE: render(build_signature_vectors()),
     }
     if "--check" in argv:
-        stale = [p.name for p, text in outputs.items()
-                 if not p.exists() or p.read_text() != text]
+        stale = [p.name for p, text in outputs.items() if not p.exists() or p.read_text() != text]
         if stale:
             print(f"out of date: {', '.join(stale)}; run {Path(__file__).name}", file=sys.stderr)
             return 1

@@ -1,0 +1,309 @@
+"""The consensus service: drives the pure engine with the WAL, the sign-state, timers and the chain.
+
+One trio task owns the engine state and handles one event at a time from its queue (DESIGN §1,
+consensus-notes "How to drive it"). For each action the engine returns it does the I/O:
+
+* ``BuildBlock`` → take transactions from the mempool, build on the committed head (worker thread),
+  log the block to the WAL, answer ``BlockBuilt``;
+* ``SignProposal`` / ``SignVote`` → sign through the sign-state guard, append to the synced WAL
+  **before** the message leaves the process, publish it, and feed it back to the engine;
+* ``ScheduleTimeout`` → a timer task that feeds ``TimeoutFired``;
+* ``Decide`` → commit the block with its precommits in one synced batch, wait ``timeout_commit``
+  (late precommits still join the next block's last commit), then ``StartHeight`` the next height.
+
+After a crash the WAL of the height in progress is replayed into a fresh engine, so locks and own
+votes are restored and the sign-state refuses anything conflicting (``node/consensus/wal.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from node import crypto
+from node.chain import ChainService
+from node.consensus import engine as eng
+from node.consensus.blocks import Block, Commit, SignedProposal, SignedVote
+from node.consensus.mempool import Mempool
+from node.consensus.signstate import SignState, sign_proposal_guarded, sign_vote_guarded
+from node.consensus.wal import (
+    BlockEntry,
+    ConsensusWAL,
+    SignedProposalEntry,
+    SignedVoteEntry,
+    blocks_of,
+    events_of,
+    height_of,
+)
+from node.errors import InvalidBlock, NeuroSeedError
+from node.types import Hash32, Height, Round
+
+log = logging.getLogger(__name__)
+
+EVENT_QUEUE = 4096
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitDue:
+    """Internal event: ``timeout_commit`` after deciding ``height`` has passed."""
+
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsensusStatus:
+    height: int
+    round: int
+    step: str
+    last_commit_round: int | None
+
+
+class ConsensusService:
+    """Runs the engine for one node; with a key it validates, without one it only follows."""
+
+    def __init__(
+        self,
+        chain: ChainService,
+        mempool: Mempool,
+        key: crypto.PrivateKey | None,
+        wal_path: Path,
+        *,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        on_commit: Callable[[Block], None] | None = None,
+    ) -> None:
+        self.chain = chain
+        self.mempool = mempool
+        self.key = key
+        self.wal_path = wal_path
+        self.clock_ms = clock_ms
+        self.on_commit = on_commit
+        self.config = eng.EngineConfig(key.address if key is not None else None)
+        self.state = eng.initial_state(self.config)
+        self._blocks: dict[Hash32, Block] = {}
+        self._sign_state: SignState | None = None
+        self._last_commit: Commit | None = None
+        self._send, self._recv = trio.open_memory_channel[object](EVENT_QUEUE)
+        self._nursery: trio.Nursery | None = None
+        self._wal: ConsensusWAL | None = None
+        self._height_waiters: list[tuple[int, trio.Event]] = []
+
+    # --- public ------------------------------------------------------------------------------
+
+    def status(self) -> ConsensusStatus:
+        s = self.state
+        return ConsensusStatus(
+            s.height, s.round, eng.Step(s.step).name.lower(),
+            None if self._last_commit is None else self._last_commit.round,
+        )
+
+    async def wait_for_height(self, height: int) -> None:
+        """Return once the chain head is at least ``height``."""
+        if self.chain.head_height >= height:
+            return
+        event = trio.Event()
+        self._height_waiters.append((height, event))
+        await event.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._wal = ConsensusWAL.open(self.wal_path)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._recover()
+                task_status.started()
+                async for event in self._recv:
+                    await self._handle(event)
+        finally:
+            self._wal.close()
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        assert self._wal is not None
+        entries = self._wal.replay()
+        self._sign_state = self._wal.last_sign_state
+        head = self.chain.head_height
+        if head > 0:
+            self._last_commit = self.chain.store.get_commit(head)
+        next_height = head + 1
+        if height_of(entries) == next_height:
+            for block_hash, raw in blocks_of(entries).items():
+                self._blocks[block_hash] = Block.decode(raw)
+            self.state, actions = eng.replay_into(eng.initial_state(self.config), events_of(entries))
+            log.info(
+                "replayed the consensus WAL at height %d: round %d, locked round %d",
+                next_height, self.state.round, self.state.locked_round,
+            )
+            for action in actions:
+                await self._perform(action)
+        else:
+            await self._start_height(next_height)
+
+    async def _start_height(self, height: int) -> None:
+        assert self._wal is not None
+        self._wal.start_height(height)
+        self._blocks.clear()
+        parent = self.chain.head
+        last_time = (self.chain.chain.genesis_time - 1) if parent is None else parent.time
+        event = eng.StartHeight(
+            Height(height),
+            self.chain.validator_context(height).current,
+            last_time,
+            self.clock_ms(),
+            eng.Timeouts.from_params(self.chain.params),
+        )
+        await self._deliver(event)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _handle(self, event: object) -> None:
+        if isinstance(event, _CommitDue):
+            if event.height == self.state.height and self.chain.head_height == event.height:
+                votes = eng.commit_votes(self.state)
+                decision = self.state.decision
+                if decision is not None and votes:
+                    self._last_commit = Commit(
+                        Height(event.height), decision.round, decision.block_hash, votes
+                    )
+                await self._start_height(event.height + 1)
+            return
+        await self._deliver(event)  # type: ignore[arg-type]
+
+    async def _deliver(self, event: eng.Event) -> None:
+        assert self._wal is not None
+        self._wal.append(event, sync=False)
+        self.state, actions = eng.step(self.state, event)
+        for action in actions:
+            await self._perform(action)
+
+    async def _perform(self, action: eng.Action) -> None:
+        if isinstance(action, eng.BuildBlock):
+            await self._build(action)
+        elif isinstance(action, eng.SignProposal):
+            await self._sign_proposal(action)
+        elif isinstance(action, eng.SignVote):
+            await self._sign_vote(action)
+        elif isinstance(action, eng.ScheduleTimeout):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._timer, action)
+        elif isinstance(action, eng.Decide):
+            await self._decide(action)
+        elif isinstance(action, eng.RecordEvidence):
+            log.warning("duplicate vote evidence recorded: %s", action.evidence)
+
+    async def _timer(self, action: eng.ScheduleTimeout) -> None:
+        await trio.sleep(action.duration_ms / 1000)
+        event = eng.TimeoutFired(action.height, action.round, int(action.step), self.clock_ms())
+        await self._send.send(event)
+
+    async def _build(self, action: eng.BuildBlock) -> None:
+        assert self._wal is not None and self.key is not None
+        params = self.chain.params
+        candidates = self.mempool.select(params.max_block_txs, params.max_block_bytes)
+        built = await trio.to_thread.run_sync(
+            self.chain.build, int(action.round), self.key.address, self._last_commit, candidates
+        )
+        for raw, exc in built.rejected:
+            log.debug("left out of the block: %s", exc.message)
+            self.mempool.remove(crypto.sha256(raw))
+        block = built.block
+        block_hash = block.hash()
+        self._blocks[block_hash] = block
+        self._wal.append(BlockEntry(block_hash, block.encode()), sync=False)
+        await self._send.send(
+            eng.BlockBuilt(
+                action.height, action.round, block_hash, block.header.time, self.clock_ms()
+            )
+        )
+
+    async def _sign_proposal(self, action: eng.SignProposal) -> None:
+        assert self._wal is not None and self.key is not None
+        signed, sign_state = sign_proposal_guarded(
+            self.key, self.chain.chain.chain_id, self._sign_state, action.proposal
+        )
+        self._wal.append(SignedProposalEntry(signed, sign_state), sync=True)
+        self._sign_state = sign_state
+        await self._on_own_proposal(signed)
+
+    async def _on_own_proposal(self, signed: SignedProposal) -> None:
+        block = self._blocks.get(signed.proposal.block_hash)
+        if block is None:  # pragma: no cover - the engine proposes only built or valid blocks
+            log.error("signed a proposal for an unknown block")
+            return
+        valid = await self._validate(block)
+        await self._send.send(
+            eng.ProposalReceived(
+                signed, block.hash(), valid, block.header.time, self.clock_ms()
+            )
+        )
+
+    async def _validate(self, block: Block) -> bool:
+        try:
+            await trio.to_thread.run_sync(self.chain.validate, block)
+        except InvalidBlock as exc:
+            log.warning("invalid block at height %d: %s", block.header.height, exc.message)
+            return False
+        return True
+
+    async def _sign_vote(self, action: eng.SignVote) -> None:
+        assert self._wal is not None and self.key is not None
+        signed, sign_state = sign_vote_guarded(
+            self.key, self.chain.chain.chain_id, self._sign_state, action.vote
+        )
+        self._wal.append(SignedVoteEntry(signed, sign_state), sync=True)
+        self._sign_state = sign_state
+        await self._on_own_vote(signed)
+
+    async def _on_own_vote(self, signed: SignedVote) -> None:
+        assert self.key is not None
+        await self._send.send(eng.VoteReceived(signed, self.key.address, self.clock_ms()))
+
+    async def _decide(self, action: eng.Decide) -> None:
+        height = int(action.height)
+        if self.chain.head_height >= height:
+            # Already committed before a restart; only the pause before the next height remains.
+            self._schedule_commit_due(height)
+            return
+        block = self._blocks.get(action.block_hash)
+        if block is None:
+            raise NeuroSeedError(f"decided block at height {height} is not known")
+        commit = Commit(Height(height), Round(action.round), action.block_hash, action.commit_votes)
+        result = await trio.to_thread.run_sync(self.chain.commit, block, commit)
+        self._last_commit = commit
+        tx_ids = [r.tx_id for r in result.receipts]
+        self.mempool.on_block_committed(tx_ids, self.chain.state_view())
+        log.info(
+            "finalized block %d (%s) with %d transactions",
+            height, action.block_hash.hex()[:16], len(block.txs),
+        )
+        if self.on_commit is not None:
+            self.on_commit(block)
+        self._wake_waiters()
+        self._schedule_commit_due(height)
+
+    def _schedule_commit_due(self, height: int) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._commit_due, height, self.chain.params.timeout_commit_ms)
+
+    async def _commit_due(self, height: int, delay_ms: int) -> None:
+        await trio.sleep(delay_ms / 1000)
+        await self._send.send(_CommitDue(height))
+
+    def _wake_waiters(self) -> None:
+        head = self.chain.head_height
+        keep = []
+        for height, event in self._height_waiters:
+            if head >= height:
+                event.set()
+            else:
+                keep.append((height, event))
+        self._height_waiters = keep

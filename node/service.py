@@ -1,0 +1,173 @@
+"""The node process: ``run_node(config)`` opens one root nursery and starts each service.
+
+DESIGN §1: one OS process per node, one ``trio.run``; the chain service is the single writer, the
+consensus service drives the engine, the RPC server runs aiohttp in its own thread and reaches the
+node through the non-blocking bridge. ``Node`` is the facade (``node.api.NodeAPI``) the RPC methods
+call.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from node import crypto
+from node.api import NodeStatus
+from node.chain import ChainService, ReadView
+from node.config import NodeConfig
+from node.consensus.mempool import Mempool, MempoolLimits
+from node.consensus.txs import verify_transaction
+from node.consensus_service import ConsensusService
+from node.errors import ConfigError, StorageError
+from node.genesis import Genesis, load_genesis
+from node.storage.leveldb import LevelDB
+from node.types import Address, Hash32
+from rpc.server import RpcLimits, RpcServer
+
+log = logging.getLogger(__name__)
+
+NODE_VERSION = "neuroseed/0.1.0"
+
+
+class Node:
+    """The live node behind JSON-RPC (implements ``node.api.NodeAPI``)."""
+
+    def __init__(
+        self, chain: ChainService, mempool: Mempool, consensus: ConsensusService,
+        key: crypto.PrivateKey | None,
+    ) -> None:
+        self.chain = chain
+        self.mempool = mempool
+        self.consensus = consensus
+        self.key = key
+
+    def read_view(self) -> ReadView:
+        return self.chain.read_view()
+
+    async def submit_transaction(self, raw: bytes) -> Hash32:
+        params = self.chain.params
+        # Signature recovery is CPU work: keep it off the event loop (DESIGN §1).
+        vtx = await trio.to_thread.run_sync(verify_transaction, raw, params.max_tx_bytes)
+        self.mempool.add(vtx, self.chain.state_view(), params)
+        return vtx.tx_id
+
+    async def status(self) -> NodeStatus:
+        head = self.chain.head
+        validators = self.chain.validator_set()
+        address = self.key.address if self.key is not None else None
+        return NodeStatus(
+            chain_id=self.chain.chain.chain_id,
+            node_version=NODE_VERSION,
+            head_height=self.chain.head_height,
+            head_hash=head.hash() if head is not None else Hash32(b"\x00" * 32),
+            head_time_ms=head.time if head is not None else self.chain.chain.genesis_time,
+            validator_address=address,
+            is_validator=address is not None and validators.is_member(address),
+            mempool_size=len(self.mempool),
+            mempool_bytes=self.mempool.size_bytes,
+            peers=0,
+            syncing=False,
+        )
+
+    async def pending_nonce(self, address: Address) -> int:
+        return self.mempool.pending_nonce(address, self.chain.state_view())
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHandle:
+    """What ``run_node`` reports once it is serving."""
+
+    rpc_url: str
+    node: Node
+
+
+@contextmanager
+def data_dir_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<data dir>/node.lock`` so two nodes never share a data dir."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StorageError(
+                "the data directory is in use by another neuroseed process; stop it first"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+async def run_node(
+    config: NodeConfig,
+    *,
+    key: crypto.PrivateKey | None = None,
+    genesis: Genesis | None = None,
+    task_status: trio.TaskStatus[NodeHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node until cancelled (or SIGTERM/SIGINT)."""
+    layout = config.layout
+    if genesis is None:
+        if not layout.genesis.exists():
+            raise ConfigError(
+                f"no genesis.json in the data directory {config.data_dir}; run `neuroseed init`"
+            )
+        genesis = load_genesis(layout.genesis)
+    if (
+        key is not None
+        and config.validator_address is not None
+        and key.address != config.validator_address
+    ):
+        raise ConfigError("the validator key does not match validator_address in the config")
+    with data_dir_lock(layout.lock):
+        kv = LevelDB(layout.chain)
+        try:
+            chain = ChainService(kv, genesis)
+            chain.open()
+            mempool = Mempool(
+                genesis.chain_id,
+                MempoolLimits(
+                    max_txs=config.mempool_max_txs,
+                    max_bytes=config.mempool_max_bytes,
+                    max_future_per_sender=config.mempool_max_future_per_sender,
+                ),
+            )
+            consensus = ConsensusService(chain, mempool, key, layout.consensus_wal)
+            node = Node(chain, mempool, consensus, key)
+            server = RpcServer(
+                node,
+                config.rpc_host,
+                config.rpc_port,
+                RpcLimits(
+                    max_body_bytes=config.rpc_max_body_bytes,
+                    max_batch_size=config.rpc_max_batch,
+                ),
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                await nursery.start(consensus.run)
+                url = await nursery.start(server.serve)
+                log.info("JSON-RPC listening on %s", url)
+                task_status.started(NodeHandle(url, node))
+        finally:
+            chain_ref = locals().get("chain")
+            if isinstance(chain_ref, ChainService):
+                chain_ref.close()
+            kv.close()
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return
