@@ -2,7 +2,7 @@
 
 The figure is the wall time of ``StateTree.apply`` for the block (the node's per-block cost; the
 records are written by the caller's batch, not timed here). Its bound, measured in the same run on
-the same machine, is the time of 2,000 × depth raw ``hashlib.sha256`` calls over 65-byte inputs,
+the same machine, is the time of 2,000 * depth raw ``hashlib.sha256`` calls over 65-byte inputs,
 depth = ceil(log2(100,000)) = 17: the hashing a binary tree update must do at minimum, with no
 bookkeeping. ratio = bound / value (1.0 would be pure hashing).
 
@@ -92,7 +92,7 @@ def main() -> None:
     depth = math.ceil(math.log2(args.keys))
     bound_ms = statistics.median(_hash_bound(args.changes * depth) for _ in range(5)) * 1e3
     print(f"apply of {args.changes} changes: " + ", ".join(f"{t * 1e3:.1f}" for t in times) + " ms")
-    print(f"bound: {args.changes}×{depth} sha256(65 B) = {bound_ms:.1f} ms")
+    print(f"bound: {args.changes}x{depth} sha256(65 B) = {bound_ms:.1f} ms")
     print(
         f"RESULT name=smt_update_{args.changes} value={value_ms:.2f} unit=ms "
         f"bound={bound_ms:.2f} ratio={bound_ms / value_ms:.3f} target=none"

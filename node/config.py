@@ -36,7 +36,14 @@ from typing import Any
 from node.consensus.txs import MAX_TX_BYTES_HARD
 from node.devkeys import DEV_PASSWORD, DEV_VALIDATOR_INDEX, dev_key
 from node.errors import ConfigError
-from node.genesis import Genesis, genesis_hash, load_genesis, parse_address, to_checksum
+from node.genesis import (
+    Genesis,
+    genesis_hash,
+    load_genesis,
+    parse_address,
+    read_genesis,
+    to_checksum,
+)
 from node.keystore import Keystore, ScryptParams
 from node.types import Address
 
@@ -377,7 +384,7 @@ def init_data_dir(
     """
     root = Path(data_dir).expanduser()
     layout = DataDirLayout(root)
-    genesis = load_genesis(genesis_path)
+    genesis, genesis_bytes = read_genesis(genesis_path)
     if not dev and password is not None:
         raise ConfigError(
             "a password is only used with dev=True (to encrypt the dev validator key)"
@@ -391,16 +398,19 @@ def init_data_dir(
             )
         return load_config(root)
 
-    root.mkdir(parents=True, exist_ok=True)
-    config = load_config(root)
-    if dev:
-        config = _init_dev_validator(
-            config, genesis, DEV_PASSWORD if password is None else password, kdf_params
-        )
-    if not layout.config.exists():
-        _write_file(layout.config, render_config_toml(config).encode("utf-8"), mode=0o644)
-    # Byte-for-byte copy: the operator's file is the reference, and re-parsing it above proved it.
-    _write_file(layout.genesis, Path(genesis_path).read_bytes(), mode=0o644)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        config = load_config(root)
+        if dev:
+            config = _init_dev_validator(
+                config, genesis, DEV_PASSWORD if password is None else password, kdf_params
+            )
+        if not layout.config.exists():
+            _write_file(layout.config, render_config_toml(config).encode("utf-8"), mode=0o644)
+        # Byte-for-byte copy of what was validated: the operator's file stays the reference.
+        _write_file(layout.genesis, genesis_bytes, mode=0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot initialise {root}: {exc.strerror}") from None
     return load_config(root)
 
 

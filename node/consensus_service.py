@@ -41,7 +41,7 @@ from node.consensus.wal import (
     height_of,
 )
 from node.errors import InvalidBlock, NeuroSeedError
-from node.types import Hash32, Height, Round
+from node.types import Address, Hash32, Height, Round
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,17 @@ class ConsensusService:
         result = await trio.to_thread.run_sync(self.chain.commit, block, commit)
         self._last_commit = commit
         tx_ids = [r.tx_id for r in result.receipts]
-        self.mempool.on_block_committed(tx_ids, self.chain.state_view())
+        # Senders of every included tx, so the pool also retires same-nonce txs it holds that
+        # lost to a competitor it never saw.
+        senders = [
+            Address(attr.value)
+            for r in result.receipts
+            for ev in r.events
+            if ev.name == "fee"
+            for attr in ev.attributes
+            if attr.key == "payer"
+        ]
+        self.mempool.on_block_committed(tx_ids, self.chain.state_view(), senders=senders)
         log.info(
             "finalized block %d (%s) with %d transactions",
             height, action.block_hash.hex()[:16], len(block.txs),

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import msgpack
 
-from node.errors import DecodeError, NonCanonicalEncoding, TooLarge
+from node.errors import DecodeError, EncodeError, NonCanonicalEncoding, TooLarge
 from node.types import (
     UINT64_MAX,
     UINT256_MAX,
@@ -65,7 +65,7 @@ class Record:
         return _codec_of(type(self))[0](self)
 
     def encode(self) -> bytes:
-        return msgpack.packb(self.to_wire(), use_bin_type=True)
+        return pack(self.to_wire())
 
     @classmethod
     def from_wire(cls, tree: Any) -> Self:
@@ -111,7 +111,8 @@ def unpack_canonical(data: bytes, *, max_size: int = DEFAULT_MAX_RECORD) -> Any:
 
 
 def pack(tree: Any) -> bytes:
-    return msgpack.packb(tree, use_bin_type=True)
+    data: bytes = msgpack.packb(tree, use_bin_type=True)
+    return data
 
 
 # --- codec compilation -------------------------------------------------------------------------
@@ -152,12 +153,12 @@ def _compile_record(cls: type[Record]) -> tuple[_Enc, _Dec]:
             raise DecodeError(f"{where}: expected an array of {count} fields")
         if len(tree) != count:
             raise DecodeError(f"{where}: expected {count} fields, got {len(tree)}")
-        return cls(*[d(v, f"{where}.{n}") for (n, d), v in zip(dec_items, tree, strict=True)])
+        return cls(*[d(v, f"{where}.{n}") for (n, d), v in zip(dec_items, tree, strict=False)])
 
     return enc_record, dec_record
 
 
-def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:  # noqa: C901 - one dispatch
+def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -173,13 +174,15 @@ def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:  # noqa: C
 
         return enc_opt, dec_opt
     if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) != 2 or args[1] is not Ellipsis:
+        targs = typing.get_args(tp)
+        if len(targs) != 2 or targs[1] is not Ellipsis:
             raise TypeError(f"only tuple[T, ...] is supported, got {tp}")
-        item_enc, item_dec = _compile_type(args[0], None)
+        item_enc, item_dec = _compile_type(targs[0], None)
         cap = max_len if max_len is not None else DEFAULT_MAX_ITEMS
 
         def enc_tuple(v: Any) -> Any:
+            if len(v) > cap:
+                raise EncodeError(f"{len(v)} items exceed the limit of {cap}")
             return tuple([item_enc(x) for x in v])
 
         def dec_tuple(v: Any, where: str) -> Any:
@@ -195,9 +198,9 @@ def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:  # noqa: C
     if tp in _FIXED_BYTES:
         return _fixed_bytes_codec(_FIXED_BYTES[tp])
     if tp is bool:
-        return _identity, _dec_bool
+        return _enc_bool, _dec_bool
     if tp in _UINT64_TYPES:
-        return _identity, _dec_u64
+        return _enc_u64, _dec_u64
     if tp is bytes:
         return _var_bytes_codec(max_len if max_len is not None else DEFAULT_MAX_BYTES)
     if tp is str:
@@ -215,7 +218,20 @@ def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:  # noqa: C
     raise TypeError(f"unsupported field type {tp!r}")
 
 
-def _identity(v: Any) -> Any:
+def _enc_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise EncodeError(f"expected a boolean, got {type(v).__name__}")
+    return v
+
+
+def _enc_u64(v: Any) -> int:
+    if type(v) is not int:
+        # IntEnum members are ints; bool is not a number here.
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise EncodeError(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
+        v = int(v)
+    if v < 0 or v > UINT64_MAX:
+        raise EncodeError(f"{v} is not an unsigned 64-bit integer")
     return v
 
 
@@ -233,7 +249,7 @@ def _dec_u64(v: Any, where: str) -> int:
 
 def _enc_u256(v: int) -> bytes:
     if type(v) is not int or v < 0 or v > UINT256_MAX:
-        raise ValueError("amount out of uint256 range")
+        raise EncodeError(f"amount {v!r} is not a uint256")
     return v.to_bytes(32, "big")
 
 
@@ -250,8 +266,8 @@ def _fixed_bytes_codec(size: int) -> tuple[_Enc, _Dec]:
         return v
 
     def enc(v: Any) -> bytes:
-        if len(v) != size:
-            raise ValueError(f"expected {size} bytes, got {len(v)}")
+        if not isinstance(v, bytes | bytearray) or len(v) != size:
+            raise EncodeError(f"expected {size} bytes")
         return bytes(v)
 
     return enc, dec
@@ -265,7 +281,14 @@ def _var_bytes_codec(cap: int) -> tuple[_Enc, _Dec]:
             raise TooLarge(f"{where}: {len(v)} bytes exceed the limit of {cap}")
         return v
 
-    return bytes, dec
+    def enc(v: Any) -> bytes:
+        if not isinstance(v, bytes | bytearray):
+            raise EncodeError(f"expected bytes, got {type(v).__name__}")
+        if len(v) > cap:
+            raise EncodeError(f"{len(v)} bytes exceed the limit of {cap}")
+        return bytes(v)
+
+    return enc, dec
 
 
 def _str_codec(cap: int) -> tuple[_Enc, _Dec]:
@@ -276,4 +299,11 @@ def _str_codec(cap: int) -> tuple[_Enc, _Dec]:
             raise TooLarge(f"{where}: string exceeds {cap} bytes")
         return v
 
-    return _identity, dec
+    def enc(v: Any) -> str:
+        if type(v) is not str:
+            raise EncodeError(f"expected a string, got {type(v).__name__}")
+        if len(v) > cap // 4 and len(v.encode("utf-8")) > cap:
+            raise EncodeError(f"string exceeds {cap} bytes")
+        return v
+
+    return enc, dec

@@ -41,6 +41,13 @@ class TooLarge(DecodeError):
     reason = "too large"
 
 
+class EncodeError(NeuroSeedError, ValueError):
+    """A record holds a value its declared type cannot encode (out of range, too long)."""
+
+    code = 1004
+    reason = "value cannot be encoded"
+
+
 # --- crypto ----------------------------------------------------------------------------------
 
 
@@ -110,6 +117,13 @@ class TransactionSignatureError(InvalidTransaction):
 class MalleableTransactionSignature(TransactionSignatureError):
     code = 1210
     reason = "malleable transaction signature"
+
+
+class MalformedTransaction(InvalidTransaction):
+    """The signed envelope itself is not a canonical ``SignedTransaction``."""
+
+    code = 1211
+    reason = "malformed transaction"
 
 
 # --- mempool ---------------------------------------------------------------------------------

@@ -144,6 +144,11 @@ class Genesis:
 
 def load_genesis(path: Path | str) -> Genesis:
     """Read and validate a genesis file; ConfigError names the file and the bad field."""
+    return read_genesis(path)[0]
+
+
+def read_genesis(path: Path | str) -> tuple[Genesis, bytes]:
+    """The validated genesis and the exact bytes it was parsed from (to copy them verbatim)."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_GENESIS_FILE_BYTES + 1)
@@ -152,7 +157,7 @@ def load_genesis(path: Path | str) -> Genesis:
     if len(raw) > MAX_GENESIS_FILE_BYTES:
         raise ConfigError(f"genesis file {path} exceeds {MAX_GENESIS_FILE_BYTES} bytes")
     try:
-        return genesis_from_json(raw)
+        return genesis_from_json(raw), raw
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}") from None
 
@@ -166,6 +171,8 @@ def genesis_from_json(text: str | bytes) -> Genesis:
         )
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"genesis: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError("genesis: JSON nested too deeply") from None
     return parse_genesis(doc)
 
 

@@ -61,7 +61,7 @@ __all__ = [
 
 EMPTY_HASH = b"\x00" * 32
 MAX_DEPTH = 256  # key hashes have 256 bits, so no path is longer
-# fixarray(3) + 2 × (bin8 header + 32) + array16 header + 256 × (bin8 header + 32)
+# fixarray(3) + 2 * (bin8 header + 32) + array16 header + 256 * (bin8 header + 32)
 MAX_PROOF_BYTES = 1 + 2 * 34 + 3 + MAX_DEPTH * 34
 
 _sha256 = hashlib.sha256

@@ -32,11 +32,13 @@ def _split(n: int) -> int:
 
 
 def _root_of_leaves(leaves: Sequence[bytes]) -> bytes:
-    level = list(leaves)
+    level: list[bytes] = list(leaves)
     # Iterative form of the RFC 6962 recursion: pairing left to right and promoting an odd last
     # node gives the same tree as splitting at the largest power of two below n.
     while len(level) > 1:
-        nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        nxt: list[bytes] = [
+            node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)
+        ]
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt

@@ -68,6 +68,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads/dumps with non-default options build a new decoder/encoder per call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _is_valid_id(value: Any) -> bool:
     if value is None or isinstance(value, str):
         return True
@@ -79,7 +84,7 @@ def _error_response(req_id: Any, error: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 class JsonRpcProcessor:
@@ -93,7 +98,7 @@ class JsonRpcProcessor:
     async def process(self, body: bytes) -> bytes | None:
         """The response body for a request body, or ``None`` when nothing is to be returned."""
         try:
-            payload = json.loads(body, parse_constant=_reject_constant)
+            payload = _DECODER.decode(body.decode())  # RFC 8259: JSON on the wire is UTF-8
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return _dumps(_error_response(None, ParseError("parse error: invalid JSON").to_json()))
         if not isinstance(payload, list):

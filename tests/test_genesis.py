@@ -330,7 +330,9 @@ def test_duplicate_json_key_rejected() -> None:
         genesis_from_json(text)
 
 
-@pytest.mark.parametrize("text", ["", "{", "[]", "null", '{"chain_id": NaN}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "text", ["", "{", "[]", "null", '{"chain_id": NaN}', b"\xff\xfe", "[" * 5000 + "]" * 5000]
+)
 def test_malformed_json(text: str | bytes) -> None:
     with pytest.raises(ConfigError):
         genesis_from_json(text)

@@ -709,7 +709,7 @@ def _prevote(
         out.append(
             SignVote(
                 Vote(
-                    VoteType.PREVOTE,
+                    int(VoteType.PREVOTE),
                     state.height,
                     state.round,
                     value,
@@ -732,7 +732,7 @@ def _precommit(
         out.append(
             SignVote(
                 Vote(
-                    VoteType.PRECOMMIT,
+                    int(VoteType.PRECOMMIT),
                     state.height,
                     state.round,
                     value,

@@ -200,8 +200,9 @@ class _Sender:
 
     def spend_before(self, nonce: int) -> int:
         """Total spend of the held transactions that run before ``nonce`` (pending and queued)."""
-        if nonce <= self.pending_end:
+        if nonce < self.pending_end:  # a replacement inside the run: O(run), rare
             return sum(self.txs[n].spend for n in range(self.nonce, nonce))
+        # Appending to the run (the common case) is O(1); a queued nonce adds the queue's.
         queued = self.future[: bisect.bisect_left(self.future, nonce)]
         return self.pending_spend + sum(self.txs[n].spend for n in queued)
 
@@ -315,8 +316,7 @@ class Mempool:
         dropped: list[Hash32] = []
         sender = self._senders.get(vtx.sender)
         if sender is None:
-            sender = _Sender(vtx.sender, account.nonce, account.balance)
-            sender.pending_end = account.nonce
+            sender = _Sender(vtx.sender, account.nonce, account.balance, pending_end=account.nonce)
         elif (sender.nonce, sender.balance) != (account.nonce, account.balance):
             # The caller's view is newer than the last commit we heard of: catch up first.
             self._resync(sender, account, dropped, frozenset())
@@ -777,5 +777,6 @@ __all__ = [
     "CommitResult",
     "Mempool",
     "MempoolLimits",
+    "compute_fee_per_byte_key",
     "compute_max_spend",
 ]

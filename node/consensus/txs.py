@@ -17,11 +17,12 @@ from node.errors import (
     DecodeError,
     InvalidBody,
     InvalidSignature,
+    MalformedTransaction,
     MalleableSignature,
     MalleableTransactionSignature,
+    TooLarge,
     TransactionSignatureError,
     TransactionTooLarge,
-    TooLarge,
     UnknownKind,
 )
 from node.types import Address, Amount, ChainId, Hash32, Nonce, Signature
@@ -114,7 +115,7 @@ def decode_transaction(raw: bytes, max_bytes: int = MAX_TX_BYTES_HARD) -> Signed
     except TooLarge as exc:
         raise TransactionTooLarge(exc.message) from exc
     except DecodeError as exc:
-        raise InvalidBody(f"malformed transaction: {exc.message}") from exc
+        raise MalformedTransaction(f"malformed transaction: {exc.message}") from exc
 
 
 def verify_transaction(raw: bytes, max_bytes: int = MAX_TX_BYTES_HARD) -> VerifiedTransaction:

@@ -20,6 +20,7 @@ votes, each version to a different part of the network and both to one peer), ``
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from collections import deque
@@ -95,13 +96,13 @@ def validator_set(keys: list[PrivateKey]) -> ValidatorSet:
 
 def signed_vote(
     key: PrivateKey,
-    vote_type: VoteType,
+    vote_type: int,
     height: int,
     round: int,
     value: Hash32 | None,
     time: int = GENESIS_TIME + 1,
 ) -> SignedVote:
-    vote = Vote(vote_type, Height(height), Round(round), value, TimestampMs(time), key.address)
+    vote = Vote(int(vote_type), Height(height), Round(round), value, TimestampMs(time), key.address)
     return sign_vote(key, CHAIN_ID, vote)
 
 
@@ -182,7 +183,9 @@ class SimNode:
     def start(self) -> None:
         if self.behaviour == "silent":
             return
-        self.process(StartHeight(Height(1), self.sim.validators, self.head_time, self.now(), TIMEOUTS))
+        self.process(
+            StartHeight(Height(1), self.sim.validators, self.head_time, self.now(), TIMEOUTS)
+        )
         self.sim.schedule(self.sim.time + GOSSIP_MS, self.gossip)
 
     def receive(self, sender: int, msg: Msg) -> None:
@@ -305,9 +308,7 @@ class SimNode:
             )
             self.split_send(VoteMsg(signed), VoteMsg(other))
         else:
-            signed, self.sign_state = sign_vote_guarded(
-                self.key, CHAIN_ID, self.sign_state, vote
-            )
+            signed, self.sign_state = sign_vote_guarded(self.key, CHAIN_ID, self.sign_state, vote)
             self.own_messages.append(VoteMsg(signed))
             self.sim.broadcast(self.index, VoteMsg(signed))
         self.inbox.append(VoteReceived(signed, self.key.address, self.now()))
@@ -340,7 +341,9 @@ class SimNode:
         self.head_time = block.header.time
         self.own_messages = []
         self.process(
-            StartHeight(Height(height + 1), self.sim.validators, self.head_time, self.now(), TIMEOUTS)
+            StartHeight(
+                Height(height + 1), self.sim.validators, self.head_time, self.now(), TIMEOUTS
+            )
         )
         pending, self.next_proposals = self.next_proposals, []
         for msg in pending:
@@ -493,10 +496,8 @@ class Simulation:
             if before_gst and self.rng.random() < self.net.drop:
                 continue
             limit = self.net.max_delay_ms if before_gst else self.net.max_delay_after_gst_ms
-            node = self.nodes[dst]
-            self.schedule(
-                self.time + self.rng.randint(1, limit), lambda: node.receive(src, msg)
-            )
+            deliver = functools.partial(self.nodes[dst].receive, src, msg)
+            self.schedule(self.time + self.rng.randint(1, limit), deliver)
 
     def broadcast(self, src: int, msg: Msg) -> None:
         for node in self.nodes:

@@ -42,7 +42,7 @@ def http_request(
     chunked: bool = False,
 ) -> HttpAnswer:
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
     headers = {} if content_type is None else {"Content-Type": content_type}
     try:
         conn.request(method, parts.path or "/", body=body, headers=headers, encode_chunked=chunked)

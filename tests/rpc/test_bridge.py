@@ -53,10 +53,10 @@ async def test_exceptions_come_back_as_themselves(nursery: trio.Nursery) -> None
     async def broken() -> None:
         raise KeyError("x")
 
-    async def main() -> tuple[BaseException, BaseException]:
-        results = await asyncio.gather(bridge.call(fail), bridge.call(broken),
-                                       return_exceptions=True)
-        return results[0], results[1]
+    async def main() -> list[BaseException | None]:
+        return list(
+            await asyncio.gather(bridge.call(fail), bridge.call(broken), return_exceptions=True)
+        )
 
     first, second = await in_asyncio(main)
     assert first is raised

@@ -14,7 +14,7 @@ from node import errors as node_errors
 from node.api import NodeStatus, StateProof
 from node.consensus.fees import compute_cost
 from node.consensus.state import account_key
-from node.types import NSD
+from node.types import NSD, Amount
 from rpc.client import AccountInfo, AsyncClient, Client
 from rpc.errors import (
     ApplicationError,
@@ -75,7 +75,7 @@ async def test_sync_client_typed_methods(served: Served) -> None:
     assert r["by_hash"]["height"] == 2
     assert r["tx"]["height"] == 1
     assert r["receipt"]["success"] is True
-    assert r["account"] == AccountInfo(BOB.address, 0, 5 * NSD // 2)
+    assert r["account"] == AccountInfo(BOB.address, 0, Amount(5 * NSD // 2))
     assert isinstance(r["proof"], StateProof)
     assert r["proof"].height == 4
     assert r["proof"].value == view.states[4][account_key(ALICE.address)]
@@ -172,7 +172,7 @@ async def test_wait_for_receipt_sync(served: Served) -> None:
         with Client(served.url) as node:
             node.wait_for_receipt(b"\x00" * 32, timeout=0.1, poll_interval=0.02)
 
-    with pytest.raises(ReceiptTimeout, match="no receipt after 0.1 s"):
+    with pytest.raises(ReceiptTimeout, match=r"no receipt after 0\.1 s"):
         await in_thread(never)
 
 
@@ -290,7 +290,7 @@ async def test_timeout_is_request_timeout(served: Served) -> None:
         with Client(served.url, timeout=0.2) as node:
             node.send_raw_transaction(raw)
 
-    with pytest.raises(RequestTimeout, match="within 0.2 s"):
+    with pytest.raises(RequestTimeout, match=r"within 0\.2 s"):
         await in_thread(slow)
     served.node.gate.set()
 

@@ -50,7 +50,7 @@ async def test_single_call(served: Served) -> None:
     "body",
     [b"{", b'{"jsonrpc": "2.0", "id": 1, "method": "ns_chainId"', b"\xff\xfe\xfd", b"NaN",
      b'{"jsonrpc": "2.0", "id": 1, "method": "ns_chainId", "params": [Infinity]}',
-     b"[" * 50_000, b""],
+     b"[" * 50_000, b"", b'{"jsonrpc": "2.0", "method": "ns_chainId", "id": ' + b"9" * 5000 + b"}"],
 )
 async def test_malformed_json_is_parse_error(served: Served, body: bytes) -> None:
     answer = await post(served.url, body)
@@ -292,7 +292,7 @@ async def test_real_validation_errors(served: Served) -> None:
     reply = await call(served.url, "ns_sendRawTransaction", [_hex(wrong_chain)])
     assert reply["error"]["code"] == node_errors.WrongChain.code
     garbage = await call(served.url, "ns_sendRawTransaction", ["0xc0ffee"])
-    assert garbage["error"]["code"] == node_errors.InvalidBody.code
+    assert garbage["error"]["code"] == node_errors.MalformedTransaction.code
     old = transfer(ALICE, 0, BOB.address, 1)
     low = await call(served.url, "ns_sendRawTransaction", [_hex(old)])
     assert low["error"] == {

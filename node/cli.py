@@ -1,0 +1,922 @@
+"""The ``neuroseed`` command line (DESIGN §11): init, keys, run, devnet, status, balance, tx.
+
+Every command that talks to a node goes through the SDK (``rpc.client.Client``). Output is text
+for people, or one line of JSON per result with ``--json``. Exit codes::
+
+    0  success
+    1  user or input error (bad amount, wrong password, transaction rejected, ...)
+    2  usage error (unknown flag, missing argument: argparse)
+    3  the node could not be reached
+    130 interrupted (Ctrl-C) outside ``run``/``devnet``, which stop cleanly with 0
+
+An error prints one line ``error: <message>`` to stderr; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import getpass
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from node import crypto
+from node.config import (
+    CONFIG_FILE,
+    DEFAULT_RPC_HOST,
+    DEFAULT_RPC_PORT,
+    DataDirLayout,
+    NodeConfig,
+    init_data_dir,
+    load_config,
+)
+from node.consensus.txs import MAX_MEMO_BYTES, Transfer, make_transaction
+from node.devkeys import DEV_PASSWORD, DEV_VALIDATOR_INDEX, dev_address, dev_key
+from node.errors import NeuroSeedError, NodeUnavailable
+from node.genesis import format_timestamp, genesis_hash, load_genesis, parse_address, to_checksum
+from node.keystore import LIGHT_SCRYPT, Keystore, ScryptParams, read_password
+from node.types import NSD, UINT256_MAX, Address, Amount
+from rpc.client import Client
+from rpc.errors import ClientError, RpcError, TransportError
+
+log = logging.getLogger("neuroseed")
+
+ENV_DATADIR = "NEUROSEED_DATADIR"
+DEFAULT_DATADIR = "~/.neuroseed"
+DEVNET_DATADIR = ".devnet"
+DEFAULT_RPC_URL = f"http://{DEFAULT_RPC_HOST}:{DEFAULT_RPC_PORT}/"
+NSD_DECIMALS = 18
+DEFAULT_TX_TIMEOUT = 30.0
+# The tip added to the consensus cost when the fee is estimated: a tenth of the cost, so the
+# proposer earns something and the transaction is not the cheapest in a busy mempool.
+TIP_DIVISOR = 10
+# The repository's genesis.json (the devnet's): the directory above this package.
+REPO_GENESIS = Path(__file__).resolve().parent.parent / "genesis.json"
+# Work factor of key files written by ``keys new``/``keys import`` (None: the keystore's standard).
+# Tests lower it; nothing else should.
+KEY_KDF_PARAMS: ScryptParams | None = None
+# The devnet validator key and its password are public (node.devkeys): a strong KDF protects
+# nothing there and would only slow down every devnet start.
+DEV_KDF_PARAMS = LIGHT_SCRYPT
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A user or input error the CLI reports as ``error: <message>``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+# --- amounts ---------------------------------------------------------------------------------------
+
+_DECIMAL_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?", re.ASCII)
+# 2**256 has 78 digits: a longer integer part is too large whatever its value (and int() of a
+# huge digit string is slow or refused).
+_MAX_WHOLE_DIGITS = 78
+
+
+def parse_nsd(text: str, *, what: str = "amount", allow_zero: bool = False) -> Amount:
+    """A decimal NSD string (``"1.5"``, up to 18 decimals) as base units; never via floats."""
+    s = text.strip()
+    shown = s if len(s) <= 40 else s[:37] + "..."
+    if s.startswith("-"):
+        raise CliError(f"{what}: must be positive, not {shown}")
+    m = _DECIMAL_RE.fullmatch(s)
+    if m is None:
+        raise CliError(
+            f"{what}: {shown!r} is not an amount of NSD; write a plain decimal number with a dot, "
+            "e.g. 1.5 or 0.000001"
+        )
+    whole, frac = m.group(1), m.group(2) or ""
+    if len(frac) > NSD_DECIMALS:
+        raise CliError(
+            f"{what}: at most {NSD_DECIMALS} decimals (1 NSD = 10^18 base units), got {len(frac)}"
+        )
+    if len(whole.lstrip("0")) > _MAX_WHOLE_DIGITS:
+        raise CliError(f"{what}: too large")
+    units = int(whole) * NSD + int(frac.ljust(NSD_DECIMALS, "0"))
+    if units > UINT256_MAX:
+        raise CliError(f"{what}: too large")
+    if units == 0 and not allow_zero:
+        raise CliError(f"{what}: must be greater than zero")
+    return Amount(units)
+
+
+def format_nsd(units: int) -> str:
+    """Base units as NSD with exactly 18 decimals (``"1.500000000000000000"``)."""
+    return f"{units // NSD}.{units % NSD:018d}"
+
+
+# --- data directory and node URL --------------------------------------------------------------
+
+
+def _datadir(args: argparse.Namespace, *, devnet: bool = False) -> Path:
+    if args.datadir:
+        return Path(args.datadir).expanduser().absolute()
+    if devnet:
+        # The devnet's own directory: never a real node's data directory from the environment.
+        return Path(DEVNET_DATADIR).absolute()
+    return Path(os.environ.get(ENV_DATADIR) or DEFAULT_DATADIR).expanduser().absolute()
+
+
+def _normalise_url(url: str) -> str:
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise CliError(f"--rpc: bad port in {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"--rpc: expected a URL like {DEFAULT_RPC_URL}, not {url!r}")
+    if not parts.path:
+        text += "/"
+    return text
+
+
+def _client_url_of(config: NodeConfig) -> str:
+    host = config.rpc_host
+    # A node listening on every interface is reached on loopback.
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.rpc_port}/"
+
+
+def _rpc_url(args: argparse.Namespace) -> str:
+    """``--rpc``, else the RPC address in the data directory's config, else the default."""
+    if args.rpc:
+        return _normalise_url(args.rpc)
+    datadir = _datadir(args)
+    if (datadir / CONFIG_FILE).is_file():
+        return _client_url_of(load_config(datadir))
+    return DEFAULT_RPC_URL
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(_rpc_url(args))
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, separators=(",", ":")), flush=True)
+
+
+def _rows(rows: Sequence[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _hex(data: bytes) -> str:
+    return "0x" + data.hex()
+
+
+# --- passwords and keys ----------------------------------------------------------------------------
+
+
+def _prompt(text: str) -> str:
+    # Looked up at call time so tests can replace getpass.getpass.
+    return getpass.getpass(text)
+
+
+def _password(password_file: str | None, *, confirm: bool) -> str:
+    path = Path(password_file).expanduser() if password_file is not None else None
+    password = read_password(path, confirm=confirm, prompt=_prompt)
+    if confirm and password == "":
+        raise CliError("an empty password is not allowed for a new key")
+    return password
+
+
+def _parse_secret_hex(text: str, source: str) -> bytes:
+    """A 32-byte private key from hex; the message never repeats the input (it is a secret)."""
+    s = text.strip()
+    if s[:2] in ("0x", "0X"):
+        s = s[2:]
+    if len(s) != 64 or not re.fullmatch(r"[0-9a-fA-F]{64}", s, re.ASCII):
+        raise CliError(
+            f"{source}: expected a private key as 64 hex digits (optionally 0x-prefixed)"
+        )
+    return bytes.fromhex(s)
+
+
+def _address_arg(value: str, what: str) -> Address:
+    return parse_address(value.strip(), what)
+
+
+def _choose_key(keystore: Keystore) -> Address:
+    """The only key in the keystore; with several, ask on a terminal, else refuse."""
+    addresses = keystore.list()
+    if not addresses:
+        raise CliError(
+            f"no keys in {keystore.directory}; create one with `neuroseed keys new` "
+            "(or on a devnet sign with a public dev key: --dev-key N)"
+        )
+    if len(addresses) == 1:
+        return addresses[0]
+    names = [to_checksum(a) for a in addresses]
+    if not sys.stdin.isatty():
+        raise CliError("several keys in the keystore; choose one with --from: " + ", ".join(names))
+    for i, name in enumerate(names, 1):
+        print(f"  {i}. {name}", file=sys.stderr)
+    answer = input(f"Send from which key [1-{len(names)}]? ").strip()
+    if not answer.isdigit() or not 1 <= int(answer) <= len(names):
+        raise CliError("no key chosen")
+    return addresses[int(answer) - 1]
+
+
+# --- init ------------------------------------------------------------------------------------------
+
+
+def _default_genesis(datadir: Path) -> Path:
+    """The data directory's own genesis.json, else the repository's."""
+    for candidate in (DataDirLayout(datadir).genesis, REPO_GENESIS):
+        if candidate.is_file():
+            return candidate
+    raise CliError(
+        f"no genesis.json found (looked in {datadir} and {REPO_GENESIS.parent}); "
+        "pass --genesis PATH"
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    datadir = _datadir(args)
+    if args.password_file is not None and not args.dev:
+        raise CliError("--password-file is only used with --dev (to encrypt the dev validator key)")
+    genesis_path = Path(args.genesis).expanduser() if args.genesis else _default_genesis(datadir)
+    layout = DataDirLayout(datadir)
+    existed = layout.genesis.is_file()
+    password = _password(args.password_file, confirm=False) if args.password_file else None
+    config = init_data_dir(
+        datadir, genesis_path, dev=args.dev, password=password, kdf_params=DEV_KDF_PARAMS
+    )
+    dev_validator = dev_address(DEV_VALIDATOR_INDEX)
+    if existed and args.dev and config.validator_address != dev_validator:
+        raise CliError(
+            f"{datadir} is already initialised without the dev validator; "
+            "use an empty data directory for a devnet"
+        )
+    genesis = load_genesis(layout.genesis)
+    ghash = _hex(genesis_hash(genesis))
+    validator = None if config.validator_address is None else to_checksum(config.validator_address)
+    if args.json:
+        _print_json({
+            "datadir": str(datadir),
+            "chainId": genesis.chain_id,
+            "genesisHash": ghash,
+            "created": not existed,
+            "validator": validator,
+        })
+        return EXIT_OK
+    if existed:
+        print(f"{datadir} is already initialised for chain {genesis.chain_id} (genesis "
+              f"{ghash[:18]}…); nothing changed")
+    else:
+        print(f"initialised {datadir} for chain {genesis.chain_id} (genesis {ghash[:18]}…)")
+    if validator is not None:
+        print(f"validator key: {validator}")
+    if args.dev and not existed:
+        print("  the public devnet validator key (node.devkeys), for local devnets only")
+    print(f"start the node with: neuroseed --datadir {datadir} run")
+    return EXIT_OK
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def _keystore(args: argparse.Namespace) -> Keystore:
+    return Keystore(DataDirLayout(_datadir(args)).keystore)
+
+
+def _print_new_key(args: argparse.Namespace, keystore: Keystore, address: Address) -> None:
+    path = keystore.path_of(address)
+    if args.json:
+        _print_json({"address": to_checksum(address), "file": str(path)})
+    else:
+        print(_rows([("address", to_checksum(address)), ("key file", path)]))
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    keystore = _keystore(args)
+    password = _password(args.password_file, confirm=True)
+    address = keystore.new(password, kdf_params=KEY_KDF_PARAMS)
+    _print_new_key(args, keystore, address)
+    return EXIT_OK
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    keystore = _keystore(args)
+    addresses = keystore.list()
+    if args.json:
+        _print_json([
+            {"address": to_checksum(a), "file": str(keystore.path_of(a))} for a in addresses
+        ])
+    elif not addresses:
+        print(f"no keys in {keystore.directory}", file=sys.stderr)
+    else:
+        for a in addresses:
+            print(to_checksum(a))
+    return EXIT_OK
+
+
+def cmd_keys_import(args: argparse.Namespace) -> int:
+    if args.private_key is not None:
+        # argparse already holds it, but at least it goes no further, and the user learns why.
+        raise CliError(
+            "refusing a private key on the command line (it would stay in your shell history "
+            "and be visible to other users in the process list); use --key-file FILE or "
+            "enter it at the prompt"
+        )
+    if args.key_file is not None:
+        path = Path(args.key_file).expanduser()
+        try:
+            with open(path, encoding="ascii", errors="replace") as fh:
+                text = fh.read(4096)
+        except OSError as exc:
+            raise CliError(f"cannot read key file {path}: {exc.strerror}") from None
+        secret = _parse_secret_hex(text, f"key file {path}")
+    else:
+        secret = _parse_secret_hex(_prompt("Private key (hex): "), "private key")
+    keystore = _keystore(args)
+    password = _password(args.password_file, confirm=True)
+    address = keystore.import_key(secret, password, kdf_params=KEY_KDF_PARAMS)
+    _print_new_key(args, keystore, address)
+    return EXIT_OK
+
+
+def cmd_keys_export(args: argparse.Namespace) -> int:
+    if not args.yes_show_private_key:
+        raise CliError(
+            "this prints the private key in clear: anyone who sees it controls the account; "
+            "repeat with --yes-show-private-key if that is what you want"
+        )
+    keystore = _keystore(args)
+    if args.address is not None:
+        address = _address_arg(args.address, "address")
+    else:
+        addresses = keystore.list()
+        if len(addresses) != 1:
+            raise CliError(
+                "name the key to export (address)"
+                if addresses
+                else f"no keys in {keystore.directory}"
+            )
+        address = addresses[0]
+    password = _password(args.password_file, confirm=False)
+    secret = keystore.export_key(address, password)
+    if args.json:
+        _print_json({"address": to_checksum(address), "privateKey": _hex(secret)})
+    else:
+        print(_hex(secret))
+    return EXIT_OK
+
+
+# --- run and devnet --------------------------------------------------------------------------------
+
+
+def _setup_logging(level: str, verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def _run_until_stopped(
+    config: NodeConfig, key: crypto.PrivateKey | None, on_serving: Callable[[str], None]
+) -> int:
+    """Run the node in trio until SIGTERM/SIGINT; ``on_serving(url)`` once JSON-RPC is up."""
+    import trio
+
+    from node.service import run_node
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(partial(run_node, config, key=key))
+            on_serving(handle.rpc_url)
+
+    # A Ctrl-C before the node's own signal handling started is still a clean stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(serve)
+    log.info("node stopped")
+    return EXIT_OK
+
+
+def _unlock_validator(
+    config: NodeConfig, password_file: str | None, default_password: str | None = None
+) -> crypto.PrivateKey | None:
+    address = config.validator_address
+    if address is None:
+        return None
+    keystore = Keystore(config.layout.keystore)
+    if not keystore.has(address):
+        raise CliError(
+            f"the validator key {to_checksum(address)} is not in {keystore.directory}; "
+            "import it with `neuroseed keys import`"
+        )
+    if password_file is not None:
+        password = _password(password_file, confirm=False)
+    elif config.password_file_path is not None:
+        password = read_password(config.password_file_path, confirm=False)
+    elif default_password is not None:
+        password = default_password
+    else:
+        print(f"unlocking validator key {to_checksum(address)}", file=sys.stderr)
+        password = _password(None, confirm=False)
+    return keystore.load(address, password)
+
+
+def _require_initialised(datadir: Path) -> None:
+    if not DataDirLayout(datadir).genesis.is_file():
+        raise CliError(
+            f"{datadir} is not initialised (no genesis.json); run `neuroseed --datadir {datadir} "
+            "init` first (or `neuroseed devnet` for a local devnet)"
+        )
+
+
+def _node_config(args: argparse.Namespace, datadir: Path) -> NodeConfig:
+    overrides: dict[str, object] = {"rpc_host": args.rpc_host, "rpc_port": args.rpc_port}
+    return load_config(datadir, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    datadir = _datadir(args)
+    _require_initialised(datadir)
+    config = _node_config(args, datadir)
+    if args.validator is not None:
+        address = _address_arg(args.validator, "--validator")
+        if address != config.validator_address:
+            # The config's password file belongs to the config's validator, not to this one.
+            config = dataclasses.replace(
+                config, validator_address=address, validator_password_file=None
+            )
+    key = _unlock_validator(config, args.password_file)
+    _setup_logging(config.log_level, args.verbose)
+
+    def on_serving(url: str) -> None:
+        if args.json:
+            _print_json({"rpc": url, "validator": _checksum_or_none(config.validator_address)})
+        else:
+            print(f"JSON-RPC: {url}", flush=True)
+
+    return _run_until_stopped(config, key, on_serving)
+
+
+def _checksum_or_none(address: Address | None) -> str | None:
+    return None if address is None else to_checksum(address)
+
+
+def _funded_dev_keys(datadir: Path) -> list[int]:
+    """Indices of the dev keys with a genesis balance (1..N in the repository's genesis)."""
+    funded = {a.address for a in load_genesis(DataDirLayout(datadir).genesis).balances}
+    found = []
+    for i in range(1, 1000):
+        if dev_address(i) not in funded:
+            break
+        found.append(i)
+    return found
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    datadir = _datadir(args, devnet=True)
+    if not DataDirLayout(datadir).genesis.is_file():
+        if not REPO_GENESIS.is_file():
+            raise CliError(f"the devnet genesis {REPO_GENESIS} is missing; is this a checkout?")
+        init_data_dir(datadir, REPO_GENESIS, dev=True, kdf_params=DEV_KDF_PARAMS)
+        print(f"initialised devnet data directory {datadir}", file=sys.stderr)
+    config = _node_config(args, datadir)
+    validator = dev_address(DEV_VALIDATOR_INDEX)
+    if config.validator_address != validator:
+        raise CliError(
+            f"{datadir} is not a devnet data directory (its validator is not the dev validator "
+            f"{to_checksum(validator)}); use another --datadir"
+        )
+    key = _unlock_validator(config, None, default_password=DEV_PASSWORD)
+    if key is None or key.address != dev_key(DEV_VALIDATOR_INDEX).address:
+        raise CliError("the devnet validator key could not be unlocked")
+    funded = _funded_dev_keys(datadir)
+    chain_id = load_genesis(config.layout.genesis).chain_id
+    _setup_logging(config.log_level, args.verbose)
+
+    def on_serving(url: str) -> None:
+        if args.json:
+            _print_json({
+                "rpc": url,
+                "datadir": str(datadir),
+                "chainId": chain_id,
+                "validator": to_checksum(validator),
+                "devKeys": {str(i): to_checksum(dev_address(i)) for i in funded},
+            })
+            return
+        example = "0x000000000000000000000000000000000000dEaD"
+        keys = f"{funded[0]}..{funded[-1]}" if funded else "none"
+        print(
+            f"JSON-RPC: {url}\n"
+            f"devnet: chain {chain_id}, data in {datadir}, validator {to_checksum(validator)}\n"
+            f"funded public dev keys: {keys} (devnet only: anyone can spend them)\n"
+            "try:\n"
+            f"  neuroseed status --rpc {url}\n"
+            f"  neuroseed tx transfer --dev-key 1 --to {example} --amount 1.5 --rpc {url}\n"
+            f"  neuroseed balance {example} --rpc {url}\n"
+            "stop with Ctrl-C; run the same command again to continue this chain",
+            flush=True,
+        )
+
+    return _run_until_stopped(config, key, on_serving)
+
+
+# --- status and balance ----------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        st = client.status()
+    validator = _checksum_or_none(st.validator_address)
+    if args.json:
+        _print_json({
+            "rpc": client.url,
+            "chainId": st.chain_id,
+            "nodeVersion": st.node_version,
+            "height": st.head_height,
+            "headHash": _hex(st.head_hash),
+            "headTime": st.head_time_ms,
+            "validator": validator,
+            "isValidator": st.is_validator,
+            "mempoolSize": st.mempool_size,
+            "mempoolBytes": st.mempool_bytes,
+            "peers": st.peers,
+            "syncing": st.syncing,
+        })
+        return EXIT_OK
+    if validator is None:
+        role = "none (not a validator node)"
+    else:
+        role = f"{validator} ({'active' if st.is_validator else 'not in the validator set'})"
+    print(_rows([
+        ("node", f"{st.node_version} at {client.url}"),
+        ("chain id", st.chain_id),
+        ("height", st.head_height),
+        ("head hash", _hex(st.head_hash)),
+        ("head time", format_timestamp(st.head_time_ms)),
+        ("validator", role),
+        ("mempool", f"{st.mempool_size} transactions, {st.mempool_bytes} bytes"),
+        ("peers", st.peers),
+        ("syncing", "yes" if st.syncing else "no"),
+    ]))
+    return EXIT_OK
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    address = _address_arg(args.address, "address")
+    with _client(args) as client:
+        account = client.get_account(address)
+    if args.json:
+        _print_json({
+            "address": to_checksum(address),
+            "balance": str(account.balance),
+            "balanceNSD": format_nsd(account.balance),
+            "nonce": account.nonce,
+        })
+    else:
+        print(_rows([
+            ("address", to_checksum(address)),
+            ("balance", f"{format_nsd(account.balance)} NSD"),
+            ("nonce", account.nonce),
+        ]))
+    return EXIT_OK
+
+
+# --- tx ----------------------------------------------------------------------------------------
+
+
+def _sender_key(args: argparse.Namespace) -> crypto.PrivateKey:
+    if args.dev_key is not None:
+        if args.dev_key < 0:
+            raise CliError("--dev-key: expected a dev key number (1, 2, ...)")
+        print(
+            f"signing with public dev key {args.dev_key} (devnet only: anyone can spend it)",
+            file=sys.stderr,
+        )
+        return dev_key(args.dev_key)
+    keystore = _keystore(args)
+    if args.sender is not None:
+        address = _address_arg(args.sender, "--from")
+    else:
+        address = _choose_key(keystore)
+    if not keystore.has(address):
+        raise CliError(f"no key for {to_checksum(address)} in {keystore.directory}")
+    if args.password_file is None:
+        print(f"unlocking key {to_checksum(address)}", file=sys.stderr)
+    return keystore.load(address, _password(args.password_file, confirm=False))
+
+
+def _receipt_summary(receipt: dict[str, Any]) -> list[tuple[str, object]]:
+    status = "success" if receipt.get("success") else f"failed: {receipt.get('error') or '?'}"
+    rows: list[tuple[str, object]] = [
+        ("tx id", receipt.get("txId")),
+        ("block", f"{receipt.get('height')} ({receipt.get('blockHash')})"),
+        ("status", status),
+    ]
+    for label, key in (("fee", "feePaid"), ("burned", "burned")):
+        value = receipt.get(key)
+        rows.append((label, f"{format_nsd(int(value))} NSD" if value is not None else "?"))
+    return rows
+
+
+def cmd_tx_transfer(args: argparse.Namespace) -> int:
+    # Every input is checked before anything is unlocked or sent.
+    to = _address_arg(args.to, "--to")
+    amount = parse_nsd(args.amount, what="--amount")
+    fee_arg = parse_nsd(args.fee, what="--fee", allow_zero=True) if args.fee is not None else None
+    memo = (args.memo or "").encode("utf-8")
+    if len(memo) > MAX_MEMO_BYTES:
+        raise CliError(f"--memo: at most {MAX_MEMO_BYTES} bytes of UTF-8, got {len(memo)}")
+    if args.timeout <= 0:
+        raise CliError("--timeout: expected a positive number of seconds")
+    body = Transfer(to, amount, memo)
+    with _client(args) as client:
+        chain_id = client.chain_id()  # fails fast (exit 3) before a password is asked
+        key = _sender_key(args)
+        sender = key.address
+        nonce = client.pending_nonce(sender)
+        if fee_arg is None:
+            # The encoded size does not depend on the fee (a fixed-width uint256), so a draft
+            # signed with fee 0 prices the real transaction exactly.
+            draft = make_transaction(key, chain_id, nonce, 0, body)
+            cost = client.estimate_fee(draft.encode())
+            fee = cost + cost // TIP_DIVISOR
+        else:
+            fee = fee_arg
+        balance = client.get_account(sender).balance
+        if balance < amount + fee:
+            raise CliError(
+                f"insufficient funds: {to_checksum(sender)} has {format_nsd(balance)} NSD, "
+                f"needs {format_nsd(amount + fee)} NSD (amount {format_nsd(amount)} + fee "
+                f"{format_nsd(fee)})"
+            )
+        signed = make_transaction(key, chain_id, nonce, fee, body)
+        tx_id = client.send_raw_transaction(signed.encode())
+        receipt = None
+        if not args.no_wait:
+            if not args.json:
+                print(
+                    f"sent {_hex(tx_id)}; waiting until it is final (up to {args.timeout:g} s)",
+                    file=sys.stderr,
+                )
+            receipt = client.wait_for_receipt(tx_id, timeout=args.timeout)
+    result: dict[str, Any] = {
+        "txId": _hex(tx_id),
+        "from": to_checksum(sender),
+        "to": to_checksum(to),
+        "amount": str(amount),
+        "amountNSD": format_nsd(amount),
+        "fee": str(fee),
+        "nonce": nonce,
+        "receipt": receipt,
+    }
+    if args.json:
+        _print_json(result)
+    elif receipt is None:
+        print(_rows([
+            ("tx id", _hex(tx_id)),
+            ("from", to_checksum(sender)),
+            ("to", to_checksum(to)),
+            ("amount", f"{format_nsd(amount)} NSD"),
+            ("fee", f"{format_nsd(fee)} NSD"),
+            ("nonce", nonce),
+            ("status", "sent (not waiting for finality)"),
+        ]))
+    else:
+        print(_rows(_receipt_summary(receipt)))
+    if receipt is not None and not receipt.get("success"):
+        raise CliError(f"transaction {_hex(tx_id)} failed: {receipt.get('error') or 'no reason'}")
+    return EXIT_OK
+
+
+# --- argument parsing ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The same options on the top parser and every subcommand, so they go before or after it.
+
+    On subcommands the defaults are SUPPRESS: a value given before the subcommand is not
+    overwritten by the subcommand's default.
+    """
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    g = parser.add_argument_group("global options")
+    g.add_argument(
+        "--datadir", metavar="PATH", default=default(None),
+        help=f"data directory (default: ${ENV_DATADIR} or {DEFAULT_DATADIR}; "
+        f"{DEVNET_DATADIR} for devnet)",
+    )
+    g.add_argument(
+        "--rpc", metavar="URL", default=default(None),
+        help=f"node JSON-RPC URL (default: from the data directory's config, else {DEFAULT_RPC_URL})",
+    )
+    g.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    g.add_argument(
+        "-v", "--verbose", action="store_true", default=default(False),
+        help="debug logging and tracebacks on errors",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="neuroseed",
+        description="NeuroSeed node and wallet command line.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 node unreachable",
+    )
+    _add_global_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        group: Any, name: str, handler: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_, description=help_)
+        _add_global_options(p, top=False)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command(commands, "init", cmd_init, "initialise a data directory from a genesis file")
+    p.add_argument(
+        "--genesis", metavar="PATH",
+        help="genesis file (default: the data directory's, else the repository's genesis.json)",
+    )
+    p.add_argument(
+        "--dev", action="store_true",
+        help="import the public devnet validator key and make it this node's validator",
+    )
+    p.add_argument(
+        "--password-file", metavar="FILE",
+        help="with --dev: encrypt the dev key with this file's first line "
+        "(default: the public dev password)",
+    )
+
+    keys = commands.add_parser("keys", help="manage the keystore (<datadir>/keystore)")
+    _add_global_options(keys, top=False)
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    p = command(key_commands, "new", cmd_keys_new, "create a new encrypted key")
+    p.add_argument("--password-file", metavar="FILE", help="password from this file's first line")
+    command(key_commands, "list", cmd_keys_list, "list the keystore's addresses")
+    p = command(key_commands, "import", cmd_keys_import, "import a hex private key")
+    p.add_argument("private_key", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--key-file", metavar="FILE",
+        help="read the hex private key from FILE (default: prompt; never on the command line)",
+    )
+    p.add_argument("--password-file", metavar="FILE", help="password from this file's first line")
+    p = command(key_commands, "export", cmd_keys_export, "print a key's hex private key")
+    p.add_argument("address", nargs="?", help="the key's address (default: the only key)")
+    p.add_argument("--password-file", metavar="FILE", help="password from this file's first line")
+    p.add_argument(
+        "--yes-show-private-key", action="store_true",
+        help="confirm that the private key may be printed in clear",
+    )
+
+    for name, handler, help_ in (
+        ("run", cmd_run, "run a node"),
+        ("devnet", cmd_devnet, "initialise (once) and run a one-validator local devnet"),
+    ):
+        p = command(commands, name, handler, help_)
+        p.add_argument("--rpc-host", metavar="HOST", help="JSON-RPC listen host")
+        p.add_argument("--rpc-port", metavar="PORT", type=int, help="JSON-RPC listen port")
+        if name == "run":
+            p.add_argument(
+                "--validator", metavar="ADDRESS",
+                help="validate with this keystore key (default: validator.address in the config)",
+            )
+            p.add_argument(
+                "--password-file", metavar="FILE",
+                help="validator key password (default: the config's, else a prompt)",
+            )
+
+    command(commands, "status", cmd_status, "show the node's status")
+    p = command(commands, "balance", cmd_balance, "show an account's balance and nonce")
+    p.add_argument("address", metavar="ADDRESS")
+
+    tx = commands.add_parser("tx", help="send transactions")
+    _add_global_options(tx, top=False)
+    tx_commands = tx.add_subparsers(dest="tx_command", metavar="KIND", required=True)
+    p = command(tx_commands, "transfer", cmd_tx_transfer, "send NSD and wait until final")
+    p.add_argument("--to", metavar="ADDRESS", required=True, help="recipient address")
+    p.add_argument(
+        "--amount", metavar="NSD", required=True, help="amount in NSD, up to 18 decimals (1.5)"
+    )
+    sender = p.add_mutually_exclusive_group()
+    sender.add_argument(
+        "--from", dest="sender", metavar="ADDRESS",
+        help="keystore key to send from (default: the only key in the keystore)",
+    )
+    sender.add_argument(
+        "--dev-key", metavar="N", type=int,
+        help="DEVNET ONLY: sign with public dev key N (node.devkeys), no keystore",
+    )
+    p.add_argument(
+        "--fee", metavar="NSD", help="fee in NSD (default: the estimated cost plus a 10%% tip)"
+    )
+    p.add_argument("--memo", metavar="TEXT", help=f"memo (at most {MAX_MEMO_BYTES} bytes)")
+    p.add_argument("--password-file", metavar="FILE", help="key password from this file")
+    p.add_argument(
+        "--no-wait", action="store_true", help="return once sent, without waiting for finality"
+    )
+    p.add_argument(
+        "--timeout", metavar="S", type=float, default=DEFAULT_TX_TIMEOUT,
+        help=f"seconds to wait for finality (default {DEFAULT_TX_TIMEOUT:g})",
+    )
+    return parser
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _report(exc: BaseException) -> int:
+    """``error: <message>`` on stderr for an expected failure; returns the exit code."""
+    if isinstance(exc, BaseExceptionGroup):
+        # Errors out of the node's nurseries: report the first one the user can act on.
+        leaves = _leaves(exc)
+        exc = next(
+            (e for e in leaves if isinstance(e, NeuroSeedError | CliError | ClientError)),
+            leaves[0],
+        )
+    code = EXIT_ERROR
+    if isinstance(exc, CliError):
+        message, code = exc.message, exc.exit_code
+    elif isinstance(exc, TransportError):
+        message = (
+            f"{exc} (is the node running? start one with `neuroseed run` or `neuroseed devnet`, "
+            "or pass --rpc URL)"
+        )
+        code = EXIT_UNREACHABLE
+    elif isinstance(exc, NodeUnavailable):
+        message, code = f"the node is unavailable: {exc.message}", EXIT_UNREACHABLE
+    elif isinstance(exc, RpcError):
+        message = f"the node refused: {exc.message}"
+    elif isinstance(exc, NeuroSeedError):
+        message = exc.message
+    elif isinstance(exc, ClientError):
+        message = str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        message, code = "interrupted", EXIT_INTERRUPTED
+    elif isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}"
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)"
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        return _report(exc)
