@@ -65,11 +65,33 @@ TARGET = 0.7
 class _View:
     def __init__(self) -> None:
         self.chain = ChainParams(ChainId(4242), TimestampMs(0), 100, 100, 1)
-        self.params = VotableParams(1000, 500, 1000, 500, 1000, 500, 1000, 1 << 20, 1000, 1 << 16,
-                                    (FeeSchedule(1, Amount(1), Amount(1), Amount(1), Amount(1)),))
+        self.params = VotableParams(
+            1000,
+            500,
+            1000,
+            500,
+            1000,
+            500,
+            1000,
+            1 << 20,
+            1000,
+            1 << 16,
+            (FeeSchedule(1, Amount(1), Amount(1), Amount(1), Amount(1)),),
+        )
         self.head: Header | None = Header(
-            ChainId(4242), Height(HEIGHT), Round(0), ZERO_HASH, TimestampMs(0), ZERO_ADDRESS,
-            ZERO_HASH, ZERO_HASH, ZERO_HASH, ZERO_HASH, ZERO_HASH, ZERO_HASH, ZERO_HASH,
+            ChainId(4242),
+            Height(HEIGHT),
+            Round(0),
+            ZERO_HASH,
+            TimestampMs(0),
+            ZERO_ADDRESS,
+            ZERO_HASH,
+            ZERO_HASH,
+            ZERO_HASH,
+            ZERO_HASH,
+            ZERO_HASH,
+            ZERO_HASH,
+            ZERO_HASH,
         )
 
     def get_block(self, height: int) -> Block | None:
@@ -183,7 +205,10 @@ def find_wrk() -> str | None:
         print("installing wrk (Debian package) ...", flush=True)
         subprocess.run(
             "apt-get update -qq && apt-get install -y -qq wrk",
-            shell=True, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            shell=True,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wrk = shutil.which("wrk")
     return wrk
@@ -192,7 +217,10 @@ def find_wrk() -> str | None:
 def run_wrk(wrk: str, url: str, script: str, seconds: int) -> float:
     out = subprocess.run(
         [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", script, url],
-        capture_output=True, text=True, check=True, timeout=seconds + 30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
     ).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise SystemExit(f"wrk saw errors against {url}:\n{out}")
@@ -260,8 +288,11 @@ def measure(rpc_url: str, bare_url: str) -> tuple[float, float, str]:
         for i in range(ROUNDS):
             bare.append(load(bare_url, SECONDS))
             rpc.append(load(rpc_url, SECONDS))
-            print(f"round {i + 1}: bare aiohttp {bare[-1]:,.0f} req/s, "
-                  f"RpcServer {rpc[-1]:,.0f} req/s", flush=True)
+            print(
+                f"round {i + 1}: bare aiohttp {bare[-1]:,.0f} req/s, "
+                f"RpcServer {rpc[-1]:,.0f} req/s",
+                flush=True,
+            )
     tool = "wrk" if wrk is not None else "python clients"
     paired = statistics.median(r / b for r, b in zip(rpc, bare, strict=True))
     print(f"median of the per-round ratios: {paired:.2f}")
@@ -280,11 +311,15 @@ async def main() -> None:
     finally:
         bare_server.stop()
     ratio = rpc_rps / bare_rps
-    print(f"eth_blockNumber over HTTP keep-alive ({tool}, {CONNECTIONS} connections, "
-          f"best of {ROUNDS} x {SECONDS} s): RpcServer {rpc_rps:,.0f} req/s, "
-          f"bare aiohttp {bare_rps:,.0f} req/s")
-    print(f"RESULT name=rpc_read_eth_blockNumber value={rpc_rps:.0f} unit=req/s "
-          f"bound={bare_rps:.0f} ratio={ratio:.2f} target={TARGET}")
+    print(
+        f"eth_blockNumber over HTTP keep-alive ({tool}, {CONNECTIONS} connections, "
+        f"best of {ROUNDS} x {SECONDS} s): RpcServer {rpc_rps:,.0f} req/s, "
+        f"bare aiohttp {bare_rps:,.0f} req/s"
+    )
+    print(
+        f"RESULT name=rpc_read_eth_blockNumber value={rpc_rps:.0f} unit=req/s "
+        f"bound={bare_rps:.0f} ratio={ratio:.2f} target={TARGET}"
+    )
 
 
 if __name__ == "__main__":

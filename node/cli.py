@@ -27,34 +27,33 @@ import traceback
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from node import crypto
-from node.config import (
-    CONFIG_FILE,
-    DEFAULT_RPC_HOST,
-    DEFAULT_RPC_PORT,
-    DataDirLayout,
-    NodeConfig,
-    init_data_dir,
-    load_config,
-)
 from node.consensus.txs import MAX_MEMO_BYTES, Transfer, make_transaction
 from node.devkeys import DEV_PASSWORD, DEV_VALIDATOR_INDEX, dev_address, dev_key
 from node.errors import NeuroSeedError, NodeUnavailable
 from node.genesis import format_timestamp, genesis_hash, load_genesis, parse_address, to_checksum
-from node.keystore import LIGHT_SCRYPT, Keystore, ScryptParams, read_password
 from node.types import NSD, UINT256_MAX, Address, Amount
-from rpc.client import Client
 from rpc.errors import ClientError, RpcError, TransportError
+
+if TYPE_CHECKING:
+    from node.config import NodeConfig
+    from node.keystore import Keystore, ScryptParams
+    from rpc.client import Client
+
+# node.config and node.keystore import eth-account, and rpc.client aiohttp: each takes a good
+# part of a second, so they are imported where needed and each command loads only its own.
 
 log = logging.getLogger("neuroseed")
 
 ENV_DATADIR = "NEUROSEED_DATADIR"
 DEFAULT_DATADIR = "~/.neuroseed"
 DEVNET_DATADIR = ".devnet"
-DEFAULT_RPC_URL = f"http://{DEFAULT_RPC_HOST}:{DEFAULT_RPC_PORT}/"
+# node.config's DEFAULT_RPC_HOST, DEFAULT_RPC_PORT and CONFIG_FILE (checked by the tests).
+DEFAULT_RPC_URL = "http://127.0.0.1:8645/"
+CONFIG_FILE = "config.toml"
 NSD_DECIMALS = 18
 DEFAULT_TX_TIMEOUT = 30.0
 # The tip added to the consensus cost when the fee is estimated: a tenth of the cost, so the
@@ -65,9 +64,6 @@ REPO_GENESIS = Path(__file__).resolve().parent.parent / "genesis.json"
 # Work factor of key files written by ``keys new``/``keys import`` (None: the keystore's standard).
 # Tests lower it; nothing else should.
 KEY_KDF_PARAMS: ScryptParams | None = None
-# The devnet validator key and its password are public (node.devkeys): a strong KDF protects
-# nothing there and would only slow down every devnet start.
-DEV_KDF_PARAMS = LIGHT_SCRYPT
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -171,11 +167,15 @@ def _rpc_url(args: argparse.Namespace) -> str:
         return _normalise_url(args.rpc)
     datadir = _datadir(args)
     if (datadir / CONFIG_FILE).is_file():
+        from node.config import load_config
+
         return _client_url_of(load_config(datadir))
     return DEFAULT_RPC_URL
 
 
 def _client(args: argparse.Namespace) -> Client:
+    from rpc.client import Client
+
     return Client(_rpc_url(args))
 
 
@@ -204,6 +204,8 @@ def _prompt(text: str) -> str:
 
 
 def _password(password_file: str | None, *, confirm: bool) -> str:
+    from node.keystore import read_password
+
     path = Path(password_file).expanduser() if password_file is not None else None
     password = read_password(path, confirm=confirm, prompt=_prompt)
     if confirm and password == "":
@@ -253,6 +255,8 @@ def _choose_key(keystore: Keystore) -> Address:
 
 def _default_genesis(datadir: Path) -> Path:
     """The data directory's own genesis.json, else the repository's."""
+    from node.config import DataDirLayout
+
     for candidate in (DataDirLayout(datadir).genesis, REPO_GENESIS):
         if candidate.is_file():
             return candidate
@@ -262,7 +266,17 @@ def _default_genesis(datadir: Path) -> Path:
     )
 
 
+def _dev_kdf_params() -> ScryptParams:
+    """The devnet validator key and its password are public (node.devkeys): a strong KDF
+    protects nothing there and would only slow down every devnet start."""
+    from node.keystore import LIGHT_SCRYPT
+
+    return LIGHT_SCRYPT
+
+
 def cmd_init(args: argparse.Namespace) -> int:
+    from node.config import DataDirLayout, init_data_dir
+
     datadir = _datadir(args)
     if args.password_file is not None and not args.dev:
         raise CliError("--password-file is only used with --dev (to encrypt the dev validator key)")
@@ -271,7 +285,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     existed = layout.genesis.is_file()
     password = _password(args.password_file, confirm=False) if args.password_file else None
     config = init_data_dir(
-        datadir, genesis_path, dev=args.dev, password=password, kdf_params=DEV_KDF_PARAMS
+        datadir, genesis_path, dev=args.dev, password=password, kdf_params=_dev_kdf_params()
     )
     dev_validator = dev_address(DEV_VALIDATOR_INDEX)
     if existed and args.dev and config.validator_address != dev_validator:
@@ -283,17 +297,21 @@ def cmd_init(args: argparse.Namespace) -> int:
     ghash = _hex(genesis_hash(genesis))
     validator = None if config.validator_address is None else to_checksum(config.validator_address)
     if args.json:
-        _print_json({
-            "datadir": str(datadir),
-            "chainId": genesis.chain_id,
-            "genesisHash": ghash,
-            "created": not existed,
-            "validator": validator,
-        })
+        _print_json(
+            {
+                "datadir": str(datadir),
+                "chainId": genesis.chain_id,
+                "genesisHash": ghash,
+                "created": not existed,
+                "validator": validator,
+            }
+        )
         return EXIT_OK
     if existed:
-        print(f"{datadir} is already initialised for chain {genesis.chain_id} (genesis "
-              f"{ghash[:18]}…); nothing changed")
+        print(
+            f"{datadir} is already initialised for chain {genesis.chain_id} (genesis "
+            f"{ghash[:18]}…); nothing changed"
+        )
     else:
         print(f"initialised {datadir} for chain {genesis.chain_id} (genesis {ghash[:18]}…)")
     if validator is not None:
@@ -308,6 +326,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _keystore(args: argparse.Namespace) -> Keystore:
+    from node.config import DataDirLayout
+    from node.keystore import Keystore
+
     return Keystore(DataDirLayout(_datadir(args)).keystore)
 
 
@@ -331,9 +352,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     keystore = _keystore(args)
     addresses = keystore.list()
     if args.json:
-        _print_json([
-            {"address": to_checksum(a), "file": str(keystore.path_of(a))} for a in addresses
-        ])
+        _print_json(
+            [{"address": to_checksum(a), "file": str(keystore.path_of(a))} for a in addresses]
+        )
     elif not addresses:
         print(f"no keys in {keystore.directory}", file=sys.stderr)
     else:
@@ -380,7 +401,8 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
         addresses = keystore.list()
         if len(addresses) != 1:
             raise CliError(
-                "name the key to export (address)"
+                "several keys in the keystore; name the one to export: "
+                + ", ".join(to_checksum(a) for a in addresses)
                 if addresses
                 else f"no keys in {keystore.directory}"
             )
@@ -429,6 +451,8 @@ def _run_until_stopped(
 def _unlock_validator(
     config: NodeConfig, password_file: str | None, default_password: str | None = None
 ) -> crypto.PrivateKey | None:
+    from node.keystore import Keystore, read_password
+
     address = config.validator_address
     if address is None:
         return None
@@ -451,6 +475,8 @@ def _unlock_validator(
 
 
 def _require_initialised(datadir: Path) -> None:
+    from node.config import DataDirLayout
+
     if not DataDirLayout(datadir).genesis.is_file():
         raise CliError(
             f"{datadir} is not initialised (no genesis.json); run `neuroseed --datadir {datadir} "
@@ -459,6 +485,8 @@ def _require_initialised(datadir: Path) -> None:
 
 
 def _node_config(args: argparse.Namespace, datadir: Path) -> NodeConfig:
+    from node.config import load_config
+
     overrides: dict[str, object] = {"rpc_host": args.rpc_host, "rpc_port": args.rpc_port}
     return load_config(datadir, overrides)
 
@@ -492,6 +520,8 @@ def _checksum_or_none(address: Address | None) -> str | None:
 
 def _funded_dev_keys(datadir: Path) -> list[int]:
     """Indices of the dev keys with a genesis balance (1..N in the repository's genesis)."""
+    from node.config import DataDirLayout
+
     funded = {a.address for a in load_genesis(DataDirLayout(datadir).genesis).balances}
     found = []
     for i in range(1, 1000):
@@ -502,11 +532,13 @@ def _funded_dev_keys(datadir: Path) -> list[int]:
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
+    from node.config import DataDirLayout, init_data_dir
+
     datadir = _datadir(args, devnet=True)
     if not DataDirLayout(datadir).genesis.is_file():
         if not REPO_GENESIS.is_file():
             raise CliError(f"the devnet genesis {REPO_GENESIS} is missing; is this a checkout?")
-        init_data_dir(datadir, REPO_GENESIS, dev=True, kdf_params=DEV_KDF_PARAMS)
+        init_data_dir(datadir, REPO_GENESIS, dev=True, kdf_params=_dev_kdf_params())
         print(f"initialised devnet data directory {datadir}", file=sys.stderr)
     config = _node_config(args, datadir)
     validator = dev_address(DEV_VALIDATOR_INDEX)
@@ -524,13 +556,15 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
     def on_serving(url: str) -> None:
         if args.json:
-            _print_json({
-                "rpc": url,
-                "datadir": str(datadir),
-                "chainId": chain_id,
-                "validator": to_checksum(validator),
-                "devKeys": {str(i): to_checksum(dev_address(i)) for i in funded},
-            })
+            _print_json(
+                {
+                    "rpc": url,
+                    "datadir": str(datadir),
+                    "chainId": chain_id,
+                    "validator": to_checksum(validator),
+                    "devKeys": {str(i): to_checksum(dev_address(i)) for i in funded},
+                }
+            )
             return
         example = "0x000000000000000000000000000000000000dEaD"
         keys = f"{funded[0]}..{funded[-1]}" if funded else "none"
@@ -557,36 +591,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         st = client.status()
     validator = _checksum_or_none(st.validator_address)
     if args.json:
-        _print_json({
-            "rpc": client.url,
-            "chainId": st.chain_id,
-            "nodeVersion": st.node_version,
-            "height": st.head_height,
-            "headHash": _hex(st.head_hash),
-            "headTime": st.head_time_ms,
-            "validator": validator,
-            "isValidator": st.is_validator,
-            "mempoolSize": st.mempool_size,
-            "mempoolBytes": st.mempool_bytes,
-            "peers": st.peers,
-            "syncing": st.syncing,
-        })
+        _print_json(
+            {
+                "rpc": client.url,
+                "chainId": st.chain_id,
+                "nodeVersion": st.node_version,
+                "height": st.head_height,
+                "headHash": _hex(st.head_hash),
+                "headTime": st.head_time_ms,
+                "validator": validator,
+                "isValidator": st.is_validator,
+                "mempoolSize": st.mempool_size,
+                "mempoolBytes": st.mempool_bytes,
+                "peers": st.peers,
+                "syncing": st.syncing,
+            }
+        )
         return EXIT_OK
     if validator is None:
         role = "none (not a validator node)"
     else:
         role = f"{validator} ({'active' if st.is_validator else 'not in the validator set'})"
-    print(_rows([
-        ("node", f"{st.node_version} at {client.url}"),
-        ("chain id", st.chain_id),
-        ("height", st.head_height),
-        ("head hash", _hex(st.head_hash)),
-        ("head time", format_timestamp(st.head_time_ms)),
-        ("validator", role),
-        ("mempool", f"{st.mempool_size} transactions, {st.mempool_bytes} bytes"),
-        ("peers", st.peers),
-        ("syncing", "yes" if st.syncing else "no"),
-    ]))
+    print(
+        _rows(
+            [
+                ("node", f"{st.node_version} at {client.url}"),
+                ("chain id", st.chain_id),
+                ("height", st.head_height),
+                ("head hash", _hex(st.head_hash)),
+                ("head time", format_timestamp(st.head_time_ms)),
+                ("validator", role),
+                ("mempool", f"{st.mempool_size} transactions, {st.mempool_bytes} bytes"),
+                ("peers", st.peers),
+                ("syncing", "yes" if st.syncing else "no"),
+            ]
+        )
+    )
     return EXIT_OK
 
 
@@ -595,18 +635,24 @@ def cmd_balance(args: argparse.Namespace) -> int:
     with _client(args) as client:
         account = client.get_account(address)
     if args.json:
-        _print_json({
-            "address": to_checksum(address),
-            "balance": str(account.balance),
-            "balanceNSD": format_nsd(account.balance),
-            "nonce": account.nonce,
-        })
+        _print_json(
+            {
+                "address": to_checksum(address),
+                "balance": str(account.balance),
+                "balanceNSD": format_nsd(account.balance),
+                "nonce": account.nonce,
+            }
+        )
     else:
-        print(_rows([
-            ("address", to_checksum(address)),
-            ("balance", f"{format_nsd(account.balance)} NSD"),
-            ("nonce", account.nonce),
-        ]))
+        print(
+            _rows(
+                [
+                    ("address", to_checksum(address)),
+                    ("balance", f"{format_nsd(account.balance)} NSD"),
+                    ("nonce", account.nonce),
+                ]
+            )
+        )
     return EXIT_OK
 
 
@@ -701,15 +747,19 @@ def cmd_tx_transfer(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     elif receipt is None:
-        print(_rows([
-            ("tx id", _hex(tx_id)),
-            ("from", to_checksum(sender)),
-            ("to", to_checksum(to)),
-            ("amount", f"{format_nsd(amount)} NSD"),
-            ("fee", f"{format_nsd(fee)} NSD"),
-            ("nonce", nonce),
-            ("status", "sent (not waiting for finality)"),
-        ]))
+        print(
+            _rows(
+                [
+                    ("tx id", _hex(tx_id)),
+                    ("from", to_checksum(sender)),
+                    ("to", to_checksum(to)),
+                    ("amount", f"{format_nsd(amount)} NSD"),
+                    ("fee", f"{format_nsd(fee)} NSD"),
+                    ("nonce", nonce),
+                    ("status", "sent (not waiting for finality)"),
+                ]
+            )
+        )
     else:
         print(_rows(_receipt_summary(receipt)))
     if receipt is not None and not receipt.get("success"):
@@ -738,19 +788,26 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
     g = parser.add_argument_group("global options")
     g.add_argument(
-        "--datadir", metavar="PATH", default=default(None),
+        "--datadir",
+        metavar="PATH",
+        default=default(None),
         help=f"data directory (default: ${ENV_DATADIR} or {DEFAULT_DATADIR}; "
         f"{DEVNET_DATADIR} for devnet)",
     )
     g.add_argument(
-        "--rpc", metavar="URL", default=default(None),
+        "--rpc",
+        metavar="URL",
+        default=default(None),
         help=f"node JSON-RPC URL (default: from the data directory's config, else {DEFAULT_RPC_URL})",
     )
     g.add_argument(
         "--json", action="store_true", default=default(False), help="machine-readable output"
     )
     g.add_argument(
-        "-v", "--verbose", action="store_true", default=default(False),
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
         help="debug logging and tracebacks on errors",
     )
 
@@ -774,15 +831,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "init", cmd_init, "initialise a data directory from a genesis file")
     p.add_argument(
-        "--genesis", metavar="PATH",
+        "--genesis",
+        metavar="PATH",
         help="genesis file (default: the data directory's, else the repository's genesis.json)",
     )
     p.add_argument(
-        "--dev", action="store_true",
+        "--dev",
+        action="store_true",
         help="import the public devnet validator key and make it this node's validator",
     )
     p.add_argument(
-        "--password-file", metavar="FILE",
+        "--password-file",
+        metavar="FILE",
         help="with --dev: encrypt the dev key with this file's first line "
         "(default: the public dev password)",
     )
@@ -796,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(key_commands, "import", cmd_keys_import, "import a hex private key")
     p.add_argument("private_key", nargs="?", help=argparse.SUPPRESS)
     p.add_argument(
-        "--key-file", metavar="FILE",
+        "--key-file",
+        metavar="FILE",
         help="read the hex private key from FILE (default: prompt; never on the command line)",
     )
     p.add_argument("--password-file", metavar="FILE", help="password from this file's first line")
@@ -804,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", nargs="?", help="the key's address (default: the only key)")
     p.add_argument("--password-file", metavar="FILE", help="password from this file's first line")
     p.add_argument(
-        "--yes-show-private-key", action="store_true",
+        "--yes-show-private-key",
+        action="store_true",
         help="confirm that the private key may be printed in clear",
     )
 
@@ -817,11 +879,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rpc-port", metavar="PORT", type=int, help="JSON-RPC listen port")
         if name == "run":
             p.add_argument(
-                "--validator", metavar="ADDRESS",
+                "--validator",
+                metavar="ADDRESS",
                 help="validate with this keystore key (default: validator.address in the config)",
             )
             p.add_argument(
-                "--password-file", metavar="FILE",
+                "--password-file",
+                metavar="FILE",
                 help="validator key password (default: the config's, else a prompt)",
             )
 
@@ -839,11 +903,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sender = p.add_mutually_exclusive_group()
     sender.add_argument(
-        "--from", dest="sender", metavar="ADDRESS",
+        "--from",
+        dest="sender",
+        metavar="ADDRESS",
         help="keystore key to send from (default: the only key in the keystore)",
     )
     sender.add_argument(
-        "--dev-key", metavar="N", type=int,
+        "--dev-key",
+        metavar="N",
+        type=int,
         help="DEVNET ONLY: sign with public dev key N (node.devkeys), no keystore",
     )
     p.add_argument(
@@ -855,7 +923,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", help="return once sent, without waiting for finality"
     )
     p.add_argument(
-        "--timeout", metavar="S", type=float, default=DEFAULT_TX_TIMEOUT,
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=DEFAULT_TX_TIMEOUT,
         help=f"seconds to wait for finality (default {DEFAULT_TX_TIMEOUT:g})",
     )
     return parser
@@ -916,6 +987,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:
+        # The reader went away (`neuroseed status | head -1`): not an error worth a message.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
     except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
         if args.verbose:
             traceback.print_exc()

@@ -51,6 +51,7 @@ __all__ = [
     "EMPTY_HASH",
     "MAX_DEPTH",
     "MAX_PROOF_BYTES",
+    "BytesLike",
     "ProofError",
     "decode_proof",
     "verify_inclusion",
@@ -66,12 +67,14 @@ MAX_PROOF_BYTES = 1 + 2 * 34 + 3 + MAX_DEPTH * 34
 
 _sha256 = hashlib.sha256
 
+BytesLike = bytes | bytearray | memoryview
+
 
 class ProofError(ValueError):
     """The proof is malformed or does not show the claim against the given root."""
 
 
-def decode_proof(proof: bytes) -> tuple[bytes | None, bytes | None, tuple[bytes, ...]]:
+def decode_proof(proof: BytesLike) -> tuple[bytes | None, bytes | None, tuple[bytes, ...]]:
     """Parse the proof bytes strictly: ``(leaf_key_hash, leaf_value_hash, siblings)``."""
     if not isinstance(proof, bytes | bytearray | memoryview):
         raise ProofError("proof must be bytes")
@@ -132,22 +135,32 @@ def _shares_prefix(a: bytes, b: bytes, nbits: int) -> bool:
     return (a[full] & mask) == (b[full] & mask)
 
 
-def _check_hash(name: str, h: bytes) -> None:
-    if type(h) is not bytes or len(h) != 32:
+def _as_bytes(name: str, value: object) -> bytes:
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if type(value) is not bytes:
+        raise ProofError(f"{name} must be bytes")
+    return value
+
+
+def _as_hash(name: str, value: object) -> bytes:
+    h = _as_bytes(name, value)
+    if len(h) != 32:
         raise ProofError(f"{name} must be 32 bytes")
+    return h
 
 
 def verify_proof_hashed(
-    root: bytes, key_hash: bytes, value_hash: bytes | None, proof: bytes
+    root: BytesLike, key_hash: BytesLike, value_hash: BytesLike | None, proof: BytesLike
 ) -> None:
     """Like ``verify_proof`` for a caller holding ``sha256(key)`` and ``sha256(value)`` only.
 
     ``value_hash`` None asks for non-inclusion. Raises ``ProofError`` unless the proof shows it.
     """
-    _check_hash("root", root)
-    _check_hash("key_hash", key_hash)
+    root = _as_hash("root", root)
+    key_hash = _as_hash("key_hash", key_hash)
     if value_hash is not None:
-        _check_hash("value_hash", value_hash)
+        value_hash = _as_hash("value_hash", value_hash)
     leaf_key_hash, leaf_value_hash, siblings = decode_proof(proof)
     depth = len(siblings)
     if depth and siblings[-1] == EMPTY_HASH:
@@ -175,26 +188,25 @@ def verify_proof_hashed(
         raise ProofError("the proof does not lead to the state root")
 
 
-def verify_proof(root: bytes, key: bytes, value: bytes | None, proof: bytes) -> None:
+def verify_proof(
+    root: BytesLike, key: BytesLike, value: BytesLike | None, proof: BytesLike
+) -> None:
     """Check that ``key`` maps to ``value`` (None: is absent) in the tree with ``root``.
 
     Raises ``ProofError`` (a ``ValueError``) if the proof is malformed or does not show that.
     """
-    if not isinstance(key, bytes):
-        raise ProofError("key must be bytes")
-    if value is not None and not isinstance(value, bytes):
-        raise ProofError("value must be bytes or None")
-    value_hash = None if value is None else _sha256(value).digest()
+    key = _as_bytes("key", key)
+    value_hash = None if value is None else _sha256(_as_bytes("value", value)).digest()
     verify_proof_hashed(root, _sha256(key).digest(), value_hash, proof)
 
 
-def verify_inclusion(root: bytes, key: bytes, value: bytes, proof: bytes) -> None:
+def verify_inclusion(root: BytesLike, key: BytesLike, value: BytesLike, proof: BytesLike) -> None:
     """Check that ``key`` maps to ``value`` in the tree with ``root``; raises ``ProofError``."""
     if value is None:
         raise ProofError("an inclusion proof needs a value")
     verify_proof(root, key, value, proof)
 
 
-def verify_non_inclusion(root: bytes, key: bytes, proof: bytes) -> None:
+def verify_non_inclusion(root: BytesLike, key: BytesLike, proof: BytesLike) -> None:
     """Check that ``key`` is absent from the tree with ``root``; raises ``ProofError``."""
     verify_proof(root, key, None, proof)

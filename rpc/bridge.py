@@ -77,7 +77,9 @@ class TrioBridge:
         self._closed = False
 
     @classmethod
-    def from_current(cls, nursery: trio.Nursery, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> TrioBridge:
+    def from_current(
+        cls, nursery: trio.Nursery, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    ) -> TrioBridge:
         """A bridge into the current trio run (call it from trio)."""
         return cls(trio.lowlevel.current_trio_token(), nursery, max_in_flight=max_in_flight)
 
@@ -130,7 +132,9 @@ class TrioBridge:
 
     # --- trio side ---------------------------------------------------------------------------
 
-    def _start(self, call: _Call, async_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+    def _start(
+        self, call: _Call, async_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    ) -> None:
         if call.cancelled or call.future.done():
             return
         try:

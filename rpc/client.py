@@ -82,7 +82,9 @@ def _int(value: Any) -> int:
 
 
 def _account(obj: Any) -> AccountInfo:
-    return AccountInfo(Address(_unhex(obj["address"])), _int(obj["nonce"]), Amount(int(obj["balance"])))
+    return AccountInfo(
+        Address(_unhex(obj["address"])), _int(obj["nonce"]), Amount(int(obj["balance"]))
+    )
 
 
 def _proof(obj: Any) -> StateProof:
@@ -120,7 +122,9 @@ def _convert(method: str, convert: Callable[[Any], T], value: Any) -> T:
         raise TransportError(f"malformed result of {method} from the server: {exc}") from exc
 
 
-def _fee_params(tx: bytes | None, kind: int | None, size: int | None, new_accounts: int) -> list[Any]:
+def _fee_params(
+    tx: bytes | None, kind: int | None, size: int | None, new_accounts: int
+) -> list[Any]:
     if tx is not None:
         if kind is not None or size is not None:
             raise TypeError("pass either a signed transaction or kind and size, not both")
@@ -188,7 +192,10 @@ class AsyncBatch(_BatchBase):
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if exc_type is None and self._calls:
             await self.send()
@@ -209,7 +216,10 @@ class Batch(_BatchBase):
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if exc_type is None and self._calls:
             self.send()
@@ -238,7 +248,10 @@ class AsyncClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 
@@ -451,7 +464,10 @@ class Client:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -531,6 +547,4 @@ class Client:
     def wait_for_receipt(
         self, tx_id: bytes | str, timeout: float = 30.0, *, poll_interval: float = 0.25
     ) -> dict[str, Any]:
-        return self._run(
-            self._async.wait_for_receipt(tx_id, timeout, poll_interval=poll_interval)
-        )
+        return self._run(self._async.wait_for_receipt(tx_id, timeout, poll_interval=poll_interval))

@@ -154,8 +154,13 @@ def _remote_class(code: int) -> type[ApplicationError]:
     cls = type(
         base.__name__,
         (ApplicationError, base),
-        {"__module__": __name__, "__doc__": base.__doc__, "code": base.code,
-         "reason": base.reason, "__qualname__": base.__name__},
+        {
+            "__module__": __name__,
+            "__doc__": base.__doc__,
+            "code": base.code,
+            "reason": base.reason,
+            "__qualname__": base.__name__,
+        },
     )
     _REMOTE_CLASSES[code] = cls
     return cls

@@ -28,8 +28,13 @@ _QUANTITY = re.compile(r"0x(0|[1-9a-fA-F][0-9a-fA-F]*)")
 LATEST: Final = "latest"
 EARLIEST: Final = "earliest"
 PENDING: Final = "pending"
-_TAG_ALIASES: Final = {"latest": LATEST, "safe": LATEST, "finalized": LATEST, "earliest": EARLIEST,
-                       "pending": PENDING}
+_TAG_ALIASES: Final = {
+    "latest": LATEST,
+    "safe": LATEST,
+    "finalized": LATEST,
+    "earliest": EARLIEST,
+    "pending": PENDING,
+}
 
 
 class _Missing:
@@ -113,10 +118,14 @@ def parse_quantity(value: Any, name: str, *, maximum: int = UINT64_MAX) -> int:
         n = value
     elif isinstance(value, str):
         if _QUANTITY.fullmatch(value) is None:
-            raise bad_param(name, f"{value[:80]!r} is not a hex quantity (e.g. \"0x1a\", no leading zeros)")
+            raise bad_param(
+                name, f'{value[:80]!r} is not a hex quantity (e.g. "0x1a", no leading zeros)'
+            )
         n = int(value, 16)
     else:
-        raise bad_param(name, f"expected a non-negative integer or a 0x hex quantity, got {_describe(value)}")
+        raise bad_param(
+            name, f"expected a non-negative integer or a 0x hex quantity, got {_describe(value)}"
+        )
     if n < 0:
         raise bad_param(name, "must not be negative")
     if n > maximum:
@@ -203,7 +212,7 @@ def parse_block_tag(value: Any, name: str) -> BlockTag:
             )
     elif not isinstance(value, int) or isinstance(value, bool):
         raise bad_param(
-            name, f"expected a block number or \"latest\"/\"earliest\", got {_describe(value)}"
+            name, f'expected a block number or "latest"/"earliest", got {_describe(value)}'
         )
     return BlockTag(None, parse_quantity(value, name))
 

@@ -136,7 +136,9 @@ class JsonRpcProcessor:
     async def _call(self, item: Any) -> dict[str, Any] | None:
         """Run one request object; ``None`` for a (valid) notification."""
         if not isinstance(item, dict):
-            return _error_response(None, InvalidRequest("a request must be a JSON object").to_json())
+            return _error_response(
+                None, InvalidRequest("a request must be a JSON object").to_json()
+            )
         req_id = item.get("id", _ABSENT)
         notification = req_id is _ABSENT
         if not notification and not _is_valid_id(req_id):
@@ -187,16 +189,20 @@ def _http_error(status: int, error: RpcError) -> web.Response:
     )
 
 
-def build_app(processor: JsonRpcProcessor, methods: MethodTable, limits: RpcLimits) -> web.Application:
+def build_app(
+    processor: JsonRpcProcessor, methods: MethodTable, limits: RpcLimits
+) -> web.Application:
     """The aiohttp application: ``POST /`` JSON-RPC, ``GET /`` a description."""
-    info = _dumps({
-        "service": "neuroseed-rpc",
-        "jsonrpc": "2.0",
-        "usage": "POST JSON-RPC 2.0 requests here with Content-Type: application/json",
-        "maxBodyBytes": limits.max_body_bytes,
-        "maxBatchSize": limits.max_batch_size,
-        "methods": methods.names(),
-    })
+    info = _dumps(
+        {
+            "service": "neuroseed-rpc",
+            "jsonrpc": "2.0",
+            "usage": "POST JSON-RPC 2.0 requests here with Content-Type: application/json",
+            "maxBodyBytes": limits.max_body_bytes,
+            "maxBatchSize": limits.max_batch_size,
+            "methods": methods.names(),
+        }
+    )
 
     async def on_post(request: web.Request) -> web.StreamResponse:
         if request.content_type != JSON_CONTENT_TYPE:
@@ -337,7 +343,10 @@ class RpcServer:
                 bridge = TrioBridge.from_current(calls, max_in_flight=self.limits.max_in_flight)
                 processor = JsonRpcProcessor(self.methods, Context(self.node, bridge), self.limits)
                 thread = _ServerThread(
-                    build_app(processor, self.methods, self.limits), self.host, self.port, self.limits
+                    build_app(processor, self.methods, self.limits),
+                    self.host,
+                    self.port,
+                    self.limits,
                 )
                 try:
                     host, port = await trio.to_thread.run_sync(thread.start)

@@ -411,9 +411,7 @@ def commit_votes(state: ConsensusState) -> tuple[SignedVote, ...]:
     return messages.precommits.votes_for(state.decision.block_hash)
 
 
-def block_time_from_commit(
-    commit_votes: Iterable[SignedVote], validator_set: ValidatorSet
-) -> int:
+def block_time_from_commit(commit_votes: Iterable[SignedVote], validator_set: ValidatorSet) -> int:
     """The next block's time: the power-weighted median of the commit's precommit times.
 
     Only precommits for a block count (nil precommits are skipped); they must all be for the same
@@ -478,9 +476,7 @@ def replay_into(
     own_votes = {
         e.signed_vote.vote for e in events if isinstance(e, VoteReceived) and e.signer == own
     }
-    own_proposals = {
-        e.signed_proposal.proposal for e in events if isinstance(e, ProposalReceived)
-    }
+    own_proposals = {e.signed_proposal.proposal for e in events if isinstance(e, ProposalReceived)}
     fired = {(e.height, e.round, e.step) for e in events if isinstance(e, TimeoutFired)}
     built = {(e.height, e.round) for e in events if isinstance(e, BlockBuilt)}
 
@@ -845,9 +841,7 @@ def _rule_lock(s: ConsensusState, now_ms: int, out: list[Action]) -> ConsensusSt
     return None
 
 
-def _rule_precommit_nil(
-    s: ConsensusState, now_ms: int, out: list[Action]
-) -> ConsensusState | None:
+def _rule_precommit_nil(s: ConsensusState, now_ms: int, out: list[Action]) -> ConsensusState | None:
     """Rule 6 — Alg. 1 lines 44-46: 2f+1 <PREVOTE, h, round, nil> while step = prevote."""
     if s.step != Step.PREVOTE or not _quorum(s, _current(s).prevotes.power_for(None)):
         return None

@@ -140,27 +140,28 @@ def decode_entry(payload: bytes) -> WALEntry:
 def parse_records(data: bytes) -> tuple[list[WALEntry], int]:
     """Decode the records of a WAL file; returns them and the length of the intact prefix.
 
-    A short or checksum-failing record that reaches the end of the data (or is followed only by
-    zero bytes, as a file system may leave after a crash) is a torn tail and ends the prefix.
-    Anything else is ``CorruptDatabase``.
+    A crash can only tear the last append, so a bad record is a torn tail when it cannot be
+    anything else: a header cut short, a payload cut short by the end of the file, a last record
+    that fails its checksum, or a tail of zero bytes (what a file system may leave after a crash).
+    A bad record with more data after it is ``CorruptDatabase``: the records after it were
+    synced, and dropping them could lose a sign-state.
     """
     entries: list[WALEntry] = []
     offset = 0
     size = len(data)
     while offset < size:
-        header_ok = size - offset >= _HEADER
-        length = int.from_bytes(data[offset : offset + _LENGTH_BYTES], "big") if header_ok else 0
+        if size - offset < _HEADER or not any(data[offset:]):
+            return entries, offset  # torn: a partial header, or zeros
+        length = int.from_bytes(data[offset : offset + _LENGTH_BYTES], "big")
+        if not 0 < length <= MAX_WAL_RECORD:
+            raise CorruptDatabase(f"WAL record at offset {offset} has an invalid length {length}")
         end = offset + _HEADER + length
+        if end > size:
+            return entries, offset  # torn: the payload was cut short
         payload = data[offset + _HEADER : end]
-        intact = (
-            header_ok
-            and 0 < length <= MAX_WAL_RECORD
-            and end <= size
-            and crypto.sha256(payload) == data[offset + _LENGTH_BYTES : offset + _HEADER]
-        )
-        if not intact:
-            if end >= size or not header_ok or not any(data[offset:]) or length == 0:
-                return entries, offset  # torn tail
+        if crypto.sha256(payload) != data[offset + _LENGTH_BYTES : offset + _HEADER]:
+            if end == size:
+                return entries, offset  # torn: the last record was not fully written
             raise CorruptDatabase(f"WAL record at offset {offset} fails its checksum")
         entries.append(decode_entry(payload))
         offset = end

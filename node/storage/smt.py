@@ -80,7 +80,6 @@ DEFAULT_CACHE_NODES = 65_536
 _sha256 = hashlib.sha256
 _ZERO = bytes(ZERO_HASH)
 _NIBBLE = [bytes((n,)) for n in range(16)]
-_FULL_SLOTS = range(16, 32)
 
 # A slot: (hash, version, key_hash) for a leaf, (hash, version, None) for an internal node.
 _Slot = tuple[bytes, int, bytes | None]
@@ -123,10 +122,12 @@ def verify_proof(root: bytes, key: bytes, value: bytes | None, proof: SmtProof |
 
 @dataclass(frozen=True, slots=True)
 class TreeUpdate:
-    """Records to write in the block's atomic batch.
+    """Records to write in the block's atomic batch (``write_to``), then pass to ``committed``.
 
-    ``nodes`` (created) and ``retired`` (replaced) node keys only steer the cache on
-    ``committed``: replaced nodes serve past heights only, so they leave the cache at once.
+    ``height``/``root``: the tree the update produces (for ``prune``, the latest one; -1 and the
+    empty root when the tree has no height yet). ``nodes`` (created) and ``retired`` (replaced)
+    node keys only steer the cache on ``committed``: replaced nodes serve past heights only, so
+    they leave the cache at once.
     """
 
     height: int
@@ -732,7 +733,8 @@ class StateTree:
         if raw is None:
             raise CorruptDatabase(f"state tree leaf missing at version {slot[1]}")
         try:
-            tree = unpack_canonical(raw)
+            # Our own record, written from a value the state accepted: no size cap beyond it.
+            tree = unpack_canonical(raw, max_size=len(raw))
         except DecodeError as exc:
             raise CorruptDatabase(f"state tree leaf: {exc.message}") from exc
         if (

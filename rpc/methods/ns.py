@@ -23,10 +23,11 @@ from node.consensus.txs import (
     TxKind,
     decode_body,
     decode_transaction,
+    recover_sender,
     verify_transaction,
 )
 from node.encoding import Record
-from node.errors import InvalidSignature, InvalidTransaction
+from node.errors import InvalidTransaction
 from node.types import NSD, UINT64_MAX, Address, Amount
 from rpc.methods import Context, MethodTable
 from rpc.schema import (
@@ -132,13 +133,11 @@ def transaction_to_json(raw: bytes, location: Located | None = None) -> dict[str
     try:
         body: dict[str, Any] | None = record_to_json(decode_body(tx))
     except InvalidTransaction:
-        body = None  # not in a valid block; shown raw
+        body = None  # not in a valid block; the raw bytes are still shown
     try:
-        sender: str | None = to_hex(
-            crypto.recover_signer(crypto.TAG_TX, tx.chain_id, tx.encode(), signed.signature)
-        )
-    except InvalidSignature:
-        sender = None
+        sender: str | None = to_hex(recover_sender(signed))
+    except InvalidTransaction:
+        sender = None  # not in a valid block
     out: dict[str, Any] = {
         "id": to_hex(crypto.sha256(raw)),
         "from": sender,
@@ -184,12 +183,16 @@ def block_to_json(block: Block, *, full_transactions: bool = False) -> dict[str,
         out["transactions"] = [to_hex(crypto.sha256(raw)) for raw in block.txs]
     out["evidenceCount"] = len(block.evidence)
     commit = block.last_commit
-    out["lastCommit"] = None if commit is None else {
-        "height": commit.height,
-        "round": commit.round,
-        "blockHash": to_hex(commit.block_hash),
-        "signers": [to_hex(v.vote.validator) for v in commit.precommits],
-    }
+    out["lastCommit"] = (
+        None
+        if commit is None
+        else {
+            "height": commit.height,
+            "round": commit.round,
+            "blockHash": to_hex(commit.block_hash),
+            "signers": [to_hex(v.vote.validator) for v in commit.precommits],
+        }
+    )
     return out
 
 
@@ -357,7 +360,9 @@ def ns_estimate_fee(ctx: Context, params: Any) -> str:
                 raise bad_param(f"tx.{required}", "missing")
         kind = parse_quantity(arg["kind"], "tx.kind")
         size = parse_quantity(arg["size"], "tx.size", maximum=MAX_TX_BYTES_HARD)
-        new_accounts = parse_quantity(arg.get("newAccounts", 0), "tx.newAccounts", maximum=UINT64_MAX)
+        new_accounts = parse_quantity(
+            arg.get("newAccounts", 0), "tx.newAccounts", maximum=UINT64_MAX
+        )
         return str(fees.compute_cost(view.params, kind, size, new_accounts=new_accounts))
     if not isinstance(arg, str):
         raise bad_param("tx", "expected the hex of a signed transaction or {kind, size}")

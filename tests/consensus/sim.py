@@ -508,8 +508,9 @@ class Simulation:
         at_height = self.decisions.setdefault(decide.height, {})
         assert node.index not in at_height, "an engine decided twice at one height"
         at_height[node.index] = decide.block_hash
+        self.check_agreement()  # fail at the first disagreement, not at the end
 
-    def run(self, heights: int, max_ms: int = 600_000) -> None:
+    def run(self, heights: int, max_ms: int = 120_000) -> None:
         """Run until every honest node has decided ``heights`` heights, or ``max_ms`` passed."""
         for node in self.nodes:
             node.start()

@@ -75,8 +75,14 @@ def _h(tag: str, n: int) -> Hash32:
     return crypto.sha256(f"{tag}/{n}".encode())
 
 
-def transfer(key: crypto.PrivateKey, nonce: int, to: Address, amount: int, fee: int = 10**15,
-             chain_id: int = CHAIN_ID) -> bytes:
+def transfer(
+    key: crypto.PrivateKey,
+    nonce: int,
+    to: Address,
+    amount: int,
+    fee: int = 10**15,
+    chain_id: int = CHAIN_ID,
+) -> bytes:
     return make_transaction(key, chain_id, nonce, fee, Transfer(to, Amount(amount), b"hi")).encode()
 
 
@@ -173,8 +179,14 @@ def build_chain(n_blocks: int = 5) -> tuple[FakeReadView, list[bytes]]:
             account_key(ALICE.address): alice.encode(),
             account_key(BOB.address): bob.encode(),
         }
-        vote = Vote(VoteType.PRECOMMIT, Height(height), Round(0), block.hash(),
-                    TimestampMs(header.time + 1), VALIDATOR.address)
+        vote = Vote(
+            VoteType.PRECOMMIT,
+            Height(height),
+            Round(0),
+            block.hash(),
+            TimestampMs(header.time + 1),
+            VALIDATOR.address,
+        )
         sig = VALIDATOR.sign(crypto.TAG_VOTE, CHAIN_ID, vote.encode())
         commit = Commit(Height(height), Round(0), block.hash(), (SignedVote(vote, sig),))
         parent = block.hash()
@@ -238,7 +250,9 @@ class FakeNode:
 
     async def pending_nonce(self, address: Address) -> int:
         await trio.lowlevel.checkpoint()
-        nonces = [v.tx.nonce for v in map(verify_transaction, self.submitted) if v.sender == address]
+        nonces = [
+            v.tx.nonce for v in map(verify_transaction, self.submitted) if v.sender == address
+        ]
         return max([self.view.get_account(address).nonce, *(n + 1 for n in nonces)])
 
     def mine(self, raw: bytes) -> None:

@@ -18,6 +18,7 @@ from tests.rpc.conftest import in_asyncio
 
 pytestmark = pytest.mark.timeout(30)
 
+
 async def test_many_concurrent_calls(nursery: trio.Nursery) -> None:
     bridge = TrioBridge.from_current(nursery, max_in_flight=1000)
     running = 0
@@ -61,6 +62,7 @@ async def test_exceptions_come_back_as_themselves(nursery: trio.Nursery) -> None
     first, second = await in_asyncio(main)
     assert first is raised
     assert isinstance(second, KeyError)
+
     # the node's nursery did not see them: it is still open and running
     async def ok() -> str:
         return "still here"

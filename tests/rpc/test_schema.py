@@ -93,9 +93,15 @@ def test_amounts_bytes_bools_and_tags() -> None:
 def test_shapes() -> None:
     assert format_nsd(0) == "0.000000000000000000"
     assert format_nsd(NSD * 3 // 2) == "1.500000000000000000"
-    assert format_nsd(2**256 - 1).startswith("115792089237316195423570985008687907853269984665640564039457")
+    assert format_nsd(2**256 - 1).startswith(
+        "115792089237316195423570985008687907853269984665640564039457"
+    )
     params = record_to_json(PARAMS)
     assert params["timeoutCommitMs"] == 1000
     assert params["fees"][0] == {
-        "kind": 1, "base": "1000", "perByte": "10", "perSignature": "100", "perNewAccount": "5000",
+        "kind": 1,
+        "base": "1000",
+        "perByte": "10",
+        "perSignature": "100",
+        "perNewAccount": "5000",
     }

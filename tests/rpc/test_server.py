@@ -48,9 +48,16 @@ async def test_single_call(served: Served) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"{", b'{"jsonrpc": "2.0", "id": 1, "method": "ns_chainId"', b"\xff\xfe\xfd", b"NaN",
-     b'{"jsonrpc": "2.0", "id": 1, "method": "ns_chainId", "params": [Infinity]}',
-     b"[" * 50_000, b"", b'{"jsonrpc": "2.0", "method": "ns_chainId", "id": ' + b"9" * 5000 + b"}"],
+    [
+        b"{",
+        b'{"jsonrpc": "2.0", "id": 1, "method": "ns_chainId"',
+        b"\xff\xfe\xfd",
+        b"NaN",
+        b'{"jsonrpc": "2.0", "id": 1, "method": "ns_chainId", "params": [Infinity]}',
+        b"[" * 50_000,
+        b"",
+        b'{"jsonrpc": "2.0", "method": "ns_chainId", "id": ' + b"9" * 5000 + b"}",
+    ],
 )
 async def test_malformed_json_is_parse_error(served: Served, body: bytes) -> None:
     answer = await post(served.url, body)
@@ -77,8 +84,9 @@ async def test_malformed_json_is_parse_error(served: Served, body: bytes) -> Non
         ({"jsonrpc": "2.0", "id": 7, "method": "ns_chainId", "params": 3}, 7, "params"),
     ],
 )
-async def test_invalid_request(served: Served, request_obj: object, reply_id: object,
-                               fragment: str) -> None:
+async def test_invalid_request(
+    served: Served, request_obj: object, reply_id: object, fragment: str
+) -> None:
     answer = await post(served.url, request_obj)
     assert answer.status == 200
     reply = answer.json()
@@ -134,8 +142,9 @@ async def test_unknown_method(served: Served) -> None:
         ("ns_chainId", [1], "at most 0"),
     ],
 )
-async def test_bad_params_name_the_param(served: Served, method: str, params: object,
-                                         param_name: str) -> None:
+async def test_bad_params_name_the_param(
+    served: Served, method: str, params: object, param_name: str
+) -> None:
     reply = await call(served.url, method, params)
     error = reply["error"]
     assert error["code"] == -32602, error
@@ -155,8 +164,12 @@ async def test_content_type_must_be_json(served: Served) -> None:
 
 async def test_oversize_body_is_413(served: Served) -> None:
     big = json.dumps(
-        {"jsonrpc": "2.0", "id": 1, "method": "ns_sendRawTransaction",
-         "params": ["0x" + "00" * LIMITS.max_body_bytes]}
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "ns_sendRawTransaction",
+            "params": ["0x" + "00" * LIMITS.max_body_bytes],
+        }
     ).encode()
     answer = await post(served.url, big)
     assert answer.status == 413
@@ -176,8 +189,11 @@ async def test_oversize_body_is_413(served: Served) -> None:
 
 async def test_empty_and_too_large_batches(served: Served) -> None:
     empty = (await post(served.url, [])).json()
-    assert empty == {"jsonrpc": "2.0", "id": None,
-                     "error": {"code": -32600, "message": "empty batch"}}
+    assert empty == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32600, "message": "empty batch"},
+    }
     n = LIMITS.max_batch_size + 1
     batch = [{"jsonrpc": "2.0", "id": i, "method": "ns_chainId"} for i in range(n)]
     too_large = (await post(served.url, batch)).json()
@@ -226,9 +242,11 @@ async def test_notifications_get_no_answer_but_run(served: Served) -> None:
     assert served.node.submitted == [raw]
     only_notifications = await post(
         served.url,
-        [{"jsonrpc": "2.0", "method": "ns_blockNumber"},
-         {"jsonrpc": "2.0", "method": "no_such_method"},
-         {"jsonrpc": "2.0", "method": "ns_getAccount", "params": ["bad"]}],
+        [
+            {"jsonrpc": "2.0", "method": "ns_blockNumber"},
+            {"jsonrpc": "2.0", "method": "no_such_method"},
+            {"jsonrpc": "2.0", "method": "ns_getAccount", "params": ["bad"]},
+        ],
     )
     assert only_notifications.status == 204
     # a notification that is not a valid request is still answered (id null)
@@ -246,9 +264,7 @@ async def test_get_returns_info_and_other_verbs_are_refused(served: Served) -> N
     assert body["maxBatchSize"] == LIMITS.max_batch_size
     put = await trio.to_thread.run_sync(lambda: http_request(served.url, b"{}", method="PUT"))
     assert put.status == 405
-    elsewhere = await trio.to_thread.run_sync(
-        lambda: http_request(served.url + "other", b"{}")
-    )
+    elsewhere = await trio.to_thread.run_sync(lambda: http_request(served.url + "other", b"{}"))
     assert elsewhere.status == 404
 
 
@@ -257,14 +273,16 @@ async def test_get_returns_info_and_other_verbs_are_refused(served: Served) -> N
 
 def _all_node_errors() -> list[type[NeuroSeedError]]:
     return [
-        cls for _, cls in inspect.getmembers(node_errors, inspect.isclass)
+        cls
+        for _, cls in inspect.getmembers(node_errors, inspect.isclass)
         if issubclass(cls, NeuroSeedError)
     ] + [ServerBusy]
 
 
 @pytest.mark.parametrize("error_cls", _all_node_errors(), ids=lambda c: c.__name__)
-async def test_each_application_error_has_its_code(served: Served,
-                                                   error_cls: type[NeuroSeedError]) -> None:
+async def test_each_application_error_has_its_code(
+    served: Served, error_cls: type[NeuroSeedError]
+) -> None:
     served.node.submit_error = error_cls("what went wrong at /var/lib/neuroseed/chain")
     raw = transfer(ALICE, 5, BOB.address, 1)
     reply = await call(served.url, "ns_sendRawTransaction", [_hex(raw)], req_id=3)
@@ -272,8 +290,9 @@ async def test_each_application_error_has_its_code(served: Served,
     assert reply["id"] == 3
     assert error["code"] == error_cls.code > 0
     assert error["data"]["reason"] == error_cls.reason
-    if issubclass(error_cls, node_errors.StorageError | node_errors.ConfigError
-                  | node_errors.KeystoreError):
+    if issubclass(
+        error_cls, node_errors.StorageError | node_errors.ConfigError | node_errors.KeystoreError
+    ):
         assert error["message"] == error_cls.reason  # host details stay in the log
         assert "/var/lib" not in json.dumps(reply)
     else:
@@ -302,8 +321,9 @@ async def test_real_validation_errors(served: Served) -> None:
     }
 
 
-async def test_internal_error_is_generic_and_logged(served: Served,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+async def test_internal_error_is_generic_and_logged(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
     served.node.view.account_error = RuntimeError("boom in /home/secret/file.py")
     reply = await call(served.url, "ns_getAccount", [_hex(ALICE.address)])
     assert reply["error"] == {"code": -32603, "message": "internal error"}
@@ -385,8 +405,7 @@ async def test_get_transaction_and_receipt(served: Served) -> None:
         "success": True,
         "feePaid": str(10**15),
         "burned": "2000",
-        "events": [{"name": "transfer",
-                    "attributes": [{"key": "to", "value": _hex(BOB.address)}]}],
+        "events": [{"name": "transfer", "attributes": [{"key": "to", "value": _hex(BOB.address)}]}],
         "error": "",
         "blockHash": _hex(served.node.view.blocks[2].hash()),
         "height": 2,
@@ -407,8 +426,12 @@ async def test_get_account(served: Served) -> None:
     }
     upper = "0x" + UNKNOWN.hex().upper()
     empty = (await call(served.url, "ns_getAccount", [upper]))["result"]
-    assert empty == {"address": _hex(UNKNOWN), "nonce": 0, "balance": "0",
-                     "balanceNSD": "0.000000000000000000"}
+    assert empty == {
+        "address": _hex(UNKNOWN),
+        "nonce": 0,
+        "balance": "0",
+        "balanceNSD": "0.000000000000000000",
+    }
 
 
 async def test_get_proof(served: Served) -> None:
@@ -421,7 +444,7 @@ async def test_get_proof(served: Served) -> None:
     assert latest["proof"].startswith("0x93")
     at_3 = (await call(served.url, "ns_getProof", [_hex(key), 3]))["result"]
     assert at_3["height"] == 3
-    absent = (await call(served.url, "ns_getProof", [_hex(account_key(UNKNOWN)), "0x4"]))
+    absent = await call(served.url, "ns_getProof", [_hex(account_key(UNKNOWN)), "0x4"])
     assert absent["result"]["value"] is None
     pruned = await call(served.url, "ns_getProof", [_hex(key), 1])
     assert pruned["error"]["code"] == node_errors.HistoryPruned.code == 1501
@@ -438,8 +461,7 @@ async def test_estimate_fee(served: Served) -> None:
     new = transfer(ALICE, 5, UNKNOWN, 1, fee=0)
     to_new = (await call(served.url, "ns_estimateFee", [_hex(new)]))["result"]
     assert int(to_new) == compute_cost(params, TxKind.TRANSFER, len(new), new_accounts=1)
-    by_size = await call(served.url, "ns_estimateFee", [{"kind": 1, "size": 200,
-                                                         "newAccounts": 2}])
+    by_size = await call(served.url, "ns_estimateFee", [{"kind": 1, "size": 200, "newAccounts": 2}])
     assert by_size["result"] == str(compute_cost(params, 1, 200, new_accounts=2))
     unknown_kind = await call(served.url, "ns_estimateFee", [{"kind": 99, "size": 200}])
     assert unknown_kind["error"]["code"] == node_errors.UnknownKind.code

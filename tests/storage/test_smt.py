@@ -24,6 +24,7 @@ from node.storage.smt import (
     compute_root,
     verify_proof,
 )
+from node.types import Hash32
 
 ZERO = b"\x00" * 32
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -208,7 +209,7 @@ def test_two_keys_sharing_40_bits() -> None:
     assert proof.siblings[:40] == (ZERO,) * 40
     assert proof.siblings[40] == sha(b"\x00" + hb + sha(b"2"))
     verify_proof(root, a, b"1", proof)
-    # A third key diverging from both at bit 3 or so ends at an empty or a leaf sibling.
+    # Keys that diverge earlier end in an empty subtree or at one of the two leaves.
     for other in (b"x", b"y", b"acct-1"):
         value, proof = tree.get_proof(0, other)
         assert value is None
@@ -311,11 +312,10 @@ def test_an_uncommitted_update_leaves_the_tree_at_the_previous_height() -> None:
 def test_pruning_keeps_recent_heights_and_drops_the_rest() -> None:
     kv = DictKV()
     tree = StateTree(kv)
-    blocks: list[dict[bytes, bytes | None]] = [
-        {b"k%d" % i: b"v0" for i in range(200)},
-        *({b"k%d" % (h * 7 + i): b"v%d" % h for i in range(20)} for h in range(1, 10)),
-        {b"k%d" % i: None for i in range(0, 200, 3)},
-    ]
+    blocks: list[dict[bytes, bytes | None]] = [{b"k%d" % i: b"v0" for i in range(200)}]
+    for h in range(1, 10):
+        blocks.append({b"k%d" % (h * 7 + i): b"v%d" % h for i in range(20)})
+    blocks.append({b"k%d" % i: None for i in range(0, 200, 3)})
     states = apply_all(tree, kv, blocks)
     size_before = len(kv.data)
     commit(tree, kv, tree.prune(6))
@@ -351,7 +351,7 @@ def assert_only_reachable(tree: StateTree, kv: DictKV, height: int) -> None:
         slot, path = stack.pop()
         if slot is None:
             continue
-        h, version, key_hash = slot
+        _, version, key_hash = slot
         if key_hash is not None:
             reachable.add(b"TL" + key_hash + version.to_bytes(8, "big"))
             continue
@@ -480,34 +480,23 @@ def forgeries(
     """(what, root, key, value, proof bytes) claims that must all be rejected."""
     raw = proof.encode()
     sibs = proof.siblings
+
+    def with_siblings(siblings: tuple[Hash32, ...]) -> bytes:
+        return SmtProof(proof.leaf_key_hash, proof.leaf_value_hash, siblings).encode()
+
     for i, s in enumerate(sibs):
-        flipped = bytes([s[0] ^ 1]) + s[1:]
-        forged = SmtProof(
-            proof.leaf_key_hash, proof.leaf_value_hash, (*sibs[:i], flipped, *sibs[i + 1 :])
-        )  # type: ignore[arg-type]
-        yield f"flipped sibling {i}", root, key, value, forged.encode()
-    if sibs:
+        flipped = Hash32(bytes([s[0] ^ 1]) + s[1:])
         yield (
-            "truncated",
+            f"flipped sibling {i}",
             root,
             key,
             value,
-            SmtProof(proof.leaf_key_hash, proof.leaf_value_hash, sibs[:-1]).encode(),
+            with_siblings((*sibs[:i], flipped, *sibs[i + 1 :])),
         )
-    yield (
-        "extended",
-        root,
-        key,
-        value,
-        SmtProof(proof.leaf_key_hash, proof.leaf_value_hash, (*sibs, sha(b"x"))).encode(),
-    )  # type: ignore[arg-type]
-    yield (
-        "extended with empty",
-        root,
-        key,
-        value,
-        SmtProof(proof.leaf_key_hash, proof.leaf_value_hash, (*sibs, ZERO)).encode(),
-    )  # type: ignore[arg-type]
+    if sibs:
+        yield "truncated", root, key, value, with_siblings(sibs[:-1])
+    yield "extended", root, key, value, with_siblings((*sibs, Hash32(sha(b"x"))))
+    yield "extended with empty", root, key, value, with_siblings((*sibs, Hash32(ZERO)))
     yield "wrong value", root, key, (value or b"") + b"!", raw
     yield "other root", sha(root), key, value, raw
     if value is not None:

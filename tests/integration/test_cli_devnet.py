@@ -1,0 +1,171 @@
+"""The one-command devnet as a user runs it: real processes, loopback only, every wait bounded.
+
+``python -m node devnet`` in a temporary data directory; a transfer signed with a public dev key
+becomes final; the balance survives a SIGTERM and a restart; blocks keep coming after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from node.types import NSD
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 30.0
+RECIPIENT = "0x" + "5e" * 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NEUROSEED_DATADIR", None)
+    return env
+
+
+class Devnet:
+    """One ``python -m node devnet`` process; stdout read by a thread, stderr to a log file."""
+
+    def __init__(self, datadir: Path, port: int, log_path: Path) -> None:
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "devnet",
+                "--datadir",
+                str(datadir),
+                "--rpc-port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+            cwd=datadir.parent,
+            env=cli_env(),
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        assert self.proc.stdout is not None
+        self._pump_thread = threading.Thread(
+            target=self._pump, args=(self.proc.stdout,), daemon=True
+        )
+        self._pump_thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            self._lines.put(raw.decode("utf-8", "replace"))
+        self._lines.put(None)
+
+    def wait_for_rpc_url(self) -> str:
+        deadline = time.monotonic() + WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"devnet exited ({self.proc.wait()}) before serving:\n{self.log()}")
+            if line.startswith("JSON-RPC: "):
+                return line.removeprefix("JSON-RPC: ").strip()
+        pytest.fail(f"no JSON-RPC line within {WAIT_S} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=WAIT_S)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=WAIT_S)
+        self._pump_thread.join(timeout=WAIT_S)  # EOF once the process is gone
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self._log.close()
+
+
+@pytest.fixture
+def devnets() -> Iterator[list[Devnet]]:
+    started: list[Devnet] = []
+    yield started
+    for devnet in started:
+        devnet.stop()
+
+
+def cli(*args: str) -> Any:
+    """Run ``python -m node ... --json``; return its parsed output (fails with stderr shown)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "node", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S + 15,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def wait_for_height(url: str, above: int) -> int:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        height = int(cli("status", "--rpc", url)["height"])
+        if height > above:
+            return height
+        time.sleep(0.3)
+    pytest.fail(f"no block above height {above} within {WAIT_S} s")
+
+
+def test_devnet_transfer_survives_restart(tmp_path: Path, devnets: list[Devnet]) -> None:
+    datadir = tmp_path / "devnet"
+    port = free_port()
+
+    first = Devnet(datadir, port, tmp_path / "node1.log")
+    devnets.append(first)
+    url = first.wait_for_rpc_url()
+    assert url == f"http://127.0.0.1:{port}/"
+
+    result = cli(
+        "tx", "transfer", "--dev-key", "1", "--to", RECIPIENT, "--amount", "1.5", "--rpc", url
+    )
+    receipt = result["receipt"]
+    assert receipt["success"] is True
+    assert receipt["txId"] == result["txId"]
+    assert receipt["height"] >= 1
+    balance = cli("balance", RECIPIENT, "--rpc", url)
+    assert balance["balance"] == str(3 * NSD // 2)
+    assert balance["balanceNSD"] == "1.500000000000000000"
+    height_before = int(cli("status", "--rpc", url)["height"])
+
+    assert first.terminate() == 0, first.log()
+
+    second = Devnet(datadir, port, tmp_path / "node2.log")
+    devnets.append(second)
+    url = second.wait_for_rpc_url()
+    assert cli("balance", RECIPIENT, "--rpc", url)["balanceNSD"] == "1.500000000000000000"
+    wait_for_height(url, height_before)  # the restarted validator keeps finalizing blocks
+
+    assert second.terminate() == 0, second.log()
