@@ -207,6 +207,7 @@ def main() -> None:
             (transition, "compute_receipts_root", "receipts root"),
             (StateTree, "apply", "state tree update"),
             (ChainStore, "commit_block", "commit batch (LevelDB, synced)"),
+            (StateTree, "committed", "tree-node cache update after the commit"),
         ]
         saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in patches]
         for mod, attr, label in patches:

@@ -812,12 +812,22 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("neuroseed")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="neuroseed",
         description="NeuroSeed node and wallet command line.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 node unreachable",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -135,10 +135,12 @@ class ConsensusService:
         if head > 0:
             self._last_commit = self.chain.store.get_commit(head)
         next_height = head + 1
-        if height_of(entries) == next_height:
+        events = events_of(entries)
+        started = any(isinstance(e, eng.StartHeight) for e in events)
+        if height_of(entries) == next_height and started:
             for block_hash, raw in blocks_of(entries).items():
                 self._blocks[block_hash] = Block.decode(raw)
-            self.state, actions = eng.replay_into(eng.initial_state(self.config), events_of(entries))
+            self.state, actions = eng.replay_into(eng.initial_state(self.config), events)
             log.info(
                 "replayed the consensus WAL at height %d: round %d, locked round %d",
                 next_height, self.state.round, self.state.locked_round,
@@ -150,7 +152,7 @@ class ConsensusService:
 
     async def _start_height(self, height: int) -> None:
         assert self._wal is not None
-        self._wal.start_height(height)
+        await trio.to_thread.run_sync(self._wal.start_height, height)
         self._blocks.clear()
         parent = self.chain.head
         last_time = (self.chain.chain.genesis_time - 1) if parent is None else parent.time
@@ -230,9 +232,17 @@ class ConsensusService:
         signed, sign_state = sign_proposal_guarded(
             self.key, self.chain.chain.chain_id, self._sign_state, action.proposal
         )
-        self._wal.append(SignedProposalEntry(signed, sign_state), sync=True)
+        await self._append_synced(SignedProposalEntry(signed, sign_state))
         self._sign_state = sign_state
         await self._on_own_proposal(signed)
+
+    async def _append_synced(self, entry: SignedProposalEntry | SignedVoteEntry) -> None:
+        """Persist before speaking: the entry is on disk before the message leaves the process.
+
+        The fsync runs in a worker thread so the event loop keeps serving meanwhile.
+        """
+        assert self._wal is not None
+        await trio.to_thread.run_sync(self._wal.append, entry, True)
 
     async def _on_own_proposal(self, signed: SignedProposal) -> None:
         block = self._blocks.get(signed.proposal.block_hash)
@@ -259,7 +269,7 @@ class ConsensusService:
         signed, sign_state = sign_vote_guarded(
             self.key, self.chain.chain.chain_id, self._sign_state, action.vote
         )
-        self._wal.append(SignedVoteEntry(signed, sign_state), sync=True)
+        await self._append_synced(SignedVoteEntry(signed, sign_state))
         self._sign_state = sign_state
         await self._on_own_vote(signed)
 

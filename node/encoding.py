@@ -230,9 +230,10 @@ def _enc_u64(v: Any) -> int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise EncodeError(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
         v = int(v)
-    if v < 0 or v > UINT64_MAX:
-        raise EncodeError(f"{v} is not an unsigned 64-bit integer")
-    return v
+    n: int = v
+    if n < 0 or n > UINT64_MAX:
+        raise EncodeError(f"{n} is not an unsigned 64-bit integer")
+    return n
 
 
 def _dec_bool(v: Any, where: str) -> bool:

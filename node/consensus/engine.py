@@ -609,7 +609,12 @@ def _add_vote(
     signer: Address,
     out: list[Action],
 ) -> ConsensusState:
-    """Store a vote (first per validator, round and type); returns ``state`` itself if ignored."""
+    """Store a vote; returns ``state`` itself if it is ignored.
+
+    A validator's first vote per (round, type) is its vote; one for another value is an
+    equivocation: evidence once, and counted for that value only (see ``VoteSet``), up to
+    ``max_conflicting_votes`` values.
+    """
     vote = signed.vote
     if signer != vote.validator or vote.vote_type not in (VoteType.PREVOTE, VoteType.PRECOMMIT):
         return state
@@ -628,7 +633,7 @@ def _add_vote(
     votes = messages.votes(vote.vote_type)
     values = votes.values_of.get(signer, ())
     if vote.block_hash in values:
-        return state  # a duplicate (a re-sent vote); never counted twice
+        return state  # the same value again (re-sent, or re-signed with another time)
     s = state
     if values:
         # Equivocation (consensus-notes): record the pair with the first vote, once.

@@ -71,7 +71,10 @@ class NodeProcess:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         assert self.proc.stdout is not None
-        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
+        self._pump_thread = threading.Thread(
+            target=self._pump, args=(self.proc.stdout,), daemon=True
+        )
+        self._pump_thread.start()
 
     def _pump(self, stream: IO[bytes]) -> None:
         for raw in stream:
@@ -95,6 +98,9 @@ class NodeProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
+        self._pump_thread.join(timeout=30)  # EOF once the process is gone
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._log.close()
 
 
