@@ -28,6 +28,7 @@ from node.consensus.transition import (
     ValidatorContext,
     apply_block,
     build_block,
+    check_commit,
 )
 from node.consensus.txs import VerifiedTransaction
 from node.consensus.validators import ValidatorSet
@@ -305,8 +306,22 @@ class ChainService:
         return result
 
     def commit(self, block: Block, commit: Commit) -> BlockResult:
-        """Write a decided block in one synced batch and publish a new read view."""
+        """Write a decided block in one synced batch and publish a new read view.
+
+        ``commit`` must finalize the block: signed precommits of more than two thirds of the
+        power of the block's validator set (``InvalidCommit`` otherwise); it is stored as the
+        seen commit.
+        """
         block_hash = block.hash()
+        header = block.header
+        check_commit(
+            self.chain.chain_id,
+            commit,
+            header.height,
+            block_hash,
+            self.validator_context(header.height).current,
+            header.time,
+        )
         if block_hash not in self._validated:
             self.validate(block)
         validated = self._validated[block_hash]

@@ -156,7 +156,6 @@ async def run_node(
                 nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
                 await nursery.start(consensus.run)
                 url = await nursery.start(server.serve)
-                log.info("JSON-RPC listening on %s", url)
                 task_status.started(NodeHandle(url, node))
         finally:
             chain_ref = locals().get("chain")

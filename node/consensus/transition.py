@@ -187,12 +187,18 @@ def compute_receipts_root(receipts: Sequence[Receipt]) -> Hash32:
 
 
 def check_commit(
-    chain_id: int, commit: Commit, height: int, block_hash: bytes, validators: ValidatorSet
+    chain_id: int,
+    commit: Commit,
+    height: int,
+    block_hash: bytes,
+    validators: ValidatorSet,
+    block_time: int,
 ) -> list[int]:
     """Check that ``commit`` finalizes ``block_hash`` at ``height``; return the precommit times.
 
     Every precommit must be a validly signed precommit for that block by a distinct member of
-    ``validators``, and together they must hold more than two thirds of the power.
+    ``validators``, with a time after the block's own (BFT time: a precommit for B carries
+    ``time ≥ B.time + 1``), and together they must hold more than two thirds of the power.
     """
     if commit.height != height:
         raise InvalidCommit(f"commit is for height {commit.height}, expected {height}")
@@ -216,6 +222,10 @@ def check_commit(
             raise InvalidCommit(f"commit holds a badly signed precommit: {exc.message}") from exc
         if signer != vote.validator:
             raise InvalidCommit("precommit signature does not match its validator")
+        if vote.time <= block_time:
+            raise InvalidCommit(
+                f"precommit time {vote.time} is not after the block's time {block_time}"
+            )
         if signer in seen:
             raise InvalidCommit("commit holds two precommits of one validator")
         validator_power = validators.power_of(Address(signer))
@@ -288,7 +298,12 @@ def check_header(
         if block.last_commit is None or validators.previous is None:
             raise InvalidBlock("a block after the first must carry the last commit")
         check_commit(
-            chain.chain_id, block.last_commit, parent.height, parent.hash(), validators.previous
+            chain.chain_id,
+            block.last_commit,
+            parent.height,
+            parent.hash(),
+            validators.previous,
+            parent.time,
         )
     expected_time = expected_block_time(chain, parent, block.last_commit, validators.previous)
     if h.time != expected_time:
@@ -387,6 +402,17 @@ def build_block(
     root, so ``apply_block`` on it succeeds.
     """
     height = 1 if parent is None else parent.height + 1
+    if parent is not None:
+        # A block is only as good as its last commit: refuse to build on one that does not
+        # finalize the parent, rather than produce a block every validator would reject.
+        if last_commit is None or validators.previous is None:
+            raise InvalidBlock("a block after the first must carry the last commit")
+        check_commit(
+            chain.chain_id, last_commit, parent.height, parent.hash(), validators.previous,
+            parent.time,
+        )
+    elif last_commit is not None:
+        raise InvalidBlock("the first block carries no last commit")
     time_ms = expected_block_time(chain, parent, last_commit, validators.previous)
     ctx = BlockContext(chain, params, height, time_ms, proposer)
     overlay = Overlay(view)
