@@ -79,9 +79,7 @@ async def submit_single(client: AsyncClient, txs: list[tuple[bytes, bytes]], err
     await asyncio.gather(*(worker() for _ in range(SINGLE_CONCURRENCY)))
 
 
-async def submit_batches(
-    client: AsyncClient, txs: list[tuple[bytes, bytes]], errors: dict
-) -> None:
+async def submit_batches(client: AsyncClient, txs: list[tuple[bytes, bytes]], errors: dict) -> None:
     queue = collections.deque(txs[i : i + BATCH] for i in range(0, len(txs), BATCH))
 
     async def worker() -> None:
@@ -104,9 +102,7 @@ async def submit_batches(
     await asyncio.gather(*(worker() for _ in range(BATCH_CONCURRENCY)))
 
 
-async def wait_final(
-    client: AsyncClient, expected: dict[str, int], deadline: float
-) -> int:
+async def wait_final(client: AsyncClient, expected: dict[str, int], deadline: float) -> int:
     """Poll the senders' committed nonces (one batch) until each reached ``expected``; returns
     how many senders are still short (0 when every transfer is final)."""
     pending = dict(expected)
@@ -137,7 +133,10 @@ async def check_receipts(client: AsyncClient, tx_ids: list[bytes]) -> float:
 
 
 async def run_phase(
-    url: str, mode: str, txs: list[tuple[bytes, bytes]], expected: dict[str, int],
+    url: str,
+    mode: str,
+    txs: list[tuple[bytes, bytes]],
+    expected: dict[str, int],
     last_ids: list[bytes],
 ) -> tuple[float, float]:
     """Submit ``txs`` in ``mode``; returns (submit seconds, seconds until all final)."""
@@ -202,8 +201,10 @@ def main() -> None:
             raise
 
     for mode, rate in rates.items():
-        print(f"rpc_submit {mode}: {rate:,.0f} transfers/s to final  vs  bound {bound:,.0f} raw "
-              f"recoveries/s (ratio {rate / bound:.3f})")
+        print(
+            f"rpc_submit {mode}: {rate:,.0f} transfers/s to final  vs  bound {bound:,.0f} raw "
+            f"recoveries/s (ratio {rate / bound:.3f})"
+        )
     for mode, rate in rates.items():
         result(f"rpc_submit_{mode}", rate, "tx/s", bound, None)
 

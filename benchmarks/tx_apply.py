@@ -78,16 +78,13 @@ def make_commit(block: Block, chain_id: int) -> Commit:
 def verify_costs(raws: list[bytes]) -> dict[str, float]:
     """CPU seconds per transfer of the parts of ``verify_transaction``, over ``raws``."""
     signed = [txs_mod.decode_transaction(r) for r in raws]
-    digests = [
-        crypto.signing_digest(crypto.TAG_TX, s.tx.chain_id, s.tx.encode()) for s in signed
-    ]
+    digests = [crypto.signing_digest(crypto.TAG_TX, s.tx.chain_id, s.tx.encode()) for s in signed]
     parts = {
         "verify_transaction": lambda: [txs_mod.verify_transaction(r) for r in raws],
         "decode": lambda: [txs_mod.decode_body(txs_mod.decode_transaction(r).tx) for r in raws],
         "recover_sender": lambda: [txs_mod.recover_sender(s) for s in signed],
         "of which signature->pubkey": lambda: [
-            crypto.recover_public_key(d, s.signature)
-            for d, s in zip(digests, signed, strict=True)
+            crypto.recover_public_key(d, s.signature) for d, s in zip(digests, signed, strict=True)
         ],
     }
     out = {}
@@ -106,7 +103,8 @@ def main() -> None:
     parser.add_argument("--block-txs", type=int, default=1_000)
     parser.add_argument("--profile", action="store_true", help="cProfile the timed blocks")
     parser.add_argument(
-        "--cold-tree", action="store_true",
+        "--cold-tree",
+        action="store_true",
         help="validator opens a copy of the genesis database: empty tree-node cache",
     )
     args = parser.parse_args()
@@ -197,8 +195,11 @@ def main() -> None:
         kv = LevelDB(tmp / "validator")
         validator = ChainService(kv, genesis)
         validator.open()
-        print(f"setup: validator opened in {time.perf_counter() - t0:.1f} s "
-              f"({'cold' if args.cold_tree else 'genesis-warm'} tree-node cache)", flush=True)
+        print(
+            f"setup: validator opened in {time.perf_counter() - t0:.1f} s "
+            f"({'cold' if args.cold_tree else 'genesis-warm'} tree-node cache)",
+            flush=True,
+        )
         sw = Stopwatch()
         patches = [
             (transition, "check_header", "header checks (incl. last-commit signature)"),
@@ -275,12 +276,16 @@ def main() -> None:
         print(f"  {label:<46} {secs / n * 1e3:7.1f} {cpu / n * 1e3:7.1f}  {secs / total:6.1%}")
     other = total - accounted
     other_cpu = cpu_total - accounted_cpu
-    print(f"  {'other (block hash, commit checks, view, ...)':<46} {other / n * 1e3:7.1f} "
-          f"{other_cpu / n * 1e3:7.1f}  {other / total:6.1%}")
-    print(f"per transfer, CPU µs: {cpu_total / (per_block * n) * 1e6:.0f} in all; measured "
-          f"apart over the same transfers: " + ", ".join(
-              f"{k} {v * 1e6:.1f}" for k, v in per_tx.items()
-          ) + f"; the bound's raw recovery {1e6 / cpu_bound:.1f}")
+    print(
+        f"  {'other (block hash, commit checks, view, ...)':<46} {other / n * 1e3:7.1f} "
+        f"{other_cpu / n * 1e3:7.1f}  {other / total:6.1%}"
+    )
+    print(
+        f"per transfer, CPU µs: {cpu_total / (per_block * n) * 1e6:.0f} in all; measured "
+        f"apart over the same transfers: "
+        + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in per_tx.items())
+        + f"; the bound's raw recovery {1e6 / cpu_bound:.1f}"
+    )
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(45)
@@ -298,8 +303,10 @@ def main() -> None:
         f"process got: bursts {sum(b[2] for b in bursts) / sum(b[1] for b in bursts):.0%}, "
         f"blocks {sum(cpu_times[1:]) / total:.0%})"
     )
-    print(f"\ntx_apply: {rate:,.0f} transfers/s  vs  bound {bound:,.0f} raw recoveries/s "
-          f"(ratio {rate / bound:.3f}, target >= {TARGET})")
+    print(
+        f"\ntx_apply: {rate:,.0f} transfers/s  vs  bound {bound:,.0f} raw recoveries/s "
+        f"(ratio {rate / bound:.3f}, target >= {TARGET})"
+    )
     result("tx_apply", rate, "tx/s", bound, TARGET)
 
 

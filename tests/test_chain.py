@@ -366,22 +366,21 @@ def test_commit_refuses_a_commit_for_another_block(store: Store) -> None:
     assert chain.head_height == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: ChainService.commit stores any commit whose height and block hash match; it never "
-        "checks the precommits (signatures, validator membership, quorum) with check_commit"
-    ),
-)
 @pytest.mark.parametrize("signers", [(), (5,)])
 def test_commit_refuses_a_commit_without_the_validators_quorum(signers: tuple[int, ...]) -> None:
+    """The stored seen commit is what the next block carries: it must finalize the block."""
     chain = open_chain(MemoryKV(), GEN)
     block = chain.build(0, addr(0), None, []).block
     forged = make_commit(block.hash(), 1, 0, signers, time_ms=GENESIS_TIME + 1)
     try:
         with pytest.raises(InvalidCommit):
             chain.commit(block, forged)
-        assert chain.head_height == 0
+        early = make_commit(block.hash(), 1, 0, [0], time_ms=GENESIS_TIME)
+        with pytest.raises(InvalidCommit, match="not after the block's time"):
+            chain.commit(block, early)
+        assert chain.head_height == 0 and chain.store.get_commit(1) is None
+        chain.commit(block, make_commit(block.hash(), 1, 0, [0], time_ms=GENESIS_TIME + 1))
+        assert chain.head_height == 1
     finally:
         chain.close()
 

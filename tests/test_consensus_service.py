@@ -65,26 +65,32 @@ Slot = tuple[int, int, int]  # (height, round, step)
 
 
 class InlineThreads:
-    """Stands in for ``trio.to_thread.run_sync``: ``delay`` seconds of mock time, then the call.
+    """Stands in for ``trio.to_thread.run_sync`` with trio's cancellation semantics for
+    ``abandon_on_cancel=False``: a cancellation already pending raises before the work starts;
+    once started, the work is not interrupted and the cancellation lands at the caller's next
+    checkpoint.
 
-    A cancellation during the delay is a crash before the work ran (the function never runs);
-    with ``finish_on_cancel`` the call completes first, as a real worker thread would
-    (``abandon_on_cancel=False``), and the cancellation lands at the caller's next checkpoint.
+    ``delays`` gives functions (by name: ``build``, ``validate``, ``commit``, ``append``, ...)
+    a duration in mock time. A cancellation during that time is a crash while the work runs:
+    it never completes, unless ``finish_on_cancel`` lets it finish first.
     """
 
     def __init__(self) -> None:
-        self.delay = 0.0
+        self.delays: dict[str, float] = {}
         self.finish_on_cancel = False
         self.calls: list[str] = []
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
-        if self.delay:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        name = getattr(fn, "__name__", repr(fn))
+        delay = self.delays.get(name, 0.0)
+        if delay:
             with trio.CancelScope(shield=self.finish_on_cancel):
-                await trio.sleep(self.delay)
-        else:
-            await trio.lowlevel.checkpoint()
-        self.calls.append(getattr(fn, "__name__", repr(fn)))
-        return fn(*args)
+                await trio.sleep(delay)
+        self.calls.append(name)
+        result = fn(*args)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return result
 
 
 @pytest.fixture
@@ -100,7 +106,8 @@ class Ledger:
 
     by_slot: dict[Slot, tuple[Hash32, bytes]] = field(default_factory=dict)
     calls: list[tuple[Slot, Hash32, bytes]] = field(default_factory=list)
-    on_sign: Callable[[Slot], None] | None = None
+    on_sign: Callable[[Slot], None] | None = None  # right after signing, before the WAL
+    on_persist: Callable[[Slot], None] | None = None  # right after the synced WAL append
 
     def record(self, slot: Slot, encoded: bytes, signature: bytes) -> None:
         entry = (crypto.sha256(encoded), signature)
@@ -140,8 +147,17 @@ def ledger(monkeypatch: pytest.MonkeyPatch) -> Ledger:
         book.record(slot, proposal.encode(), signed.signature)
         return signed, state
 
+    real_append = ConsensusWAL.append
+
+    def append(wal: ConsensusWAL, entry: Any, sync: bool = True) -> None:
+        real_append(wal, entry, sync)
+        if isinstance(entry, SignedVoteEntry | SignedProposalEntry) and book.on_persist:
+            st = entry.sign_state
+            book.on_persist((st.height, st.round, st.step))
+
     monkeypatch.setattr(cs, "sign_vote_guarded", sign_vote)
     monkeypatch.setattr(cs, "sign_proposal_guarded", sign_proposal)
+    monkeypatch.setattr(ConsensusWAL, "append", append)
     return book
 
 
@@ -418,7 +434,7 @@ async def test_restart_in_the_middle_of_a_height(
     """Each chain call takes 0.1 s of mock time: height 2 starts at 1.3, builds until 1.4,
     validates until 1.5, signs both votes at 1.5 and writes the block until 1.6. A crash at
     1.3 + ``offset`` lands inside one of them."""
-    threads.delay = 0.1
+    threads.delays = {"build": 0.1, "validate": 0.1, "commit": 0.1}
     threads.finish_on_cancel = finish
     start2 = 0.3 + INTERVAL
     tx = vtransfer(1, 2, 10, nonce=0)
@@ -465,58 +481,72 @@ async def test_restart_in_the_middle_of_a_height(
 
 
 @pytest.mark.parametrize("step", [Step.PROPOSE, Step.PREVOTE, Step.PRECOMMIT])
-async def test_restart_right_after_signing_before_the_message_is_used(
-    node: Node, ledger: Ledger, autojump_clock: trio.testing.MockClock, step: Step
+@pytest.mark.parametrize("crash", ["signed", "persisted"])
+async def test_restart_right_after_signing(
+    node: Node, ledger: Ledger, autojump_clock: trio.testing.MockClock, step: Step, crash: str
 ) -> None:
-    """A crash after a signed message reached the WAL but before the engine saw it: after the
-    restart the replay asks for the same signature again and the sign-state re-sends it."""
+    """A crash right after signing at height 2, before the signature reached the WAL
+    ("signed") or after it did but before the engine saw the message ("persisted"). After the
+    restart the replay asks for the same message again: the sign-state re-sends the persisted
+    signature, or (never persisted, so never sent) it is signed again — identically."""
     target: Slot = (2, 0, int(step))
     with trio.CancelScope() as scope:
 
-        def crash_after(slot: Slot) -> None:
+        def crash_at(slot: Slot) -> None:
             if slot == target:
                 scope.cancel()
 
-        ledger.on_sign = crash_after
+        if crash == "signed":
+            ledger.on_sign = crash_at
+        else:
+            ledger.on_persist = crash_at
         await node.service.run()
-    ledger.on_sign = None
+    ledger.on_sign = ledger.on_persist = None
     assert scope.cancelled_caught
     assert node.chain.head_height == 1
-    entries = node.wal_entries()
-    persisted = [e for e in entries if isinstance(e, SignedVoteEntry | SignedProposalEntry)]
-    last = persisted[-1].sign_state
-    assert (last.height, last.round, last.step) == target
+    with ConsensusWAL.open(node.wal_path) as wal:
+        last = wal.last_sign_state
+    assert last is not None
+    previous = (2, 0, int(step) - 1) if step != Step.PROPOSE else (1, 0, int(Step.PRECOMMIT))
+    assert (last.height, last.round, last.step) == (target if crash == "persisted" else previous)
 
     node.restart()
     await node.run_until_height(3)
     check_chain(node)
-    # The slot was signed twice, with the identical message and signature (a re-send).
+    # The slot was signed twice, with the identical message and signature.
     again = [(d, s) for slot, d, s in ledger.calls if slot == target]
     assert len(again) == 2 and again[0] == again[1]
-    assert node.chain.read_view().get_block(2).header.round == 0  # type: ignore[union-attr]
+    block2 = node.chain.read_view().get_block(2)
+    assert block2 is not None and block2.header.round == 0
 
 
 async def test_restarts_at_every_step_never_conflict(
     node: Node, ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Crash after each signature in turn for several heights; the chain still grows and every
-    (height, round, step) is signed with one message only."""
+    """Crash before and after persisting each signature in turn for several heights; the chain
+    still grows and every (height, round, step) is signed with one message only."""
     crashes = 0
     for target_height in (2, 3, 4):
         for step in (Step.PROPOSE, Step.PREVOTE, Step.PRECOMMIT):
             target: Slot = (target_height, 0, int(step))
-            if target in ledger.by_slot:
-                continue
-            with trio.CancelScope() as scope:
-                ledger.on_sign = lambda slot, t=target, sc=scope: sc.cancel() if slot == t else None
-                await node.service.run()
-            crashes += 1
-            node.restart()
-    ledger.on_sign = None
+            for hook in ("on_sign", "on_persist"):
+                with trio.CancelScope() as scope:
+
+                    def crash_at(
+                        slot: Slot, t: Slot = target, sc: trio.CancelScope = scope
+                    ) -> None:
+                        if slot == t:
+                            sc.cancel()
+
+                    setattr(ledger, hook, crash_at)
+                    await node.service.run()
+                setattr(ledger, hook, None)
+                crashes += scope.cancelled_caught
+                node.restart()
     await node.run_until_height(5)
-    assert crashes >= 3
+    assert crashes == 18
     check_chain(node)
-    assert node.chain.head_height >= 5
+    assert node.committed == [1, 2, 3, 4, 5]
 
 
 async def test_a_wal_ahead_of_a_lost_database_refuses_to_sign_again(

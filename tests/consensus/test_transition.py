@@ -844,16 +844,23 @@ def test_first_block_time_is_the_genesis_time() -> None:
 
 
 def test_block_time_must_follow_the_parent() -> None:
-    """A commit whose median time is not after the parent makes the next block invalid."""
+    """A precommit whose time is not after its block's is invalid (DESIGN §5 "Time"), so a commit
+    whose median would not move the time forward is refused, to build on and to apply."""
     c = PureChain(GEN)
     c.step()
-    parent = c.head
-    assert parent is not None
+    parent = _parent(c)
     stale = make_commit(parent.hash(), 1, 0, [0], time_ms=parent.time)
-    block = c.build(last_commit=stale).block
-    assert block.header.time == parent.time
-    # Today: "block time must be after the parent's"; the precommit itself is invalid too.
-    _expect_invalid(c, block, "time")
+    message = f"precommit time {parent.time} is not after the block's time {parent.time}"
+    with pytest.raises(InvalidCommit, match=message):
+        c.build(last_commit=stale)
+    block = reheader(with_last_commit(c.build().block, stale), time=parent.time)
+    with pytest.raises(InvalidCommit, match=message):
+        c.apply(block)
+    # One millisecond later is fine.
+    ok = make_commit(parent.hash(), 1, 0, [0], time_ms=parent.time + 1)
+    built = c.build(last_commit=ok)
+    assert built.block.header.time == parent.time + 1
+    c.apply(built.block)
 
 
 def test_too_many_transactions() -> None:
@@ -1053,6 +1060,7 @@ def test_last_commit_quorum_is_strictly_more_than_two_thirds() -> None:
         1,
         parent.hash(),
         vs,
+        parent.time,
     )
 
 
@@ -1139,23 +1147,17 @@ def test_last_commit_signed_for_another_chain(chain4: PureChain) -> None:
     _commit_case(chain4, commit, "does not match its validator")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: transition.check_commit never checks precommit times against the parent's time "
-        "(DESIGN §5: a precommit for B with time <= B.time is invalid); only the median is "
-        "checked, so one early precommit among a quorum is accepted"
-    ),
-)
 def test_last_commit_with_a_precommit_not_after_the_parent_time(chain4: PureChain) -> None:
     """DESIGN §5: a precommit for B carries time >= B.time + 1 ms, and one violating that is
     invalid — even when the median (the next block's time) is still after the parent's."""
     parent = _parent(chain4)
     t = parent.time
     commit = make_commit(parent.hash(), 1, 0, [0, 5, 6], time_ms=[t, t + 10, t + 20])
-    block = with_last_commit(chain4.build(last_commit=commit).block, commit)
-    assert block.header.time == t + 10  # the median is fine
-    with pytest.raises(InvalidCommit, match="time"):
+    message = f"precommit time {t} is not after the block's time {t}"
+    with pytest.raises(InvalidCommit, match=message):
+        chain4.build(last_commit=commit)
+    block = reheader(with_last_commit(chain4.build().block, commit), time=t + 10)  # the median
+    with pytest.raises(InvalidCommit, match=message):
         chain4.apply(block)
 
 
@@ -1215,20 +1217,19 @@ def test_genesis_supply_counts_balances_and_bonds() -> None:
     assert total_bonds(state) == 4 * GEN4.validators[0].bond
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: transition.build_block does not check its last_commit (check_commit), so a last "
-        "commit without a quorum yields a block that apply_block rejects"
-    ),
-)
-def test_build_block_never_outputs_a_block_with_an_invalid_last_commit(
-    chain4: PureChain,
-) -> None:
+def test_build_block_refuses_an_invalid_last_commit(chain4: PureChain) -> None:
+    """build_block's output always passes apply_block, so it refuses a last commit that does
+    not finalize the parent rather than build a block every validator would reject."""
     parent = _parent(chain4)
     weak = make_commit(parent.hash(), 1, 0, [0, 5], time_ms=parent.time + 1_000)
-    try:
-        built = chain4.build(last_commit=weak)
-    except InvalidCommit:
-        return  # refusing to build is fine
-    chain4.apply(built.block)  # otherwise the output must be valid
+    with pytest.raises(InvalidCommit, match="lacks more than two thirds"):
+        chain4.build(last_commit=weak)
+    other = make_commit(crypto.sha256(b"x"), 1, 0, VALIDATORS4, time_ms=parent.time + 1_000)
+    with pytest.raises(InvalidCommit, match="another block"):
+        chain4.build(last_commit=other)
+    with pytest.raises(InvalidBlock, match="must carry the last commit"):
+        chain4.build(last_commit=None)
+    first = PureChain(GEN)
+    stray = make_commit(crypto.sha256(b"x"), 0, 0, [0], time_ms=GENESIS_TIME)
+    with pytest.raises(InvalidBlock, match="the first block carries no last commit"):
+        first.build(last_commit=stray)

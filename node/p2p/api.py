@@ -1,0 +1,122 @@
+"""The peer-to-peer interface the node uses (DESIGN §6); implemented by ``libp2p_host.Libp2pHost``
+(py-libp2p, the only libp2p importer) and ``memory.MemoryNetwork`` (tests: drops, delays,
+duplicates and reorders messages, and enforces the same size limits).
+
+Two kinds of traffic:
+
+* **Gossip** — best-effort publish/subscribe on topics named per chain id (``topic_name``).
+  Every received message goes through the topic's validator **before** it is delivered or
+  re-gossiped; the validator returns ``ACCEPT``, ``IGNORE`` (drop, no penalty: duplicates, stale
+  heights) or ``REJECT`` (drop and score the forwarder down: undecodable, bad signature).
+* **Request/response** — on raw streams with our own framing (4-byte big-endian length, frames
+  ≤ ``MAX_FRAME_BYTES``): ``request(peer, protocol, payload)`` sends one request and reads one
+  response; a handler registered with ``set_handler`` answers. Long responses are split by the
+  protocol itself (ranges), never one huge frame.
+
+Peers are identified by ``PeerId`` (the libp2p peer id bytes, or a name in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import NewType, Protocol
+
+PeerId = NewType("PeerId", bytes)
+
+# py-libp2p's gossipsub refuses inbound RPCs over 1 MiB; keep every gossip message well below.
+MAX_GOSSIP_BYTES = 1 << 20
+MAX_GOSSIP_PAYLOAD = 256 << 10  # tx batches, block parts: ≤ 256 KiB (DESIGN §6)
+MAX_FRAME_BYTES = 1 << 20  # one request/response frame on a raw stream
+MAX_RESPONSE_BYTES = 64 << 20  # a whole response (several frames)
+
+PROTOCOL_SYNC = "/neuroseed/sync/1"
+PROTOCOL_CATCHUP = "/neuroseed/catchup/1"
+PROTOCOL_CHUNKS = "/neuroseed/chunks/1"
+PROTOCOL_PULL = "/neuroseed/pull/1"  # missing block parts and transactions by hash
+PROTOCOL_PING = "/neuroseed/ping/1"
+
+
+class Topic(str, Enum):
+    TXS = "txs"
+    PROPOSALS = "proposals"
+    VOTES = "votes"
+    EVIDENCE = "evidence"
+
+
+def topic_name(chain_id: int, topic: Topic) -> str:
+    return f"/neuroseed/{chain_id}/{topic.value}/1"
+
+
+class Verdict(Enum):
+    ACCEPT = "accept"
+    IGNORE = "ignore"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class GossipMessage:
+    topic: str
+    data: bytes
+    sender: PeerId  # the peer that forwarded it to us (not necessarily the origin)
+
+
+TopicValidator = Callable[[GossipMessage], Awaitable[Verdict]]
+RequestHandler = Callable[[PeerId, bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    peer_id: PeerId
+    addrs: tuple[str, ...]
+    connected: bool
+
+
+class P2PError(Exception):
+    """Base of the network layer's errors (translated from the transport's own)."""
+
+
+class PeerUnreachable(P2PError):
+    pass
+
+
+class RequestFailed(P2PError):
+    pass
+
+
+class MessageTooLarge(P2PError):
+    pass
+
+
+class Network(Protocol):
+    """One node's view of the network. All methods are called from the node's trio loop."""
+
+    @property
+    def peer_id(self) -> PeerId: ...
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Gossip ``data``; raises ``MessageTooLarge`` above ``MAX_GOSSIP_BYTES``."""
+        ...
+
+    async def subscribe(self, topic: str, validator: TopicValidator) -> None:
+        """Deliver accepted messages of ``topic`` to ``next_message``."""
+        ...
+
+    async def next_message(self) -> GossipMessage:
+        """The next accepted gossip message, of any subscribed topic."""
+        ...
+
+    def set_handler(self, protocol: str, handler: RequestHandler) -> None: ...
+
+    async def request(
+        self, peer: PeerId, protocol: str, payload: bytes, *, timeout_s: float = 10.0
+    ) -> bytes:
+        """One request/response exchange; raises ``PeerUnreachable`` or ``RequestFailed``."""
+        ...
+
+    def peers(self) -> list[PeerInfo]: ...
+
+    async def penalize(self, peer: PeerId, reason: str) -> None:
+        """Score ``peer`` down for bad data; disconnects it past the threshold."""
+        ...
