@@ -158,8 +158,17 @@ def transaction_to_json(raw: bytes, location: Located | None = None) -> dict[str
     return out
 
 
+# Event attributes that hold uint256 amounts: shown as decimal strings of base units, like every
+# other amount in the API (the raw value is 32-byte big-endian).
+AMOUNT_ATTRIBUTES = frozenset({"amount", "burned", "tip"})
+
+
 def receipt_to_json(receipt: Receipt, location: Located | None = None) -> dict[str, Any]:
     out = record_to_json(receipt)
+    for event_json, event in zip(out["events"], receipt.events, strict=True):
+        for attr_json, attr in zip(event_json["attributes"], event.attributes, strict=True):
+            if attr.key in AMOUNT_ATTRIBUTES and len(attr.value) == 32:
+                attr_json["value"] = str(int.from_bytes(attr.value, "big"))
     out["success"] = receipt.status == ReceiptStatus.SUCCESS
     if location is not None:
         out["blockHash"] = to_hex(location.block_hash)
