@@ -51,6 +51,7 @@ from node.consensus.blocks import Block, Commit, Vote, VoteType, sign_vote
 from node.consensus.txs import Transfer, VerifiedTransaction, make_transaction
 from node.crypto import sha256
 from node.devkeys import dev_key
+from node.service import GC_THRESHOLDS
 from node.storage.chain_store import ChainStore
 from node.storage.leveldb import LevelDB
 from node.storage.smt import StateTree
@@ -219,6 +220,7 @@ def main() -> None:
         del keys, batches, built, proposer
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)  # as the node sets it after start-up (node/service.py)
         profiler = cProfile.Profile() if args.profile else None
         times = []
         cpu_times = []

@@ -13,15 +13,32 @@ consensus-notes "How to drive it"). For each action the engine returns it does t
 
 After a crash the WAL of the height in progress is replayed into a fresh engine, so locks and own
 votes are restored and the sign-state refuses anything conflicting (``node/consensus/wal.py``).
+
+**The network** (``node/p2p/gossip.py``, ``node/p2p/catchup.py``) talks to the service through:
+
+* a ``ConsensusPublisher`` (the gossip service): own signed proposals (with their block) and votes
+  are handed to it right after the synced WAL append, and still fed back to the engine locally;
+* ``deliver_proposal`` / ``deliver_votes``: messages from peers whose signatures the caller has
+  already recovered (in a worker thread). They join the same queue as every other event, so chain
+  work stays single-threaded: a proposal's block is executed with ``ChainService.validate`` (in a
+  worker thread) by this task and delivered as ``ProposalReceived(valid=...)``. Proposals for the
+  next height wait (bounded) until that height starts; votes for it are buffered by the engine.
+  Stale, duplicate and far-ahead messages are dropped before they reach the WAL;
+* ``commit_from_peer``: the minimal catch-up. A block at the next height with a commit from a
+  peer is committed with ``ChainService.commit`` (which checks the commit against the validator
+  set) and the next height starts at once;
+* read-only views for the catch-up protocol: ``state``, ``validators_for``, ``block``,
+  ``own_proposals``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -31,6 +48,8 @@ from node.consensus import engine as eng
 from node.consensus.blocks import Block, Commit, SignedProposal, SignedVote
 from node.consensus.mempool import Mempool
 from node.consensus.signstate import SignState, sign_proposal_guarded, sign_vote_guarded
+from node.consensus.transition import BlockResult
+from node.consensus.validators import ValidatorSet
 from node.consensus.wal import (
     BlockEntry,
     ConsensusWAL,
@@ -46,6 +65,19 @@ from node.types import Address, Hash32, Height, Round
 log = logging.getLogger(__name__)
 
 EVENT_QUEUE = 4096
+# Input from peers is refused (dropped: gossip is best-effort, catch-up repairs) once the queue is
+# this full, so the service's own events (own votes fed back, timers) always find room.
+PEER_INPUT_LIMIT = EVENT_QUEUE // 2
+MAX_NEXT_HEIGHT_PROPOSALS = 16  # proposals (with blocks) kept for height + 1
+
+
+class ConsensusPublisher(Protocol):
+    """Where the service sends what it signs (the gossip service). Both calls must return at
+    once (queue the work): they run inside the consensus loop."""
+
+    def publish_proposal(self, signed: SignedProposal, block: Block) -> None: ...
+
+    def publish_vote(self, signed: SignedVote) -> None: ...
 
 
 def wall_clock_ms() -> int:
@@ -57,6 +89,32 @@ class _CommitDue:
     """Internal event: ``timeout_commit`` after deciding ``height`` has passed."""
 
     height: int
+
+
+@dataclass(frozen=True, slots=True)
+class _PeerProposal:
+    """A proposal from a peer (signature checked by the caller) with its assembled block."""
+
+    signed: SignedProposal
+    block: Block
+
+
+@dataclass(frozen=True, slots=True)
+class _PeerVotes:
+    """Votes from peers with their recovered signers."""
+
+    votes: tuple[tuple[SignedVote, Address], ...]
+
+
+@dataclass(slots=True)
+class _PeerCommit:
+    """Catch-up: a block at the next height with the commit a peer stored for it."""
+
+    block: Block
+    commit: Commit
+    done: trio.Event = field(default_factory=trio.Event)
+    committed: bool = False
+    error: InvalidBlock | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +137,7 @@ class ConsensusService:
         *,
         clock_ms: Callable[[], int] = wall_clock_ms,
         on_commit: Callable[[Block], None] | None = None,
+        publisher: ConsensusPublisher | None = None,
     ) -> None:
         self.chain = chain
         self.mempool = mempool
@@ -95,6 +154,9 @@ class ConsensusService:
         self._nursery: trio.Nursery | None = None
         self._wal: ConsensusWAL | None = None
         self._height_waiters: list[tuple[int, trio.Event]] = []
+        self.publisher = publisher
+        self._next_proposals: dict[bytes, _PeerProposal] = {}
+        self._next_validators: tuple[int, ValidatorSet] | None = None
 
     # --- public ------------------------------------------------------------------------------
 
@@ -112,6 +174,104 @@ class ConsensusService:
         event = trio.Event()
         self._height_waiters.append((height, event))
         await event.wait()
+
+    def attach_publisher(self, publisher: ConsensusPublisher) -> None:
+        """Send own proposals and votes to ``publisher`` from now on (the gossip service)."""
+        self.publisher = publisher
+
+    # --- input from peers (see the module docstring) ---------------------------------------------
+
+    def deliver_proposal(self, signed: SignedProposal, block: Block) -> bool:
+        """Queue a peer's proposal whose signature recovers its proposer, with its block (whose
+        hash the caller checked against the proposal). False if dropped at once."""
+        height = signed.proposal.height
+        if height not in (self.state.height, self.state.height + 1):
+            return False
+        if block.hash() != signed.proposal.block_hash:
+            return False
+        return self._offer(_PeerProposal(signed, block))
+
+    def deliver_votes(self, votes: Sequence[tuple[SignedVote, Address]]) -> bool:
+        """Queue votes from peers, each with the signer its signature recovers."""
+        fresh = tuple((v, signer) for v, signer in votes if not self.knows_vote(v, signer))
+        return bool(fresh) and self._offer(_PeerVotes(fresh))
+
+    async def commit_from_peer(self, block: Block, commit: Commit) -> bool:
+        """Commit ``block`` (the next height) with ``commit`` received from a peer and start the
+        following height. True if it was committed; False if it is not the next height (any
+        more), or the queue is full. Raises ``InvalidBlock`` (``InvalidCommit``) for bad data."""
+        if block.header.height != self.chain.head_height + 1:
+            return False
+        item = _PeerCommit(block, commit)
+        if not self._offer(item):
+            return False
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.committed
+
+    def _offer(self, item: object) -> bool:
+        if self._send.statistics().current_buffer_used >= PEER_INPUT_LIMIT:
+            log.debug("consensus queue full: dropping %s from a peer", type(item).__name__)
+            return False
+        try:
+            self._send.send_nowait(item)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        return True
+
+    # --- read-only views for the network -------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        """The height in progress (still the decided one during ``timeout_commit``)."""
+        return int(self.state.height)
+
+    def validators_for(self, height: int) -> ValidatorSet | None:
+        """The validator set that votes at ``height`` (this height or the next), else None."""
+        s = self.state
+        if s.validators is None:
+            return None
+        if height == s.height:
+            return s.validators
+        if height == s.height + 1:
+            cached = self._next_validators
+            if cached is None or cached[0] != height:
+                cached = (height, self.chain.validator_context(height).current)
+                self._next_validators = cached
+            return cached[1]
+        return None
+
+    def knows_vote(self, signed: SignedVote, signer: Address) -> bool:
+        """True if the engine has this vote (or one for the same value) or cannot use it."""
+        s = self.state
+        vote = signed.vote
+        if vote.height == s.height + 1:
+            return (signed, signer) in s.next_height_votes
+        if vote.height != s.height or s.validators is None:
+            return True
+        messages = s.rounds.get(vote.round)
+        if messages is None:
+            return False
+        return vote.block_hash in messages.votes(vote.vote_type).values_of.get(signer, ())
+
+    def block(self, block_hash: Hash32) -> Block | None:
+        """A block of the height in progress this node built or received."""
+        return self._blocks.get(block_hash)
+
+    def own_proposals(self) -> list[tuple[SignedProposal, Block]]:
+        """This validator's proposals at the undecided height in progress, latest round first."""
+        s = self.state
+        own = self.config.address
+        if own is None or s.decision is not None:
+            return []
+        out = []
+        for r in sorted(s.rounds, reverse=True):
+            for signed in s.rounds[r].proposals:
+                block = self._blocks.get(signed.proposal.block_hash)
+                if signed.proposal.proposer == own and block is not None:
+                    out.append((signed, block))
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._wal = ConsensusWAL.open(self.wal_path)
@@ -164,6 +324,10 @@ class ConsensusService:
             eng.Timeouts.from_params(self.chain.params),
         )
         await self._deliver(event)
+        waiting, self._next_proposals = self._next_proposals, {}
+        for item in waiting.values():
+            if item.signed.proposal.height == height:
+                await self._on_peer_proposal(item)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -178,7 +342,72 @@ class ConsensusService:
                     )
                 await self._start_height(event.height + 1)
             return
+        if isinstance(event, _PeerVotes):
+            for signed, signer in event.votes:
+                if not self.knows_vote(signed, signer):
+                    await self._deliver(eng.VoteReceived(signed, signer, self.clock_ms()))
+            return
+        if isinstance(event, _PeerProposal):
+            await self._on_peer_proposal(event)
+            return
+        if isinstance(event, _PeerCommit):
+            await self._on_peer_commit(event)
+            return
         await self._deliver(event)  # type: ignore[arg-type]
+
+    async def _on_peer_proposal(self, item: _PeerProposal) -> None:
+        assert self._wal is not None
+        signed, block = item.signed, item.block
+        p = signed.proposal
+        s = self.state
+        if p.height == s.height + 1:
+            key = signed.encode()
+            if key not in self._next_proposals and (
+                len(self._next_proposals) < MAX_NEXT_HEIGHT_PROPOSALS
+            ):
+                self._next_proposals[key] = item
+            return
+        if p.height != s.height or s.decision is not None or s.validators is None:
+            return
+        messages = s.rounds.get(p.round)
+        if messages is not None and any(q.proposal == p for q in messages.proposals):
+            return  # a duplicate
+        block_hash = p.block_hash
+        info = s.blocks.get(block_hash)
+        if info is not None:  # executed already (an earlier round's proposal of the same block)
+            valid = info.valid
+        else:
+            if block_hash not in self._blocks:
+                self._blocks[block_hash] = block
+                # Kept so a restart can still commit or re-propose it.
+                self._wal.append(BlockEntry(block_hash, block.encode()), sync=False)
+            valid = await self._validate(block)
+        await self._deliver(
+            eng.ProposalReceived(signed, block_hash, valid, block.header.time, self.clock_ms())
+        )
+
+    async def _on_peer_commit(self, item: _PeerCommit) -> None:
+        block, commit = item.block, item.commit
+        height = int(block.header.height)
+        try:
+            if height != self.chain.head_height + 1:
+                return
+            try:
+                result = await trio.to_thread.run_sync(self.chain.commit, block, commit)
+            except InvalidBlock as exc:
+                log.warning("a peer's block %d did not commit: %s", height, exc.message)
+                item.error = exc
+                return
+            item.committed = True
+        finally:
+            item.done.set()
+        self._last_commit = commit
+        self._after_commit(block, result)
+        log.info(
+            "caught up: committed block %d (%s) from a peer",
+            height, block.hash().hex()[:16],
+        )
+        await self._start_height(height + 1)
 
     async def _deliver(self, event: eng.Event) -> None:
         assert self._wal is not None
@@ -234,6 +463,9 @@ class ConsensusService:
         )
         await self._append_synced(SignedProposalEntry(signed, sign_state))
         self._sign_state = sign_state
+        block = self._blocks.get(signed.proposal.block_hash)
+        if self.publisher is not None and block is not None:
+            self.publisher.publish_proposal(signed, block)
         await self._on_own_proposal(signed)
 
     async def _append_synced(self, entry: SignedProposalEntry | SignedVoteEntry) -> None:
@@ -271,6 +503,8 @@ class ConsensusService:
         )
         await self._append_synced(SignedVoteEntry(signed, sign_state))
         self._sign_state = sign_state
+        if self.publisher is not None:
+            self.publisher.publish_vote(signed)
         await self._on_own_vote(signed)
 
     async def _on_own_vote(self, signed: SignedVote) -> None:
@@ -289,6 +523,15 @@ class ConsensusService:
         commit = Commit(Height(height), Round(action.round), action.block_hash, action.commit_votes)
         result = await trio.to_thread.run_sync(self.chain.commit, block, commit)
         self._last_commit = commit
+        self._after_commit(block, result)
+        log.info(
+            "finalized block %d (%s) with %d transactions",
+            height, action.block_hash.hex()[:16], len(block.txs),
+        )
+        self._schedule_commit_due(height)
+
+    def _after_commit(self, block: Block, result: BlockResult) -> None:
+        """The pool, the commit callback and ``wait_for_height`` after a block is written."""
         tx_ids = [r.tx_id for r in result.receipts]
         # Senders of every included tx, so the pool also retires same-nonce txs it holds that
         # lost to a competitor it never saw.
@@ -301,14 +544,9 @@ class ConsensusService:
             if attr.key == "payer"
         ]
         self.mempool.on_block_committed(tx_ids, self.chain.state_view(), senders=senders)
-        log.info(
-            "finalized block %d (%s) with %d transactions",
-            height, action.block_hash.hex()[:16], len(block.txs),
-        )
         if self.on_commit is not None:
             self.on_commit(block)
         self._wake_waiters()
-        self._schedule_commit_due(height)
 
     def _schedule_commit_due(self, height: int) -> None:
         assert self._nursery is not None

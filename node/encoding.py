@@ -18,6 +18,8 @@ non-minimal form msgpack would otherwise accept.
 from __future__ import annotations
 
 import dataclasses
+import operator
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -47,6 +49,12 @@ DEFAULT_MAX_RECORD = 8 << 20  # total encoded size unless the caller passes max_
 
 _Enc = Callable[[Any], Any]
 _Dec = Callable[[Any, str], Any]
+
+# The ``where`` a record decoder passes to its fields on the first, fast pass: no path strings are
+# built for fields that decode fine. Only if that pass raises a ``DecodeError`` is the record
+# decoded again with the real paths, which raises the same error with the right message (the
+# decoders are pure, so the second pass fails at the same field for the same reason).
+_FAST = "<fast>"
 
 
 def limit(n: int) -> dict[str, int]:
@@ -82,7 +90,7 @@ R = TypeVar("R", bound=Record)
 
 def unpack_canonical(data: bytes, *, max_size: int = DEFAULT_MAX_RECORD) -> Any:
     """Unpack msgpack bytes with limits, and require that they are the canonical form."""
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if type(data) is not bytes and not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError("expected bytes")
     n = len(data)
     if n > max_size:
@@ -90,14 +98,14 @@ def unpack_canonical(data: bytes, *, max_size: int = DEFAULT_MAX_RECORD) -> Any:
     if n == 0:
         raise DecodeError("empty input")
     try:
-        tree = msgpack.unpackb(
+        tree = _unpackb(
             data,
             raw=False,
             use_list=False,
             strict_map_key=True,
             max_str_len=n,
             max_bin_len=n,
-            max_array_len=min(n, DEFAULT_MAX_ITEMS),
+            max_array_len=n if n < DEFAULT_MAX_ITEMS else DEFAULT_MAX_ITEMS,
             max_map_len=0,
             max_ext_len=0,
         )
@@ -105,14 +113,52 @@ def unpack_canonical(data: bytes, *, max_size: int = DEFAULT_MAX_RECORD) -> Any:
         raise DecodeError("trailing bytes after the record") from exc
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from exc
-    if msgpack.packb(tree, use_bin_type=True) != bytes(data):
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _new_packer()
+    if packer.pack(tree) != (data if type(data) is bytes else bytes(data)):
         raise NonCanonicalEncoding("bytes are not the canonical (minimal) msgpack form")
     return tree
 
 
+_unpackb = msgpack.unpackb
+
+
+# One reusable packer per thread: building a ``msgpack.Packer`` per call (what ``packb`` does)
+# costs more than packing a small record. A packer resets its buffer after each call, also when
+# packing raises.
+_local = threading.local()
+
+
+def _new_packer() -> Any:
+    packer = msgpack.Packer(use_bin_type=True)
+    _local.packer = packer
+    return packer
+
+
 def pack(tree: Any) -> bytes:
-    data: bytes = msgpack.packb(tree, use_bin_type=True)
+    """The msgpack bytes of a wire tree (``msgpack.packb(tree, use_bin_type=True)``)."""
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _new_packer()
+    data: bytes = packer.pack(tree)
     return data
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items (what ``pack`` writes before the items)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def bin_header_size(n: int) -> int:
+    """Bytes of the msgpack header ``pack`` writes before a ``bytes`` value of length ``n``."""
+    return 2 if n < 1 << 8 else 3 if n < 1 << 16 else 5
 
 
 # --- codec compilation -------------------------------------------------------------------------
@@ -142,17 +188,35 @@ def _compile_record(cls: type[Record]) -> tuple[_Enc, _Dec]:
         encs.append(enc)
         decs.append(dec)
     count = len(fields)
-    pairs = list(zip(names, encs, strict=True))
     dec_items = list(zip(names, decs, strict=True))
+    if count >= 2:
+        get_fields: Callable[[Any], tuple[Any, ...]] = operator.attrgetter(*names)
+    elif count == 1:
+        get_one = operator.attrgetter(names[0])
+
+        def get_fields(value: Any) -> tuple[Any, ...]:
+            return (get_one(value),)
+
+    else:
+
+        def get_fields(value: Any) -> tuple[Any, ...]:
+            return ()
 
     def enc_record(value: Any) -> tuple[Any, ...]:
-        return tuple([e(getattr(value, n)) for n, e in pairs])
+        return tuple([e(v) for e, v in zip(encs, get_fields(value), strict=True)])
 
     def dec_record(tree: Any, where: str) -> Any:
         if type(tree) is not tuple:
             raise DecodeError(f"{where}: expected an array of {count} fields")
         if len(tree) != count:
             raise DecodeError(f"{where}: expected {count} fields, got {len(tree)}")
+        if where is _FAST:
+            return cls(*[d(v, _FAST) for d, v in zip(decs, tree, strict=False)])
+        try:
+            return cls(*[d(v, _FAST) for d, v in zip(decs, tree, strict=False)])
+        except DecodeError:
+            pass
+        # Again with the field paths, for the error message (see _FAST).
         return cls(*[d(v, f"{where}.{n}") for (n, d), v in zip(dec_items, tree, strict=False)])
 
     return enc_record, dec_record
@@ -179,10 +243,15 @@ def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:
             raise TypeError(f"only tuple[T, ...] is supported, got {tp}")
         item_enc, item_dec = _compile_type(targs[0], None)
         cap = max_len if max_len is not None else DEFAULT_MAX_ITEMS
+        # Items that are plain ``bytes`` within a length range are already their own wire form:
+        # a tuple of them (a block's transactions) is checked in bulk and passed through.
+        byte_range = _BYTES_ITEM_RANGE.get(item_dec)
 
         def enc_tuple(v: Any) -> Any:
             if len(v) > cap:
                 raise EncodeError(f"{len(v)} items exceed the limit of {cap}")
+            if byte_range is not None and type(v) is tuple and _plain_bytes_in(v, byte_range):
+                return v
             return tuple([item_enc(x) for x in v])
 
         def dec_tuple(v: Any, where: str) -> Any:
@@ -190,6 +259,10 @@ def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:
                 raise DecodeError(f"{where}: expected an array")
             if len(v) > cap:
                 raise TooLarge(f"{where}: {len(v)} items exceed the limit of {cap}")
+            if byte_range is not None and _plain_bytes_in(v, byte_range):
+                return v
+            if where is _FAST:
+                return tuple([item_dec(x, _FAST) for x in v])
             return tuple([item_dec(x, f"{where}[{i}]") for i, x in enumerate(v)])
 
         return enc_tuple, dec_tuple
@@ -207,12 +280,18 @@ def _compile_type(tp: Any, max_len: int | None) -> tuple[_Enc, _Dec]:
         return _str_codec(max_len if max_len is not None else DEFAULT_MAX_STR)
     if isinstance(tp, type) and issubclass(tp, Record):
         sub: type[Record] = tp
+        # Resolved at the first use, not here: a record may refer to one compiled later.
+        resolved: list[tuple[_Enc, _Dec]] = []
 
         def enc_sub(v: Any) -> Any:
-            return _codec_of(sub)[0](v)
+            if not resolved:
+                resolved.append(_codec_of(sub))
+            return resolved[0][0](v)
 
         def dec_sub(v: Any, where: str) -> Any:
-            return _codec_of(sub)[1](v, where)
+            if not resolved:
+                resolved.append(_codec_of(sub))
+            return resolved[0][1](v, where)
 
         return enc_sub, dec_sub
     raise TypeError(f"unsupported field type {tp!r}")
@@ -260,6 +339,20 @@ def _dec_u256(v: Any, where: str) -> int:
     return int.from_bytes(v, "big")
 
 
+# Decoders of plain ``bytes`` fields -> the (min, max) length they accept (see _plain_bytes_in).
+_BYTES_ITEM_RANGE: dict[_Dec, tuple[int, int]] = {}
+
+
+def _plain_bytes_in(items: tuple[Any, ...], length_range: tuple[int, int]) -> bool:
+    """Whether every item is exactly ``bytes`` with a length in ``length_range`` (C-speed)."""
+    if not items:
+        return True
+    if set(map(type, items)) != {bytes}:
+        return False
+    lengths = set(map(len, items))
+    return length_range[0] <= min(lengths) and max(lengths) <= length_range[1]
+
+
 def _fixed_bytes_codec(size: int) -> tuple[_Enc, _Dec]:
     def dec(v: Any, where: str) -> bytes:
         if type(v) is not bytes or len(v) != size:
@@ -271,6 +364,7 @@ def _fixed_bytes_codec(size: int) -> tuple[_Enc, _Dec]:
             raise EncodeError(f"expected {size} bytes")
         return bytes(v)
 
+    _BYTES_ITEM_RANGE[dec] = (size, size)
     return enc, dec
 
 
@@ -289,6 +383,7 @@ def _var_bytes_codec(cap: int) -> tuple[_Enc, _Dec]:
             raise EncodeError(f"{len(v)} bytes exceed the limit of {cap}")
         return bytes(v)
 
+    _BYTES_ITEM_RANGE[dec] = (0, cap)
     return enc, dec
 
 

@@ -35,9 +35,10 @@ def _root_of_leaves(leaves: Sequence[bytes]) -> bytes:
     level: list[bytes] = list(leaves)
     # Iterative form of the RFC 6962 recursion: pairing left to right and promoting an odd last
     # node gives the same tree as splitting at the largest power of two below n.
+    sha = _sha
     while len(level) > 1:
         nxt: list[bytes] = [
-            node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)
+            sha(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
         ]
         if len(level) % 2:
             nxt.append(level[-1])
@@ -48,7 +49,8 @@ def _root_of_leaves(leaves: Sequence[bytes]) -> bytes:
 def merkle_root(items: Sequence[bytes]) -> Hash32:
     if not items:
         return ZERO_HASH
-    return Hash32(_root_of_leaves([leaf_hash(x) for x in items]))
+    sha = _sha
+    return Hash32(_root_of_leaves([sha(b"\x00" + x).digest() for x in items]))
 
 
 def merkle_proof(items: Sequence[bytes], index: int) -> list[Hash32]:

@@ -5,8 +5,9 @@ without ever signing two different messages for one (height, round, step), and o
 
 Determinism: the service runs chain work in ``trio.to_thread.run_sync``; with an autojumping mock
 clock a real worker thread races the clock (the clock jumps to the next timeout while the thread
-runs). The ``threads`` fixture therefore runs that work inline, after ``delay`` seconds of mock
-time, so a test can also place a cancellation (a crash) exactly inside it.
+runs). The ``threads`` fixture (``tests/conftest.py``, ``tests/threads.py``) therefore runs that
+work inline, after ``delay`` seconds of mock time, so a test can also place a cancellation (a
+crash) exactly inside it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from tests.helpers import (
     open_chain,
     vtransfer,
 )
+from tests.threads import InlineThreads
 
 GEN = make_genesis(funded=4, validators=(0,))
 INTERVAL = GEN.votable_params.timeout_commit_ms / 1000  # seconds of mock time
@@ -62,42 +64,6 @@ Slot = tuple[int, int, int]  # (height, round, step)
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-class InlineThreads:
-    """Stands in for ``trio.to_thread.run_sync`` with trio's cancellation semantics for
-    ``abandon_on_cancel=False``: a cancellation already pending raises before the work starts;
-    once started, the work is not interrupted and the cancellation lands at the caller's next
-    checkpoint.
-
-    ``delays`` gives functions (by name: ``build``, ``validate``, ``commit``, ``append``, ...)
-    a duration in mock time. A cancellation during that time is a crash while the work runs:
-    it never completes, unless ``finish_on_cancel`` lets it finish first.
-    """
-
-    def __init__(self) -> None:
-        self.delays: dict[str, float] = {}
-        self.finish_on_cancel = False
-        self.calls: list[str] = []
-
-    async def run_sync(self, fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        name = getattr(fn, "__name__", repr(fn))
-        delay = self.delays.get(name, 0.0)
-        if delay:
-            with trio.CancelScope(shield=self.finish_on_cancel):
-                await trio.sleep(delay)
-        self.calls.append(name)
-        result = fn(*args)
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return result
-
-
-@pytest.fixture
-def threads(monkeypatch: pytest.MonkeyPatch) -> InlineThreads:
-    inline = InlineThreads()
-    monkeypatch.setattr(trio.to_thread, "run_sync", inline.run_sync)
-    return inline
 
 
 @dataclass

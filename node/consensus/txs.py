@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from node import crypto
-from node.encoding import Record, limit
+from node.encoding import Record, limit, unpack_canonical
 from node.errors import (
     DecodeError,
     InvalidBody,
@@ -25,7 +25,7 @@ from node.errors import (
     TransactionTooLarge,
     UnknownKind,
 )
-from node.types import Address, Amount, ChainId, Hash32, Nonce, Signature
+from node.types import UINT64_MAX, Address, Amount, ChainId, Hash32, Nonce, Signature
 
 # Hard ceiling on one encoded signed transaction; the votable ``max_tx_bytes`` may only lower it.
 MAX_TX_BYTES_HARD = 1 << 20
@@ -120,16 +120,95 @@ def decode_transaction(raw: bytes, max_bytes: int = MAX_TX_BYTES_HARD) -> Signed
 
 def verify_transaction(raw: bytes, max_bytes: int = MAX_TX_BYTES_HARD) -> VerifiedTransaction:
     """Decode strictly, dispatch the kind, recover the sender. No state is consulted."""
-    signed = decode_transaction(raw, max_bytes)
-    body = decode_body(signed.tx)
-    sender = recover_sender(signed)
+    fast = _decode_transfer(raw, max_bytes)
+    if fast is None:
+        # Every other kind, and every input the fast path does not take: the strict decoders
+        # (which raise the specific error for a bad input).
+        signed = decode_transaction(raw, max_bytes)
+        body = decode_body(signed.tx)
+        sender = recover_sender(signed)
+    else:
+        signed, body = fast
+        # A canonical SignedTransaction is [tx, signature]: a 2-item array (the 1-byte header
+        # 0x92, whatever the size), the Transaction's own canonical bytes, then the 65-byte
+        # signature as bin 8 (0xc4 0x41 + 65 bytes). So the signed bytes are raw[1:-67] exactly;
+        # the Transaction's inner headers (its body's bin 8/16/32) are inside that slice.
+        sender = _recover(signed, raw[1 : len(raw) - _SIGNATURE_WIRE_BYTES])
     return VerifiedTransaction(raw, crypto.sha256(raw), signed, sender, body)
 
 
+# The signature's msgpack form at the end of a SignedTransaction: bin 8 header (2 bytes) + 65.
+_SIGNATURE_WIRE_BYTES = 2 + 65
+
+
+def _decode_transfer(raw: object, max_bytes: int) -> tuple[SignedTransaction, Transfer] | None:
+    """The fast path of ``decode_transaction`` + ``decode_body`` for a transfer.
+
+    Returns what they would return, or None wherever they would raise or the transaction is
+    not a transfer (the caller then takes the strict path, which raises the proper error): the
+    same canonical unpacking of the envelope and the same checks on its tree, inline; the body
+    is accepted only in its exact canonical byte layout.
+    """
+    if type(raw) is not bytes or len(raw) > max_bytes:
+        return None
+    try:
+        tree = unpack_canonical(raw, max_size=max_bytes)
+    except DecodeError:
+        return None
+    if type(tree) is not tuple or len(tree) != 2:
+        return None
+    wire_tx, signature = tree
+    if type(wire_tx) is not tuple or len(wire_tx) != 5:
+        return None
+    if type(signature) is not bytes or len(signature) != 65:
+        return None
+    chain_id, nonce, fee, kind, body = wire_tx
+    if (
+        kind != TxKind.TRANSFER
+        or type(kind) is not int
+        or type(chain_id) is not int
+        or type(nonce) is not int
+        or not 0 <= chain_id <= UINT64_MAX
+        or not 0 <= nonce <= UINT64_MAX
+        or type(fee) is not bytes
+        or len(fee) != 32
+        or type(body) is not bytes
+        or len(body) > MAX_BODY_BYTES
+    ):
+        return None
+    # The body, read in place: a canonical Transfer with a memo under 256 bytes is exactly
+    # 0x93, bin 8 of 20 bytes, bin 8 of 32 bytes, bin 8 of the memo (59 bytes + the memo).
+    # Any other form (a longer memo's bin 16, or invalid bytes) takes the strict path.
+    n = len(body)
+    if (
+        n < 59
+        or body[57] != 0xC4
+        or body[58] != n - 59
+        or body[:3] != b"\x93\xc4\x14"
+        or body[23:25] != b"\xc4\x20"
+    ):
+        return None
+    to = body[3:23]
+    amount = body[25:57]
+    memo = body[59:]
+    tx = Transaction(
+        ChainId(chain_id), Nonce(nonce), Amount(int.from_bytes(fee, "big")), kind, body
+    )
+    return (
+        SignedTransaction(tx, Signature(signature)),
+        Transfer(Address(to), Amount(int.from_bytes(amount, "big")), memo),
+    )
+
+
 def recover_sender(signed: SignedTransaction) -> Address:
+    return _recover(signed, signed.tx.encode())
+
+
+def _recover(signed: SignedTransaction, encoded_tx: bytes) -> Address:
+    """The sender of ``signed``, given the canonical encoding of ``signed.tx``."""
     try:
         return crypto.recover_signer(
-            crypto.TAG_TX, signed.tx.chain_id, signed.tx.encode(), signed.signature
+            crypto.TAG_TX, signed.tx.chain_id, encoded_tx, signed.signature
         )
     except MalleableSignature as exc:
         raise MalleableTransactionSignature(exc.message) from exc

@@ -14,14 +14,31 @@ Two kinds of traffic:
   protocol itself (ranges), never one huge frame.
 
 Peers are identified by ``PeerId`` (the libp2p peer id bytes, or a name in memory).
+
+Conventions every implementation keeps (``memory.MemoryNetwork`` is the reference):
+
+* ``publish`` neither runs the local validator nor delivers to the local ``next_message``: the node
+  feeds its own messages back itself. (py-libp2p runs a topic's validator on the host's own
+  publishes too: the libp2p host must return ``ACCEPT`` there for messages from itself.)
+* A message is identified by (origin, sequence number), as in gossipsub: a re-publish of the same
+  bytes is a new message (periodic re-gossip must get through); a repeat of one message id is
+  dropped before validation.
+* Request and response payloads are single byte strings: a request ≤ ``MAX_REQUEST_BYTES``, a
+  response ≤ ``MAX_RESPONSE_BYTES`` (sent as several frames by ``framing.write_message``).
+  A handler's ``P2PError``/``NeuroSeedError`` reaches the requester as ``RequestFailed``; the wire
+  messages of ``messages.py`` carry application errors as ``ErrorResponse`` instead.
+* ``request`` raises ``PeerUnreachable`` when the peer is not connected (or the connection is
+  reset while waiting), ``RequestTimeout`` after ``timeout_s``, ``RequestFailed`` otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import NewType, Protocol
+
+from node.errors import NeuroSeedError
 
 PeerId = NewType("PeerId", bytes)
 
@@ -29,6 +46,7 @@ PeerId = NewType("PeerId", bytes)
 MAX_GOSSIP_BYTES = 1 << 20
 MAX_GOSSIP_PAYLOAD = 256 << 10  # tx batches, block parts: ≤ 256 KiB (DESIGN §6)
 MAX_FRAME_BYTES = 1 << 20  # one request/response frame on a raw stream
+MAX_REQUEST_BYTES = MAX_FRAME_BYTES  # a whole request
 MAX_RESPONSE_BYTES = 64 << 20  # a whole response (several frames)
 
 PROTOCOL_SYNC = "/neuroseed/sync/1"
@@ -38,7 +56,7 @@ PROTOCOL_PULL = "/neuroseed/pull/1"  # missing block parts and transactions by h
 PROTOCOL_PING = "/neuroseed/ping/1"
 
 
-class Topic(str, Enum):
+class Topic(StrEnum):
     TXS = "txs"
     PROPOSALS = "proposals"
     VOTES = "votes"
@@ -73,20 +91,38 @@ class PeerInfo:
     connected: bool
 
 
-class P2PError(Exception):
+class P2PError(NeuroSeedError):
     """Base of the network layer's errors (translated from the transport's own)."""
+
+    code = 2100
+    reason = "network error"
 
 
 class PeerUnreachable(P2PError):
-    pass
+    code = 2101
+    reason = "peer unreachable"
 
 
 class RequestFailed(P2PError):
-    pass
+    code = 2102
+    reason = "request failed"
+
+
+class RequestTimeout(RequestFailed):
+    code = 2103
+    reason = "request timed out"
 
 
 class MessageTooLarge(P2PError):
-    pass
+    code = 2104
+    reason = "message too large"
+
+
+class HostStopped(P2PError):
+    """The local host is stopped (crashed, or shut down)."""
+
+    code = 2105
+    reason = "host stopped"
 
 
 class Network(Protocol):
@@ -112,7 +148,8 @@ class Network(Protocol):
     async def request(
         self, peer: PeerId, protocol: str, payload: bytes, *, timeout_s: float = 10.0
     ) -> bytes:
-        """One request/response exchange; raises ``PeerUnreachable`` or ``RequestFailed``."""
+        """One request/response exchange; raises ``PeerUnreachable``, ``RequestTimeout`` or
+        ``RequestFailed`` (and ``MessageTooLarge`` for a payload above ``MAX_REQUEST_BYTES``)."""
         ...
 
     def peers(self) -> list[PeerInfo]: ...

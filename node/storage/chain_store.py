@@ -14,6 +14,7 @@ receipts and seen commit agree and that the last few blocks link to their parent
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -32,11 +33,11 @@ from node.consensus.blocks import (
     compute_tx_root,
 )
 from node.consensus.receipts import Receipt
-from node.encoding import Record, limit
+from node.encoding import Record, array_header, bin_header_size, limit, pack
 from node.errors import CorruptDatabase, DecodeError, InvalidBlock, InvalidCommit, StorageError
 from node.storage import schema
 from node.storage.api import KVReader, KVStore, Snapshot
-from node.types import ZERO_HASH, ChainId, Hash32, Height
+from node.types import UINT64_MAX, ZERO_HASH, ChainId, Hash32, Height
 
 # Stored records are our own writes, so the limit only has to admit the largest legitimate one
 # (a block body at the hard transaction cap), not defend against hostile input.
@@ -90,8 +91,16 @@ class HeightRecord(Record):
 
 @dataclass(frozen=True, slots=True)
 class TxLocationRecord(Record):
+    """Where a committed transaction is: its block and position, and the byte ranges of its
+    bytes in the stored block body and of its receipt's encoding in the stored receipts record,
+    so that a lookup reads both without decoding the block or its receipts (schema 2)."""
+
     height: Height
     index: int
+    tx_offset: int
+    tx_size: int
+    receipt_offset: int
+    receipt_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +132,11 @@ class ChainReader:
 
     def __init__(self, kv: KVReader) -> None:
         self._kv = kv
+
+    @property
+    def kv(self) -> KVReader:
+        """The store or snapshot this reads (keys per node.storage.schema)."""
+        return self._kv
 
     def _load(self, key: bytes, cls: type[R], what: str) -> R | None:
         raw = self._kv.get(key)
@@ -218,10 +232,36 @@ class ChainReader:
 
     def get_tx_location(self, tx_id: bytes) -> tuple[Height, int] | None:
         """(height, index in the block) of a committed transaction."""
+        record = self.get_tx_record(tx_id)
+        return None if record is None else (record.height, record.index)
+
+    def get_tx_record(self, tx_id: bytes) -> TxLocationRecord | None:
+        """The index entry of a committed transaction."""
         if len(tx_id) != 32:
             return None
-        record = self._load(schema.tx_key(tx_id), TxLocationRecord, "transaction index entry")
-        return None if record is None else (record.height, record.index)
+        return self._load(schema.tx_key(tx_id), TxLocationRecord, "transaction index entry")
+
+    def read_indexed(self, tx_id: bytes, record: TxLocationRecord) -> tuple[bytes, Receipt]:
+        """The bytes and the receipt of the transaction ``record`` indexes: two byte ranges of
+        the stored body and receipts, checked against ``tx_id``; no block is decoded."""
+        height = record.height
+        body = self._kv.get(schema.body_key(height))
+        receipts = self._kv.get(schema.receipts_key(height))
+        if body is None or receipts is None:
+            raise CorruptDatabase(f"block {height} indexed for a transaction is missing")
+        raw = body[record.tx_offset : record.tx_offset + record.tx_size]
+        if len(raw) != record.tx_size or crypto.sha256(raw) != tx_id:
+            raise _corrupt(height, "a transaction index entry does not point at its transaction")
+        encoded = receipts[record.receipt_offset : record.receipt_offset + record.receipt_size]
+        try:
+            receipt = Receipt.decode(encoded, max_size=MAX_STORED_RECORD)
+        except DecodeError as exc:
+            raise _corrupt(
+                height, f"a transaction index entry does not point at a receipt ({exc.message})"
+            ) from exc
+        if receipt.tx_id != tx_id:
+            raise _corrupt(height, "a transaction index entry does not point at its receipt")
+        return raw, receipt
 
     # state
 
@@ -313,14 +353,16 @@ class ChainStore(ChainReader):
         state_changes: Mapping[bytes, bytes | None],
         extra_puts: Mapping[bytes, bytes] = _NO_PUTS,
         extra_deletes: Iterable[bytes] = (),
+        receipt_encodings: Sequence[bytes] | None = None,
     ) -> None:
         """Write a finalized block and everything that comes with it in one synced batch.
 
         ``state_changes`` are latest state values (None deletes); ``extra_puts`` and
-        ``extra_deletes`` are the state tree's records (node/storage/smt.py). Raises
-        ``InvalidBlock`` unless the block is the head's child on this chain, ``InvalidCommit``
-        unless ``commit`` finalizes it, and ``InvalidBlock`` unless there is one receipt per
-        transaction, in order.
+        ``extra_deletes`` are the state tree's records (node/storage/smt.py);
+        ``receipt_encodings``, if given, are ``r.encode()`` of each receipt (made once for the
+        receipts root; they are not re-encoded here). Raises ``InvalidBlock`` unless the block is
+        the head's child on this chain, ``InvalidCommit`` unless ``commit`` finalizes it, and
+        ``InvalidBlock`` unless there is one receipt per transaction, in order.
         """
         header = block.header
         height = header.height
@@ -349,29 +391,57 @@ class ChainStore(ChainReader):
         for index, (tx_id, receipt) in enumerate(zip(tx_ids, receipts, strict=True)):
             if receipt.tx_id != tx_id:
                 raise InvalidBlock(f"receipt {index} is not for transaction {index}")
+        if receipt_encodings is None:
+            encodings: Sequence[bytes] = [r.encode() for r in receipts]
+        else:
+            encodings = receipt_encodings
+            if len(encodings) != len(receipts) or any(
+                enc[:3] != _RECEIPT_PREFIX or enc[3:35] != tx_id
+                for enc, tx_id in zip(encodings, tx_ids, strict=True)
+            ):
+                raise ValueError("receipt_encodings are not the encodings of the receipts")
         deletes = list(extra_deletes)
         _check_extra_keys(extra_puts)
         _check_extra_keys(deletes)
+        body = BlockBody(block.txs, block.evidence, block.last_commit).encode()
+        if len(encodings) > MAX_BLOCK_TXS_HARD:
+            BlockReceipts(tuple(receipts)).encode()  # raises its EncodeError
+        # BlockReceipts(receipts).encode(), byte for byte, from the encodings at hand: the
+        # 1-field record's array header, the receipts' array header, the receipts.
+        receipts_header = b"\x91" + array_header(len(encodings))
+        stored_receipts = receipts_header + b"".join(encodings)
 
         batch = self._store.batch()
         batch.put(schema.header_key(height), header.encode())
-        batch.put(
-            schema.body_key(height),
-            BlockBody(block.txs, block.evidence, block.last_commit).encode(),
-        )
+        batch.put(schema.body_key(height), body)
         batch.put(schema.block_hash_key(block_hash), HeightRecord(height).encode())
-        batch.put(schema.receipts_key(height), BlockReceipts(tuple(receipts)).encode())
-        for index, tx_id in enumerate(tx_ids):
-            batch.put(schema.tx_key(tx_id), TxLocationRecord(height, index).encode())
+        batch.put(schema.receipts_key(height), stored_receipts)
+        # Index entries with the byte ranges of each transaction in the body (a 3-field array
+        # header, the transactions' array header, then each as bin 8/16/32) and of each receipt.
+        put = batch.put
+        tx_prefix = schema.PREFIX_TX  # + the tx id, a sha-256 output (schema.tx_key)
+        tx_pos = 1 + len(array_header(len(block.txs)))
+        receipt_pos = len(receipts_header)
+        for index, (tx_id, tx, enc) in enumerate(zip(tx_ids, block.txs, encodings, strict=True)):
+            tx_size = len(tx)
+            tx_pos += 2 if tx_size < 256 else bin_header_size(tx_size)
+            receipt_size = len(enc)
+            put(
+                tx_prefix + tx_id,
+                _encode_location(height, index, tx_pos, tx_size, receipt_pos, receipt_size),
+            )
+            tx_pos += tx_size
+            receipt_pos += receipt_size
+        state_prefix = schema.PREFIX_STATE  # + the state key (schema.state_key)
         for key, value in state_changes.items():
             if value is None:
-                batch.delete(schema.state_key(key))
+                batch.delete(state_prefix + key)
             else:
-                batch.put(schema.state_key(key), value)
+                put(state_prefix + key, value)
         for key in deletes:
             batch.delete(key)
         for key, value in extra_puts.items():
-            batch.put(key, value)
+            put(key, value)
         batch.put(schema.commit_key(height), commit.encode())
         batch.put(schema.META_HEAD_KEY, HeadRecord(height, block_hash).encode())
         batch.commit(sync=True)
@@ -443,11 +513,53 @@ class ChainStore(ChainReader):
             raise _corrupt(height, "the receipts of the head block are missing")
         if len(receipts) != len(body.txs):
             raise _corrupt(height, f"{len(receipts)} receipts for {len(body.txs)} transactions")
+        # The head block's transaction index: each entry there, pointing at its transaction and
+        # its receipt (the two records are read once here, not once per entry).
+        stored_body = self._kv.get(schema.body_key(height))
+        stored_receipts = self._kv.get(schema.receipts_key(height))
+        assert stored_body is not None and stored_receipts is not None  # decoded just above
+        for index, (tx, receipt) in enumerate(zip(body.txs, receipts, strict=True)):
+            record = self.get_tx_record(crypto.sha256(tx))
+            if record is None:
+                raise _corrupt(height, f"transaction {index} of the head block is not indexed")
+            tx_end = record.tx_offset + record.tx_size
+            receipt_end = record.receipt_offset + record.receipt_size
+            if (
+                (record.height, record.index) != (height, index)
+                or stored_body[record.tx_offset : tx_end] != tx
+                or stored_receipts[record.receipt_offset : receipt_end] != receipt.encode()
+            ):
+                raise _corrupt(height, f"the index entry of transaction {index} is wrong")
+
+
+# Every encoded Receipt starts with its 6-field array header and its tx id's bin 8 header.
+_RECEIPT_PREFIX = b"\x96\xc4\x20"
+
+
+def _encode_location(
+    height: int, index: int, tx_offset: int, tx_size: int, receipt_offset: int, receipt_size: int
+) -> bytes:
+    """``TxLocationRecord(...).encode()`` for in-range values, without building the record."""
+    if height > UINT64_MAX:  # pragma: no cover - heights are uint64 (the rest fit by far)
+        return TxLocationRecord(
+            Height(height), index, tx_offset, tx_size, receipt_offset, receipt_size
+        ).encode()  # raises its EncodeError
+    return pack((height, index, tx_offset, tx_size, receipt_offset, receipt_size))
+
+
+_FIRST_BYTE = operator.itemgetter(slice(0, 1))
+_CHAIN_STORE_PREFIX_SET = frozenset(schema.CHAIN_STORE_PREFIXES)
 
 
 def _check_extra_keys(keys: Iterable[bytes]) -> None:
     # Extra writes are the state tree's; one landing on a chain-store key would corrupt blocks.
-    for key in keys:
+    # Checked in bulk first (a block has ~10^4 of them); the loop below finds the first bad one.
+    items = keys if isinstance(keys, list | tuple | dict) else list(keys)
+    if set(map(type, items)) <= {bytes} and _CHAIN_STORE_PREFIX_SET.isdisjoint(
+        map(_FIRST_BYTE, items)
+    ):
+        return
+    for key in items:
         if type(key) is not bytes:
             raise TypeError("keys must be bytes")
         if schema.is_chain_store_key(key):

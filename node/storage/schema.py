@@ -14,7 +14,7 @@ b      block body by height              b + height                     chain_st
 n      block hash → height               n + hash32                     chain_store.HeightRecord
 c      seen commit by height             c + height                     Commit
 r      receipts by height                r + height                     chain_store.BlockReceipts
-x      tx id → (height, index)           x + tx_id32                    chain_store.TxLocationRecord
+x      tx id → location                  x + tx_id32                    chain_store.TxLocationRecord
 s      state values (latest)             s + state key                  the raw state value
 T      state tree nodes, stale index     owned by storage/smt.py        (smt records)
 W      consensus WAL                     reserved                       —
@@ -37,7 +37,9 @@ from node.errors import CorruptDatabase, DecodeError, StorageError
 from node.storage.api import KVStore
 from node.types import Hash32, Height
 
-SCHEMA_VERSION = 1
+# 2: the tx index entry (x + tx id) holds the byte ranges of the transaction and of its receipt
+#    inside the stored body and receipts, so a lookup decodes neither (TxLocationRecord).
+SCHEMA_VERSION = 2
 SCHEMA_KIND = "neuroseed-chain-db"  # tells a chain DB from another LevelDB (e.g. the blob store)
 
 PREFIX_META = b"m"

@@ -15,20 +15,38 @@ subtree under that nibble has exactly one leaf) or a child internal node (two or
 A leaf's hash does not depend on its depth, so the binary compact root is recomputed inside each
 record from its 16 slots, collapsing single-leaf halves, and storing leaves at nibble granularity
 changes no hash. Nodes are immutable and versioned: a block at height ``h`` writes new records
-for the internal nodes on changed paths (version ``h``) and records the replaced ones in a stale
+for the internal nodes on changed paths (version ``h``) and lists the replaced ones in a stale
 index, so the tree of every retained height stays readable. All keys start with the tree's
-``prefix`` (``P``); integers are 8-byte big-endian:
+``prefix`` (``P``); integers in keys are 8-byte big-endian.
 
-* ``P "N" version path`` → internal node: msgpack array of 16 slots, each ``nil`` or
-  ``[hash: bin32, version: uint, key_hash: bin32 | nil]`` (``key_hash`` set: the slot is a leaf
-  created at ``version``; nil: a child internal node created at ``version``). ``path`` is the
-  node's nibble path, one byte (0..15) per nibble, empty for the root node.
-* ``P "L" key_hash version`` → leaf: msgpack ``[state_key: bin, value: bin]`` set at ``version``.
-  A leaf's record does not move when neighbours make its position deeper or shallower.
-* ``P "R" height`` → the tree's root slot at ``height``: ``nil`` (empty tree) or a slot as above.
-* ``P "S" stale_since key_without_P`` → ``b""``: the record ``P key_without_P`` is not part of
-  the trees at heights ≥ ``stale_since`` (a replaced node or leaf, or the root slot of the
-  previous height).
+A *slot* is encoded as a msgpack value in one fixed form per kind, so that its fields sit at
+fixed offsets and records are built by joining slot encodings, never by re-encoding them:
+
+* empty: ``nil`` (``c0``, 1 byte);
+* child internal node: ``[hash: bin32, version: uint64, nil]`` =
+  ``93 c4 20 <hash> cf <version: 8 bytes> c0`` (45 bytes);
+* leaf: ``[hash: bin32, version: uint64, key_hash: bin32]`` =
+  ``93 c4 20 <hash> cf <version: 8 bytes> c4 20 <key_hash>`` (78 bytes).
+
+The version is always written as a msgpack uint64 (``cf``), which is valid msgpack but not the
+minimal form; any other form of a slot is rejected as corrupt. ``version`` is the height at which
+the leaf or child node record was written. Records:
+
+* ``P "N" version path`` → internal node: ``dc 00 10`` (msgpack array16 header, 16 items)
+  followed by the 16 slot encodings. ``path`` is the node's nibble path, one byte (0..15) per
+  nibble, empty for the root node.
+* ``P "L" key_hash version`` → leaf: msgpack ``[state_key: bin, value: bin]`` (canonical) set at
+  ``version``. A leaf's record does not move when neighbours make its position deeper or
+  shallower.
+* ``P "R" height`` → the tree's root slot at ``height`` (a slot encoding as above; ``nil`` for
+  the empty tree).
+* ``P "S" stale_since "R" previous_height`` → ``b""``: the root slot record ``P "R"
+  previous_height`` is not part of the trees at heights ≥ ``stale_since``.
+* ``P "S" stale_since "B" chunk`` (``chunk``: 4-byte big-endian, 0, 1, …) → canonical msgpack
+  array of bin: the full keys (``P "N" …`` and ``P "L" …``) of the node and leaf records that the
+  block at ``stale_since`` replaced, so they are not part of the trees at heights ≥
+  ``stale_since``. One record per block (chunks of at most ``_STALE_CHUNK`` keys), not one per
+  retired record; ``prune`` reads them.
 * ``P "H"`` → uint: the latest height. ``P "P"`` → uint: heights below it were pruned.
 
 ``apply`` never writes: it returns a ``TreeUpdate`` (puts and deletes) that the caller adds to the
@@ -44,9 +62,12 @@ other threads (RPC) make their own ``StateTree`` over a storage snapshot.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import islice, repeat
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import msgpack
@@ -80,12 +101,93 @@ DEFAULT_CACHE_NODES = 65_536
 _sha256 = hashlib.sha256
 _ZERO = bytes(ZERO_HASH)
 _NIBBLE = [bytes((n,)) for n in range(16)]
+_STALE_CHUNK = 16_384  # retired keys per stale-index record
+# key_hash.hex() as ASCII → one byte (0..15) per nibble: the node path of every depth at once.
+_to_nibbles = methodcaller("translate", bytes.maketrans(b"0123456789abcdef", bytes(range(16))))
+_digest = methodcaller("digest")
+_LEAF_TAG = b"\x00"
 
-# A slot: (hash, version, key_hash) for a leaf, (hash, version, None) for an internal node.
-_Slot = tuple[bytes, int, bytes | None]
+# Slot encodings (see the module docstring). The kind of a slot is its length.
+_Slot = bytes
+_NIL = b"\xc0"  # the empty slot; every empty slot in memory is this very object
+_SLOT_HEAD = b"\x93\xc4\x20"
+_VERSION_TAG = b"\xcf"
+_KEY_HASH_TAG = b"\xc4\x20"
+_NODE_LEN = 45
+_LEAF_LEN = 78
+_NODE_HEAD = b"\xdc\x00\x10"
 
 # Kinds of a position in a node's binary heap.
 _EMPTY, _LEAF, _INTERNAL = 0, 1, 2
+
+# A node's binary heap in one bytearray (the first ``_HEAP_LEN`` bytes of a ``_Node``): heap position ``p`` (1 = the node's root,
+# ``2p``/``2p+1`` the children of ``p``, 16..31 the 16 slots) holds a 32-byte hash at
+# ``_POS[p]`` and its kind at ``_KINDS + p``. The hashes are stored in pairs, each pair
+# ``0x01 || hash(2j) || hash(2j+1)`` at ``65 * j``: exactly the preimage of position ``j``'s hash
+# when both children are non-empty, hashed without any concatenation.
+_KINDS = 16 * 65
+_HEAP_LEN = _KINDS + 32
+_POS = [65 * (p >> 1) + 1 + 32 * (p & 1) for p in range(32)]
+_EMPTY_HEAP = bytes(b"".join(b"\x01" + bytes(64) for _ in range(16)) + bytes(32))
+
+# With empty positions holding the zero hash, the compact rule for position ``p`` is: both children
+# empty → empty (zero hash); one child a lone leaf and the other empty → that leaf (it moves up);
+# otherwise → internal, ``sha256(pair p)``, the empty side hashing as 32 zero bytes.
+#
+# Offsets are kept as slice objects where the hot paths index with them (Python 3.11 builds a
+# slice object for every ``a[i : j]``). ``_HASH[p]``: position ``p``'s hash; ``_PAIR[p]``: the
+# preimage of position ``p``'s hash (``0x01`` and its children's hashes).
+_HASH = [slice(_POS[_p], _POS[_p] + 32) for _p in range(32)]
+_PAIR = [slice(65 * _p, 65 * _p + 65) for _p in range(16)]
+_ROOT_HASH = _HASH[1]
+_TOP_PAIR = _PAIR[1]
+
+# Per slot ``n``, one climb from the slot to the node's root (positions ``s = 16 + n``,
+# ``s >> 1``, ``s >> 2``, ``s >> 3``, 1): the slot's hash and kind, the kinds of the three
+# positions above it, their hashes and pairs, and per level ``(pair, hash, kind at, sibling kind
+# at, sibling hash)``.
+_Level = tuple[slice, slice, int, int, slice]
+_Climb = tuple[
+    slice, int, int, int, int, slice, slice, slice, slice, slice, slice, tuple[_Level, ...]
+]
+_CLIMB: list[_Climb] = []
+for _n in range(16):
+    _s = 16 + _n
+    _path = ((_s, _s >> 1), (_s >> 1, _s >> 2), (_s >> 2, _s >> 3), (_s >> 3, 1))
+    _CLIMB.append(
+        (
+            _HASH[_s],
+            _KINDS + _s,
+            _KINDS + (_s >> 1),
+            _KINDS + (_s >> 2),
+            _KINDS + (_s >> 3),
+            _HASH[_s >> 1],
+            _PAIR[_s >> 1],
+            _HASH[_s >> 2],
+            _PAIR[_s >> 2],
+            _HASH[_s >> 3],
+            _PAIR[_s >> 3],
+            tuple(
+                (_PAIR[_p], _HASH[_p], _KINDS + _p, _KINDS + (_c ^ 1), _HASH[_c ^ 1])
+                for _c, _p in _path
+            ),
+        )
+    )
+_SLOT_HASH = _HASH[16:]
+del _n, _s, _path
+
+# A decoded internal node (``_Node``) is one bytearray: its binary heap (``_HEAP_LEN`` bytes,
+# above) followed by its record (from ``_REC``: ``_NODE_HEAD`` and the 16 slot encodings). Slot
+# ``n`` starts at ``_REC + 3 + n + 44 * i + 77 * l`` where ``i``/``l`` count the internal/leaf
+# slots before it (their kinds are in the heap), so a changed slot is spliced in place and the new
+# record is a slice: no per-slot objects, and one contiguous copy per changed node. The 15 inner
+# hashes are kept so that an update rehashes only the paths above changed slots. A bytearray is
+# not tracked by CPython's cyclic collector, so tens of thousands of cached nodes cost a full
+# collection nothing.
+_Node = bytearray
+_REC = _HEAP_LEN
+_SLOTS_AT = _REC + 3
+_SLOT_LEN = (1, _LEAF_LEN, _NODE_LEN)  # by kind
 
 
 class TreeHeightError(StorageError):
@@ -144,103 +246,158 @@ class TreeUpdate:
             batch.delete(key)
 
 
-# A decoded internal node: (heap, kinds, slots). ``heap`` holds 32 hashes of 32 bytes and ``kinds``
-# their kinds, heap-ordered: position 1 is the node's root, ``2i``/``2i+1`` are the children of
-# ``i``, positions 16..31 the 16 slots. The 15 inner hashes are kept so that an update rehashes
-# only the paths above changed slots. A plain tuple of bytearrays and a tuple of slot tuples,
-# because CPython's collector untracks tuples that hold no containers: tens of thousands of cached
-# nodes then cost a full collection nothing (a class with a list of slots cost ~50 ms per pass).
-_Node = tuple[bytearray, bytearray, tuple[_Slot | None, ...]]
-
-_ONE_ZERO = b"\x01" + _ZERO
-_CLIMB = {s: (s >> 1, s >> 2, s >> 3, 1) for s in range(16, 32)}
-_ALL_POSITIONS = tuple(range(15, 0, -1))
-
-
-def _positions_above(dirty: list[int]) -> Iterable[int]:
-    """Heap positions above the ``dirty`` slots, each once, children before parents."""
-    if len(dirty) == 1:
-        return _CLIMB[dirty[0]]
+def _positions_above(mask: int) -> tuple[int, ...]:
+    """Heap positions above the slots in ``mask`` (bit n: slot n), each once, children first."""
     above: set[int] = set()
-    for s in dirty:
-        i = s >> 1
-        while i and i not in above:
-            above.add(i)
-            i >>= 1
-    return sorted(above, reverse=True)  # 2i and 2i+1 come before i
+    for n in range(16):
+        if mask >> n & 1:
+            i = (16 + n) >> 1
+            while i and i not in above:
+                above.add(i)
+                i >>= 1
+    return tuple(sorted(above, reverse=True))  # 2i and 2i+1 come before i
 
 
-def _rehash(heap: bytearray, kinds: bytearray, positions: Iterable[int]) -> None:
-    """Recompute heap ``positions`` (children first) with the compact-collapse rule."""
+_Step = tuple[slice, slice, int, int, int, slice, slice]
+_Plan = tuple["itemgetter[Any]", tuple[tuple[slice, slice, int], ...], tuple[_Step, ...]]
+_PLANS: dict[int, _Plan] = {}  # dirty-slot bitmask → how to rehash the positions above
+
+
+def _plan(mask: int) -> _Plan:
+    """How to rehash above the slots in ``mask``: (the kinds that must all be non-empty for the
+    dense way, the dense steps (pair, hash, kind at), the general steps (pair, hash, kind at,
+    left kind at, right kind at, left hash, right hash)), positions children first."""
+    plan = _PLANS.get(mask)
+    if plan is None:
+        positions = _positions_above(mask)
+        above = set(positions)
+        # Children that the rehash does not compute: if they and the dirty slots are all
+        # non-empty, every position above has two non-empty children (a plain internal hash).
+        others = sorted(
+            {_KINDS + c for p in positions for c in (2 * p, 2 * p + 1) if c not in above}
+        )
+        plan = (
+            itemgetter(*others),
+            tuple((_PAIR[p], _HASH[p], _KINDS + p) for p in positions),
+            tuple(
+                (
+                    _PAIR[p],
+                    _HASH[p],
+                    _KINDS + p,
+                    _KINDS + 2 * p,
+                    _KINDS + 2 * p + 1,
+                    _HASH[2 * p],
+                    _HASH[2 * p + 1],
+                )
+                for p in positions
+            ),
+        )
+        if len(_PLANS) < 8192:
+            _PLANS[mask] = plan
+    return plan
+
+
+def _rehash(node: _Node, mask: int) -> None:
+    """Recompute the heap positions above the slots in ``mask`` (set already), children first,
+    with the compact rule."""
+    check, dense, general = _plan(mask)
     sha = _sha256
-    for i in positions:
-        left = i << 1
-        kl = kinds[left]
-        kr = kinds[left + 1]
-        at = i << 5
-        lo = left << 5
-        if kl == _EMPTY:
-            if kr == _INTERNAL:
-                heap[at : at + 32] = sha(_ONE_ZERO + heap[lo + 32 : lo + 64]).digest()
-            else:  # empty, or a lone leaf that moves up (compact collapse)
-                heap[at : at + 32] = heap[lo + 32 : lo + 64]
-            kinds[i] = kr
-        elif kr == _EMPTY:
-            if kl == _INTERNAL:
-                heap[at : at + 32] = sha(b"\x01" + heap[lo : lo + 32] + _ZERO).digest()
-            else:
-                heap[at : at + 32] = heap[lo : lo + 32]
-            kinds[i] = kl
+    if 0 not in check(node):
+        for pair, hash_, kind_at in dense:
+            node[hash_] = sha(node[pair]).digest()
+            node[kind_at] = _INTERNAL
+        return
+    for pair, hash_, kind_at, left_at, right_at, left, right in general:
+        kl = node[left_at]
+        kr = node[right_at]
+        if kl == _LEAF and not kr:  # a lone leaf moves up (compact collapse)
+            node[hash_] = node[left]
+            node[kind_at] = _LEAF
+        elif kr == _LEAF and not kl:
+            node[hash_] = node[right]
+            node[kind_at] = _LEAF
+        elif kl or kr:
+            node[hash_] = sha(node[pair]).digest()
+            node[kind_at] = _INTERNAL
         else:
-            heap[at : at + 32] = sha(b"\x01" + heap[lo : lo + 64]).digest()
-            kinds[i] = _INTERNAL
+            node[hash_] = _ZERO
+            node[kind_at] = _EMPTY
 
 
-def _set_slot(heap: bytearray, kinds: bytearray, s: int, slot: _Slot | None) -> None:
-    at = s << 5
-    if slot is None:
-        heap[at : at + 32] = _ZERO
-        kinds[s] = _EMPTY
+def _set_slot(heap: _Node, n: int, slot: _Slot) -> None:
+    """Put the hash and kind of ``slot`` at slot ``n`` of the heap (not the record)."""
+    if slot is _NIL:
+        heap[_SLOT_HASH[n]] = _ZERO
+        heap[_KINDS + 16 + n] = _EMPTY
     else:
-        heap[at : at + 32] = slot[0]
-        kinds[s] = _INTERNAL if slot[2] is None else _LEAF
+        heap[_SLOT_HASH[n]] = slot[3:35]
+        heap[_KINDS + 16 + n] = _LEAF if len(slot) == _LEAF_LEN else _INTERNAL
 
 
-def _decode_slot(item: Any) -> _Slot | None:
-    if item is None:
-        return None
-    if type(item) is not tuple or len(item) != 3:
-        raise CorruptDatabase("state tree slot is not a 3-array")
-    h, version, key_hash = item
-    if type(h) is not bytes or len(h) != 32:
-        raise CorruptDatabase("state tree slot hash is not 32 bytes")
-    if type(version) is not int or not 0 <= version <= UINT64_MAX:
-        raise CorruptDatabase("state tree slot version is not a uint64")
-    if key_hash is not None and (type(key_hash) is not bytes or len(key_hash) != 32):
-        raise CorruptDatabase("state tree slot key hash is not 32 bytes")
-    return (h, version, key_hash)
+def _slot_offset(node: _Node, n: int) -> int:
+    """Where slot ``n``'s encoding starts in ``node``."""
+    before = node[_KINDS + 16 : _KINDS + 16 + n]
+    return _SLOTS_AT + n + 44 * before.count(_INTERNAL) + 77 * before.count(_LEAF)
 
 
-def _decode_node(raw: bytes, expected_hash: bytes) -> _Node:
-    try:
-        tree = unpack_canonical(raw)
-    except DecodeError as exc:
-        raise CorruptDatabase(f"state tree node: {exc.message}") from exc
-    if type(tree) is not tuple or len(tree) != 16:
-        raise CorruptDatabase("state tree node is not a 16-array")
-    slots = tuple([_decode_slot(item) for item in tree])
-    heap = bytearray(1024)
-    kinds = bytearray(32)
-    for n, slot in enumerate(slots):
-        _set_slot(heap, kinds, 16 + n, slot)
-    _rehash(heap, kinds, _ALL_POSITIONS)
-    if kinds[1] != _INTERNAL or heap[32:64] != expected_hash:
-        raise CorruptDatabase("state tree node does not match its hash")
-    return (heap, kinds, slots)
+def _slot_of(node: _Node, n: int) -> _Slot:
+    kind = node[_KINDS + 16 + n]
+    if kind == _EMPTY:
+        return _NIL
+    at = _slot_offset(node, n)
+    return bytes(node[at : at + _SLOT_LEN[kind]])
+
+
+def _lone_leaf(node: _Node) -> _Slot:
+    """The one slot of a node whose subtree holds a single leaf (all other slots are nil)."""
+    n = node.index(_LEAF, _KINDS + 16, _KINDS + 32) - (_KINDS + 16)
+    return bytes(node[_SLOTS_AT + n : _SLOTS_AT + n + _LEAF_LEN])
 
 
 def _u64(n: int) -> bytes:
     return n.to_bytes(8, "big")
+
+
+def _parse_slot(raw: bytes, at: int) -> int:
+    """The end of the slot encoding at ``raw[at:]``; ``CorruptDatabase`` if it is malformed."""
+    if raw[at : at + 1] == _NIL:
+        return at + 1
+    if raw[at : at + 3] != _SLOT_HEAD or raw[at + 35 : at + 36] != _VERSION_TAG:
+        raise CorruptDatabase("state tree slot is not nil or [bin32, uint64, bin32|nil]")
+    if raw[at + 44 : at + 45] == _NIL:
+        return at + _NODE_LEN
+    if raw[at + 44 : at + 46] == _KEY_HASH_TAG and len(raw) >= at + _LEAF_LEN:
+        return at + _LEAF_LEN
+    raise CorruptDatabase("state tree slot key hash is not bin32 or nil")
+
+
+def _decode_slot(raw: bytes) -> _Slot:
+    """A whole record holding one slot (the root slot of a height)."""
+    if raw == _NIL:
+        return _NIL
+    if _parse_slot(raw, 0) != len(raw):
+        raise CorruptDatabase("state tree slot has trailing bytes")
+    return bytes(raw)
+
+
+def _decode_node(raw: bytes, expected: _Slot) -> _Node:
+    """The node for record ``raw``, checked against the hash in its parent's slot."""
+    if raw[:3] != _NODE_HEAD:
+        raise CorruptDatabase("state tree node is not a 16-array")
+    node = bytearray(_EMPTY_HEAP)
+    at = 3
+    for n in range(16):
+        end = _parse_slot(raw, at)
+        if end != at + 1:
+            _set_slot(node, n, raw[at:end])
+        at = end
+    if at != len(raw):
+        raise CorruptDatabase("state tree node has trailing bytes")
+    _rehash(node, 0xFFFF)
+    if node[_KINDS + 1] != _INTERNAL or node[_ROOT_HASH] != expected[3:35]:
+        raise CorruptDatabase("state tree node does not match its hash")
+    node += raw
+    return node
 
 
 class _Updater:
@@ -248,25 +405,30 @@ class _Updater:
 
     Every internal node on a changed path is loaded once, its changed slots are updated by
     recursion over the contiguous run of key hashes under each nibble, and its heap is rehashed
-    once over all of them, so shared paths are hashed once per block.
+    once over all of them, so shared paths are hashed once per block. Below the point where only
+    one changed key remains (most of the nodes of a block), ``single`` walks down and back up in
+    a loop, rehashing one climb of 4 positions per node.
     """
 
     __slots__ = (
+        "cache_get",
+        "fetch",
         "height",
         "key_hashes",
-        "keys",
         "leaf_hashes",
+        "leaf_keys",
         "leaf_prefix",
+        "leaf_records",
         "new_node_prefix",
+        "new_slots",
+        "nibbles",
         "node_prefix",
+        "node_tail",
         "nodes",
         "pack",
         "puts",
-        "retired",
-        "stale_node_prefix",
-        "stale_prefix",
-        "tree",
-        "values",
+        "stale_leaves",
+        "stale_nodes",
         "version",
     )
 
@@ -277,177 +439,312 @@ class _Updater:
         key_hashes: list[bytes],
         keys: list[bytes],
         values: list[bytes | None],
-        leaf_hashes: list[bytes | None],
+        leaf_hashes: list[bytes],
+        new_slots: list[_Slot | None],
     ) -> None:
-        self.tree = tree
         self.height = height
         self.version = _u64(height)
+        self.node_tail = _VERSION_TAG + self.version + _NIL
         self.key_hashes = key_hashes
-        self.keys = keys
-        self.values = values
+        self.nibbles = list(map(_to_nibbles, map(str.encode, map(bytes.hex, key_hashes))))
         self.leaf_hashes = leaf_hashes
+        self.new_slots = new_slots
         prefix = tree.prefix
         self.node_prefix = prefix + b"N"
         self.new_node_prefix = self.node_prefix + self.version
-        self.leaf_prefix = prefix + b"L"
-        self.stale_prefix = prefix + b"S" + self.version
-        self.stale_node_prefix = self.stale_prefix + b"N"
+        self.leaf_prefix = leaf_prefix = prefix + b"L"
+        version = self.version
+        self.leaf_keys = list(map(bytes.__add__, map(leaf_prefix.__add__, key_hashes), repeat(version)))
+        # Leaf records ([state_key, value]), for the keys that are set: most are written.
+        self.pack = pack_ = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self.leaf_records: list[bytes] = list(map(pack_, zip(keys, values)))
+        self.cache_get = tree._cache.get
+        self.fetch = tree._fetch_node
         self.puts: dict[bytes, bytes] = {}
         self.nodes: dict[bytes, _Node] = {}
-        self.retired: list[bytes] = []
-        # One reusable packer: msgpack.packb builds a new one per call, a third of a small
-        # node's encoding time.
-        self.pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self.stale_nodes: list[bytes] = []
+        self.stale_leaves: list[bytes] = []
 
     # --- records ---------------------------------------------------------------------------
 
-    def new_leaf(self, i: int, leaf_hash: bytes) -> _Slot:
-        key_hash = self.key_hashes[i]
-        self.puts[self.leaf_prefix + key_hash + self.version] = self.pack(
-            (self.keys[i], self.values[i])
-        )
-        return (leaf_hash, self.height, key_hash)
+    def new_leaf(self, i: int) -> _Slot:
+        """Write the leaf record of change ``i`` (a put) and return its slot."""
+        slot = self.new_slots[i]
+        assert slot is not None
+        self.puts[self.leaf_keys[i]] = self.leaf_records[i]
+        return slot
 
-    def stale_leaf(self, key_hash: bytes, version: int) -> None:
-        self.puts[self.stale_prefix + b"L" + key_hash + _u64(version)] = b""
-
-    def finish(
-        self,
-        old: _Slot | None,
-        path: bytes,
-        heap: bytearray,
-        kinds: bytearray,
-        slots: list[_Slot | None],
-    ) -> _Slot | None:
-        """The slot for a rehashed node: empty, its lone leaf (collapse), or a new node record.
-
-        ``old`` is the internal node it replaces (None for a fresh one), now stale.
-        """
-        if old is not None:
-            suffix = _u64(old[1]) + path
-            self.puts[self.stale_node_prefix + suffix] = b""
-            self.retired.append(self.node_prefix + suffix)
-        kind = kinds[1]
-        if kind == _EMPTY:
-            return None
+    def finish(self, path: bytes, node: _Node) -> _Slot:
+        """The slot for a rehashed node: empty, its lone leaf (collapse), or a new node record."""
+        kind = node[_KINDS + 1]
+        if kind == _INTERNAL:
+            key = self.new_node_prefix + path
+            self.puts[key] = bytes(node[_REC:])
+            self.nodes[key] = node
+            return _SLOT_HEAD + node[_ROOT_HASH] + self.node_tail
         if kind == _LEAF:
-            for slot in slots:
-                if slot is not None:
-                    return slot
-        key = self.new_node_prefix + path
-        frozen = tuple(slots)
-        self.puts[key] = self.pack(frozen)
-        self.nodes[key] = (heap, kinds, frozen)
-        return (bytes(heap[32:64]), self.height, None)
+            return _lone_leaf(node)
+        return _NIL
 
     # --- the walk --------------------------------------------------------------------------
 
-    def update(self, slot: _Slot | None, depth: int, path: bytes, lo: int, hi: int) -> _Slot | None:
+    def update(self, slot: _Slot, depth: int, path: bytes, lo: int, hi: int) -> _Slot:
         """The new slot for the subtree ``slot`` at nibble ``depth`` given the changes
-        ``lo:hi``; returns ``slot`` itself (the same object) when nothing changed."""
-        if slot is None:
-            leaf_hashes = self.leaf_hashes
-            key_hashes = self.key_hashes
-            leaves = []
-            for i in range(lo, hi):
-                leaf_hash = leaf_hashes[i]
-                if leaf_hash is not None:  # deleting an absent key changes nothing
-                    leaves.append((key_hashes[i], self.new_leaf(i, leaf_hash)))
-            return self.build(depth, path, leaves)
-        if slot[2] is not None:
+        ``lo:hi``; returns ``slot`` itself (the same object) when nothing changed.
+
+        A run of changes under one slot of a node recurses; a single change below a slot (most
+        of them) is handled in line: down the internal nodes, the leaf, then back up, splicing
+        one slot per node and rehashing the 4 positions above it."""
+        if slot is _NIL:
+            return self.build(
+                depth,
+                path,
+                [
+                    (self.key_hashes[i], self.new_leaf(i))
+                    for i in range(lo, hi)
+                    if self.new_slots[i] is not None  # deleting an absent key changes nothing
+                ],
+            )
+        if len(slot) == _LEAF_LEN:
             return self.merge_leaf(slot, depth, path, lo, hi)
-        old_heap, old_kinds, old_slots = self.tree._load_node(slot, path)
+        node_prefix = self.node_prefix
+        cache_get = self.cache_get
+        top_slot = slot
+        top_key = node_prefix + slot[36:44] + path
+        top = cache_get(top_key)
+        if top is None:
+            top = self.fetch(top_key, slot)
+        all_nibbles = self.nibbles
         key_hashes = self.key_hashes
-        byte_i = depth >> 1
-        shift = 0 if depth & 1 else 4
-        if hi - lo == 1:
-            # One changed key below this node (most nodes of a block): one slot, one climb.
-            nib = (key_hashes[lo][byte_i] >> shift) & 15
-            old = old_slots[nib]
-            new = self.update(old, depth + 1, path + _NIBBLE[nib], lo, hi)
-            if new is old:
-                return slot
-            heap = old_heap[:]
-            kinds = old_kinds[:]
-            slots = list(old_slots)
-            slots[nib] = new
-            _set_slot(heap, kinds, 16 + nib, new)
-            _rehash(heap, kinds, _CLIMB[16 + nib])
-            return self.finish(slot, path, heap, kinds, slots)
-        changed: list[tuple[int, _Slot | None]] = []
+        new_slots = self.new_slots
+        leaf_keys = self.leaf_keys
+        leaf_records = self.leaf_records
+        leaf_hashes = self.leaf_hashes
+        leaf_prefix = self.leaf_prefix
+        puts = self.puts
+        nodes = self.nodes
+        stale_nodes = self.stale_nodes
+        stale_leaves = self.stale_leaves
+        new_node_prefix = self.new_node_prefix
+        tail = self.node_tail
+        sha = _sha256
+        kinds = _KINDS + 16
+        # (nib, new slot, where the old slot starts, its length)
+        changed: list[tuple[int, _Slot, int, int]] = []
         i = lo
         while i < hi:
-            nib = (key_hashes[i][byte_i] >> shift) & 15
-            j = i + 1
-            while j < hi and (key_hashes[j][byte_i] >> shift) & 15 == nib:
-                j += 1
-            old = old_slots[nib]
-            new = self.update(old, depth + 1, path + _NIBBLE[nib], i, j)
-            if new is not old:
-                changed.append((nib, new))
-            i = j
-        if not changed:
-            return slot
-        heap = old_heap[:]
-        kinds = old_kinds[:]
-        slots = list(old_slots)
-        dirty = []
-        for nib, new in changed:
-            slots[nib] = new
-            _set_slot(heap, kinds, 16 + nib, new)
-            dirty.append(16 + nib)
-        _rehash(heap, kinds, _positions_above(dirty))
-        return self.finish(slot, path, heap, kinds, slots)
+            nibbles = all_nibbles[i]
+            top_nib = nibbles[depth]
+            if hi - i > 48:
+                j = bisect_left(all_nibbles, path + _NIBBLE[top_nib + 1], i, hi) if top_nib < 15 else hi
+            else:
+                j = i + 1
+                while j < hi and all_nibbles[j][depth] == top_nib:
+                    j += 1
+            kind = top[kinds + top_nib]
+            before = top[kinds : kinds + top_nib]
+            top_at = _SLOTS_AT + top_nib + 44 * before.count(_INTERNAL) + 77 * before.count(_LEAF)
+            top_length = _SLOT_LEN[kind]
+            if j > i + 1:
+                old = _NIL if kind == _EMPTY else bytes(top[top_at : top_at + top_length])
+                new = self.update(old, depth + 1, path + _NIBBLE[top_nib], i, j)
+                if new is not old:
+                    changed.append((top_nib, new, top_at, top_length))
+                i = j
+                continue
 
-    def merge_leaf(self, slot: _Slot, depth: int, path: bytes, lo: int, hi: int) -> _Slot | None:
+            # One change, ``i``, below this slot. Down:
+            node = top
+            at = top_at
+            sub = depth + 1  # the depth of the slot at ``at``
+            chain: list[tuple[bytes, _Node, int, int, int, int]] = []
+            while kind == _INTERNAL:
+                key = node_prefix + node[at + 36 : at + 44] + nibbles[:sub]
+                child = cache_get(key)
+                if child is None:
+                    child = self.fetch(key, bytes(node[at : at + _NODE_LEN]))
+                node = child
+                nib = nibbles[sub]
+                kind = node[kinds + nib]
+                before = node[kinds : kinds + nib]
+                at = _SLOTS_AT + nib + 44 * before.count(_INTERNAL) + 77 * before.count(_LEAF)
+                chain.append((key, node, nib, sub, at, _SLOT_LEN[kind]))
+                sub += 1
+
+            # The bottom: an empty slot or a leaf.
+            new = new_slots[i]
+            if kind == _EMPTY:
+                if new is None:
+                    i = j
+                    continue  # deleting an absent key
+                puts[leaf_keys[i]] = leaf_records[i]
+            else:
+                key_hash = key_hashes[i]
+                if node.startswith(key_hash, at + 46):
+                    if new is not None:
+                        if node.startswith(leaf_hashes[i], at + 3):
+                            i = j
+                            continue  # rewritten with the same value
+                        puts[leaf_keys[i]] = leaf_records[i]
+                    else:
+                        new = _NIL
+                    stale_leaves.append(leaf_prefix + key_hash + node[at + 36 : at + 44])
+                elif new is None:
+                    i = j
+                    continue  # deleting an absent key
+                else:
+                    puts[leaf_keys[i]] = leaf_records[i]
+                    slot = bytes(node[at : at + _LEAF_LEN])
+                    existing = slot[-32:]
+                    new = self.build(
+                        sub,
+                        nibbles[:sub],
+                        [(existing, slot), (key_hash, new)]
+                        if existing < key_hash
+                        else [(key_hash, new), (existing, slot)],
+                    )
+
+            # Back up.
+            for key, old_node, nib, sub, slot_at, length in reversed(chain):
+                node = old_node[:]
+                node[slot_at : slot_at + length] = new
+                stale_nodes.append(key)
+                (
+                    slot_hash,
+                    kind_at,
+                    kind3_at,
+                    kind2_at,
+                    kind1_at,
+                    hash3,
+                    pair3,
+                    hash2,
+                    pair2,
+                    hash1,
+                    pair1,
+                    levels,
+                ) = _CLIMB[nib]
+                if len(new) == length:
+                    # The slot keeps its kind (a leaf rewritten, a child node replaced), so every
+                    # position keeps its kind: hash the internal ones, copy a lone leaf up.
+                    h = new[3:35]
+                    node[slot_hash] = h
+                    if node[kind3_at] == _INTERNAL:  # then so is everything above it
+                        node[hash3] = sha(node[pair3]).digest()
+                        node[hash2] = sha(node[pair2]).digest()
+                        node[hash1] = sha(node[pair1]).digest()
+                    elif node[kind2_at] == _INTERNAL:  # our leaf alone in its pair of slots
+                        node[hash3] = h
+                        node[hash2] = sha(node[pair2]).digest()
+                        node[hash1] = sha(node[pair1]).digest()
+                    elif node[kind1_at] == _INTERNAL:
+                        node[hash3] = h
+                        node[hash2] = h
+                        node[hash1] = sha(node[pair1]).digest()
+                    else:  # alone in its half of the node
+                        node[hash3] = h
+                        node[hash2] = h
+                        node[hash1] = h
+                    h = sha(node[_TOP_PAIR]).digest()
+                    node[_ROOT_HASH] = h
+                    new_key = new_node_prefix + nibbles[:sub]
+                    puts[new_key] = bytes(node[_REC:])
+                    nodes[new_key] = node
+                    new = _SLOT_HEAD + h + tail
+                    continue
+                if new is _NIL:
+                    h = _ZERO
+                    kind = _EMPTY
+                else:
+                    h = new[3:35]
+                    kind = _LEAF if len(new) == _LEAF_LEN else _INTERNAL
+                node[slot_hash] = h
+                node[kind_at] = kind
+                for pair, hash_, kind_at, sibling_kind_at, sibling_hash in levels:
+                    sibling = node[sibling_kind_at]
+                    if sibling:
+                        if kind or sibling == _INTERNAL:
+                            h = sha(node[pair]).digest()
+                            kind = _INTERNAL
+                        else:  # the sibling is a lone leaf next to nothing: it moves up
+                            h = bytes(node[sibling_hash])
+                            kind = _LEAF
+                    elif kind == _INTERNAL:
+                        h = sha(node[pair]).digest()
+                    # else: a lone leaf moves up, or nothing: ``h`` and ``kind`` stay
+                    node[hash_] = h
+                    node[kind_at] = kind
+                if kind == _INTERNAL:
+                    new_key = new_node_prefix + nibbles[:sub]
+                    puts[new_key] = bytes(node[_REC:])
+                    nodes[new_key] = node
+                    new = _SLOT_HEAD + h + tail
+                elif kind == _LEAF:
+                    new = _lone_leaf(node)
+                else:
+                    new = _NIL
+            changed.append((top_nib, new, top_at, top_length))
+            i = j
+
+        if not changed:
+            return top_slot
+        node = top[:]
+        mask = 0
+        # Highest slot first: a splice moves only the encodings after it.
+        for nib, new, at, length in reversed(changed):
+            node[at : at + length] = new
+            if new is _NIL:
+                node[_SLOT_HASH[nib]] = _ZERO
+                node[kinds + nib] = _EMPTY
+            elif len(new) == length:
+                node[_SLOT_HASH[nib]] = new[3:35]
+            else:
+                node[_SLOT_HASH[nib]] = new[3:35]
+                node[kinds + nib] = _LEAF if len(new) == _LEAF_LEN else _INTERNAL
+            mask |= 1 << nib
+        _rehash(node, mask)
+        stale_nodes.append(top_key)
+        return self.finish(path, node)
+
+    def merge_leaf(self, slot: _Slot, depth: int, path: bytes, lo: int, hi: int) -> _Slot:
         """Changes landing on a slot that holds one leaf: rebuild that subtree from the union."""
-        existing = slot[2]
-        assert existing is not None
+        existing = slot[-32:]
         key_hashes = self.key_hashes
-        leaf_hashes = self.leaf_hashes
-        if hi - lo == 1 and key_hashes[lo] == existing:
-            # The common case of a block of transfers: one existing key rewritten.
-            leaf_hash = leaf_hashes[lo]
-            if leaf_hash == slot[0]:
-                return slot
-            self.stale_leaf(existing, slot[1])
-            return None if leaf_hash is None else self.new_leaf(lo, leaf_hash)
+        new_slots = self.new_slots
         leaves: list[tuple[bytes, _Slot]] = []
         placed = False
         for i in range(lo, hi):
             key_hash = key_hashes[i]
-            leaf_hash = leaf_hashes[i]
+            new = new_slots[i]
             if key_hash == existing:
                 placed = True
-                if leaf_hash == slot[0]:
+                if new is not None and slot.startswith(new[:35]):
                     leaves.append((key_hash, slot))  # rewritten with the same value
                 else:
-                    self.stale_leaf(existing, slot[1])
-                    if leaf_hash is not None:
-                        leaves.append((key_hash, self.new_leaf(i, leaf_hash)))
+                    self.stale_leaves.append(self.leaf_prefix + existing + slot[36:44])
+                    if new is not None:
+                        leaves.append((key_hash, self.new_leaf(i)))
                 continue
             if not placed and key_hash > existing:
                 leaves.append((existing, slot))
                 placed = True
-            if leaf_hash is not None:
-                leaves.append((key_hash, self.new_leaf(i, leaf_hash)))
+            if new is not None:
+                leaves.append((key_hash, self.new_leaf(i)))
         if not placed:
             leaves.append((existing, slot))
         return self.build(depth, path, leaves)
 
-    def build(self, depth: int, path: bytes, leaves: list[tuple[bytes, _Slot]]) -> _Slot | None:
+    def build(self, depth: int, path: bytes, leaves: list[tuple[bytes, _Slot]]) -> _Slot:
         """A fresh subtree at ``path`` over ``leaves`` (sorted by key hash)."""
         n = len(leaves)
         if n == 0:
-            return None
+            return _NIL
         if n == 1:
             return leaves[0][1]
-        heap = bytearray(1024)
-        kinds = bytearray(32)
-        slots: list[_Slot | None] = [None] * 16
+        node = bytearray(_EMPTY_HEAP)
+        slots = [_NIL] * 16
         byte_i = depth >> 1
         shift = 0 if depth & 1 else 4
-        dirty = []
+        mask = 0
         i = 0
         while i < n:
             nib = (leaves[i][0][byte_i] >> shift) & 15
@@ -458,15 +755,15 @@ class _Updater:
                 child = leaves[i][1]
             else:
                 # Two or more leaves share this nibble, so the subtree is an internal node.
-                sub = self.build(depth + 1, path + _NIBBLE[nib], leaves[i:j])
-                assert sub is not None
-                child = sub
+                child = self.build(depth + 1, path + _NIBBLE[nib], leaves[i:j])
             slots[nib] = child
-            _set_slot(heap, kinds, 16 + nib, child)
-            dirty.append(16 + nib)
+            _set_slot(node, nib, child)
+            mask |= 1 << nib
             i = j
-        _rehash(heap, kinds, _positions_above(dirty))
-        return self.finish(None, path, heap, kinds, slots)
+        _rehash(node, mask)
+        node += _NODE_HEAD
+        node += b"".join(slots)
+        return self.finish(path, node)
 
 
 class _EmptyReader:
@@ -491,6 +788,11 @@ class StateTree:
 
     ``reader`` is anything with ``get``/``iterate`` (``node.storage.api.KVReader``): the live
     database for the chain service, or a snapshot for a reader in another thread.
+
+    The node cache is a plain dict in insertion order, evicted first-in first-out in bulk (an
+    eighth of its size at a time) when it outgrows ``cache_nodes``: every block re-inserts the
+    nodes on its changed paths (their new versions), so the hot upper levels stay young, and a
+    hit costs one dict lookup (no LRU reordering).
     """
 
     def __init__(
@@ -504,7 +806,7 @@ class StateTree:
         self._stale_prefix = self.prefix + b"S"
         self._latest_key = self.prefix + b"H"
         self._pruned_key = self.prefix + b"P"
-        self._cache: OrderedDict[bytes, _Node] = OrderedDict()
+        self._cache: dict[bytes, _Node] = {}
         self._cache_nodes = max(0, cache_nodes)
 
     # Overridden only by tests that need chosen key hashes (long shared prefixes); the tree's
@@ -527,7 +829,7 @@ class StateTree:
 
     def root_at(self, height: int) -> Hash32:
         slot = self._root_slot(height)
-        return ZERO_HASH if slot is None else Hash32(slot[0])
+        return ZERO_HASH if slot is _NIL else Hash32(slot[3:35])
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -537,14 +839,14 @@ class StateTree:
         slot = self._root_slot(height)
         path = b""
         depth = 0
-        while slot is not None:
-            if slot[2] is not None:
-                if slot[2] != key_hash:
+        while slot is not _NIL:
+            if len(slot) == _LEAF_LEN:
+                if not slot.endswith(key_hash):
                     return None
                 return self._read_leaf(slot, key)
             node = self._load_node(slot, path)
             nib = (key_hash[depth >> 1] >> (0 if depth & 1 else 4)) & 15
-            slot = node[2][nib]
+            slot = _slot_of(node, nib)
             path += _NIBBLE[nib]
             depth += 1
         return None
@@ -557,39 +859,37 @@ class StateTree:
         path = b""
         depth = 0
         leaf: _Slot | None = None
-        while slot is not None:
-            if slot[2] is not None:
+        while slot is not _NIL:
+            if len(slot) == _LEAF_LEN:
                 leaf = slot
                 break
-            node = self._load_node(slot, path)
+            heap = self._load_node(slot, path)
             nib = (key_hash[depth >> 1] >> (0 if depth & 1 else 4)) & 15
-            heap, kinds, slots = node
             idx = 1
             for level in range(4):
-                if kinds[idx] != _INTERNAL:
+                if heap[_KINDS + idx] != _INTERNAL:
                     break
                 child = (idx << 1) | ((nib >> (3 - level)) & 1)
-                sibling = (child ^ 1) << 5
+                sibling = _POS[child ^ 1]
                 siblings.append(bytes(heap[sibling : sibling + 32]))
                 idx = child
-            kind = kinds[idx]
+            kind = heap[_KINDS + idx]
             if kind == _EMPTY:
                 break
             if kind == _LEAF:
                 # A lone leaf in this part of the node: it sits at this binary depth.
                 while idx < 16:
-                    idx = idx << 1 if kinds[idx << 1] != _EMPTY else (idx << 1) | 1
-                leaf = slots[idx - 16]
+                    idx = idx << 1 if heap[_KINDS + (idx << 1)] != _EMPTY else (idx << 1) | 1
+                leaf = _slot_of(heap, idx - 16)
                 break
-            slot = slots[idx - 16]
+            slot = _slot_of(heap, idx - 16)
             path += _NIBBLE[nib]
             depth += 1
         if leaf is None:
             return None, SmtProof(None, None, tuple(Hash32(s) for s in siblings))
-        assert leaf[2] is not None
         stored_key, value = self._read_leaf_record(leaf)
         proof = SmtProof(
-            Hash32(leaf[2]),
+            Hash32(leaf[-32:]),
             Hash32(_sha256(value).digest()),
             tuple(Hash32(s) for s in siblings),
         )
@@ -608,36 +908,67 @@ class StateTree:
         if latest is None:
             if not 0 <= height <= UINT64_MAX:
                 raise TreeHeightError(f"height {height} is not a uint64")
-            previous: _Slot | None = None
+            previous = _NIL
         else:
             if height != latest + 1:
                 raise TreeHeightError(f"cannot apply height {height} on top of {latest}")
             previous = self._root_slot(latest)
-        hash_key = self._hash_key
+        # The per-key work runs as C-level map() pipelines: one Python step per change is the
+        # bulk of this part otherwise.
         sha = _sha256
-        items = sorted((hash_key(k), k, v) for k, v in changes.items())
-        key_hashes = [it[0] for it in items]
-        keys = [it[1] for it in items]
-        values = [it[2] for it in items]
-        leaf_hashes = [
-            None if v is None else sha(b"\x00" + kh + sha(v).digest()).digest()
-            for kh, _, v in items
-        ]
-        updater = _Updater(self, height, key_hashes, keys, values, leaf_hashes)
+        if type(self)._hash_key is StateTree._hash_key:
+            hashed = map(_digest, map(sha, changes))
+        else:
+            hashed = map(self._hash_key, changes)
+        items = sorted(zip(hashed, changes, changes.values()))
+        key_hashes: list[bytes] = [it[0] for it in items]
+        keys: list[bytes] = [it[1] for it in items]
+        values: list[bytes | None] = [it[2] for it in items]
+        version = _u64(height)
+        leaf_tail = _VERSION_TAG + version + _KEY_HASH_TAG
+        # A leaf's hash: sha256(0x00 || key_hash || sha256(value)); b"" for a deletion.
+        leaf_hashes: list[bytes]
+        new_slots: list[_Slot | None]
+        if None in values:
+            leaf_hashes = [
+                b"" if v is None else sha(b"\x00" + kh + sha(v).digest()).digest()
+                for kh, v in zip(key_hashes, values, strict=True)
+            ]
+            new_slots = [
+                None if v is None else _SLOT_HEAD + lh + leaf_tail + kh
+                for kh, v, lh in zip(key_hashes, values, leaf_hashes, strict=True)
+            ]
+        else:
+            value_hashes = map(_digest, map(sha, values))  # type: ignore[arg-type]
+            preimages = map(bytes.__add__, map(_LEAF_TAG.__add__, key_hashes), value_hashes)
+            leaf_hashes = list(map(_digest, map(sha, preimages)))
+            new_slots = list(
+                map(
+                    bytes.__add__,
+                    map(bytes.__add__, map(_SLOT_HEAD.__add__, leaf_hashes), repeat(leaf_tail)),
+                    key_hashes,
+                )
+            )
+        updater = _Updater(self, height, key_hashes, keys, values, leaf_hashes, new_slots)
         root = updater.update(previous, 0, b"", 0, len(items)) if items else previous
         puts = updater.puts
-        version = _u64(height)
-        puts[self._root_prefix + version] = pack(root)
+        puts[self._root_prefix + version] = root
         puts[self._latest_key] = pack(height)
+        stale_prefix = self._stale_prefix + version
         if latest is not None:
-            puts[self._stale_prefix + version + b"R" + _u64(latest)] = b""
+            puts[stale_prefix + b"R" + _u64(latest)] = b""
+        stale = updater.stale_nodes + updater.stale_leaves
+        for chunk, at in enumerate(range(0, len(stale), _STALE_CHUNK)):
+            puts[stale_prefix + b"B" + chunk.to_bytes(4, "big")] = updater.pack(
+                stale[at : at + _STALE_CHUNK]
+            )
         return TreeUpdate(
             height=height,
-            root=ZERO_HASH if root is None else Hash32(root[0]),
+            root=ZERO_HASH if root is _NIL else Hash32(root[3:35]),
             puts=puts,
             deletes=[],
             nodes=updater.nodes,
-            retired=updater.retired,
+            retired=updater.stale_nodes,
         )
 
     def prune(self, keep_from_height: int) -> TreeUpdate:
@@ -656,11 +987,17 @@ class StateTree:
         deletes: list[bytes] = []
         skip = len(self._stale_prefix) + 8
         # A record made stale at s belongs only to trees at heights < s; s ≤ keep is disposable.
-        for entry, _ in self._reader.iterate(
+        for entry, value in self._reader.iterate(
             start=self._stale_prefix, stop=self._stale_prefix + _u64(keep + 1)
         ):
             deletes.append(entry)
-            deletes.append(self.prefix + entry[skip:])
+            tag = entry[skip : skip + 1]
+            if tag == b"B":
+                deletes.extend(self._decode_stale_batch(value))
+            elif tag == b"R":  # the root slot record of the previous height
+                deletes.append(self.prefix + entry[skip:])
+            else:
+                raise CorruptDatabase("state tree stale index entry of an unknown kind")
         return TreeUpdate(
             height=latest, root=root, puts={self._pruned_key: pack(keep)}, deletes=deletes
         )
@@ -668,18 +1005,23 @@ class StateTree:
     def committed(self, update: TreeUpdate) -> None:
         """Tell the tree that ``update``'s batch is durable: cache its nodes, forget deleted."""
         cache = self._cache
-        for key in update.deletes:
-            cache.pop(key, None)
-        for key in update.retired:
-            cache.pop(key, None)
-        if not self._cache_nodes:
-            return
-        for key, node in update.nodes.items():
-            cache[key] = node
-        while len(cache) > self._cache_nodes:
-            cache.popitem(last=False)
+        if cache:
+            # map() runs the loop in C; the popped nodes are freed here.
+            deque(map(cache.pop, update.retired, repeat(None)), maxlen=0)
+            deque(map(cache.pop, update.deletes, repeat(None)), maxlen=0)
+        if self._cache_nodes:
+            cache.update(update.nodes)
+            if len(cache) > self._cache_nodes:
+                self._evict()
 
     # --- internals -----------------------------------------------------------------------------
+
+    def _evict(self) -> None:
+        """Drop the oldest entries, down to 7/8 of the cache's capacity (in one pass)."""
+        cache = self._cache
+        excess = len(cache) - self._cache_nodes + self._cache_nodes // 8
+        for key in list(islice(cache, excess)):
+            del cache[key]
 
     def _decode_u64(self, raw: bytes, what: str) -> int:
         try:
@@ -690,7 +1032,19 @@ class StateTree:
             raise CorruptDatabase(f"state tree {what} is not a uint64")
         return value
 
-    def _root_slot(self, height: int) -> _Slot | None:
+    def _decode_stale_batch(self, raw: bytes) -> list[bytes]:
+        try:
+            keys = unpack_canonical(raw, max_size=len(raw))
+        except DecodeError as exc:
+            raise CorruptDatabase(f"state tree stale index: {exc.message}") from exc
+        prefix = self.prefix
+        if type(keys) is not tuple or not all(
+            type(k) is bytes and k.startswith(prefix) for k in keys
+        ):
+            raise CorruptDatabase("state tree stale index is not a list of tree keys")
+        return list(keys)
+
+    def _root_slot(self, height: int) -> _Slot:
         if type(height) is not int or not 0 <= height <= UINT64_MAX:
             raise NotFound(f"no state tree at height {height!r}")
         raw = self._reader.get(self._root_prefix + _u64(height))
@@ -702,36 +1056,34 @@ class StateTree:
             if height < pruned:
                 raise HistoryPruned(f"state at height {height} was pruned (kept from {pruned})")
             raise NotFound(f"no state tree at height {height} (before the first height)")
-        try:
-            tree = unpack_canonical(raw)
-        except DecodeError as exc:
-            raise CorruptDatabase(f"state tree root: {exc.message}") from exc
-        return _decode_slot(tree)
+        return _decode_slot(raw)
 
-    def _load_node(self, slot: _Slot, path: bytes) -> _Node:
-        key = self._node_prefix + _u64(slot[1]) + path
-        cache = self._cache
-        node = cache.get(key)
-        if node is not None:
-            cache.move_to_end(key)
-            return node
+    def _fetch_node(self, key: bytes, slot: _Slot) -> _Node:
+        """The node record ``key`` (the internal-node ``slot`` points at) from the store."""
         raw = self._reader.get(key)
         if raw is None:
-            raise CorruptDatabase(f"state tree node missing at version {slot[1]}")
-        node = _decode_node(raw, slot[0])
+            version = int.from_bytes(slot[36:44], "big")
+            raise CorruptDatabase(f"state tree node missing at version {version}")
+        node = _decode_node(raw, slot)
         if self._cache_nodes:
             # Committed records are immutable under their versioned key, so caching is safe.
+            cache = self._cache
             cache[key] = node
             if len(cache) > self._cache_nodes:
-                cache.popitem(last=False)
+                self._evict()
         return node
 
+    def _load_node(self, slot: _Slot, path: bytes) -> _Node:
+        key = self._node_prefix + slot[36:44] + path
+        node = self._cache.get(key)
+        return self._fetch_node(key, slot) if node is None else node
+
     def _read_leaf_record(self, slot: _Slot) -> tuple[bytes, bytes]:
-        key_hash = slot[2]
-        assert key_hash is not None
-        raw = self._reader.get(self._leaf_prefix + key_hash + _u64(slot[1]))
+        key_hash = slot[-32:]
+        raw = self._reader.get(self._leaf_prefix + key_hash + slot[36:44])
         if raw is None:
-            raise CorruptDatabase(f"state tree leaf missing at version {slot[1]}")
+            version = int.from_bytes(slot[36:44], "big")
+            raise CorruptDatabase(f"state tree leaf missing at version {version}")
         try:
             # Our own record, written from a value the state accepted: no size cap beyond it.
             tree = unpack_canonical(raw, max_size=len(raw))
@@ -746,7 +1098,7 @@ class StateTree:
             raise CorruptDatabase("state tree leaf is not [key, value]")
         stored_key, value = tree
         leaf_hash = _sha256(b"\x00" + key_hash + _sha256(value).digest()).digest()
-        if self._hash_key(stored_key) != key_hash or leaf_hash != slot[0]:
+        if self._hash_key(stored_key) != key_hash or not slot.startswith(leaf_hash, 3):
             raise CorruptDatabase("state tree leaf does not match its hash")
         return stored_key, value
 

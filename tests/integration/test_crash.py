@@ -64,9 +64,19 @@ class NodeProcess:
     def __init__(self, datadir: Path, port: int, log: Path) -> None:
         self._log = open(log, "ab")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "devnet", "--datadir", str(datadir),
-             "--rpc-port", str(port)],
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "devnet",
+                "--datadir",
+                str(datadir),
+                "--rpc-port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
             env={k: v for k, v in os.environ.items() if k != "NEUROSEED_DATADIR"},
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -113,8 +123,9 @@ class Ledger:
     sent: dict[str, tuple[bytes, int]] = dataclasses.field(default_factory=dict)  # id -> (to, amt)
 
 
-def stream_transfers(client: Client, ledger: Ledger, rng: random.Random, stop: threading.Event,
-                     chain_id: int) -> None:
+def stream_transfers(
+    client: Client, ledger: Ledger, rng: random.Random, stop: threading.Event, chain_id: int
+) -> None:
     """Send transfers to fresh addresses until ``stop``; record receipts as they become final."""
     nonces = {i: client.pending_nonce(dev_key(i).address) for i in SENDERS}
     waiting: list[str] = []
@@ -123,8 +134,9 @@ def stream_transfers(client: Client, ledger: Ledger, rng: random.Random, stop: t
             for i in SENDERS:
                 to = Address(rng.randbytes(20))
                 amount = rng.randrange(1, 1000) * NSD // 1000
-                tx = make_transaction(dev_key(i), chain_id, nonces[i], FEE,
-                                      Transfer(to, Amount(amount)))
+                tx = make_transaction(
+                    dev_key(i), chain_id, nonces[i], FEE, Transfer(to, Amount(amount))
+                )
                 tx_id = client.send_raw_transaction(tx.encode()).hex()
                 nonces[i] += 1
                 ledger.sent[tx_id] = (to, amount)
@@ -154,9 +166,19 @@ def test_sigkill_at_random_moments_loses_nothing_final(tmp_path: Path) -> None:
     genesis_path = tmp_path / "genesis.json"
     fast_genesis(genesis_path)
     init = subprocess.run(
-        [sys.executable, "-m", "node", "--datadir", str(datadir), "init", "--dev",
-         "--genesis", str(genesis_path)],
-        capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "--datadir",
+            str(datadir),
+            "init",
+            "--dev",
+            "--genesis",
+            str(genesis_path),
+        ],
+        capture_output=True,
+        timeout=120,
     )
     assert init.returncode == 0, init.stderr.decode()
     chain_id = load_genesis(genesis_path).chain_id
