@@ -153,7 +153,7 @@ def _validate(c: NodeConfig) -> None:
     if not isinstance(c.data_dir, Path):
         raise ConfigError("data_dir: expected a path")
     _check_host(c.rpc_host, "rpc.host")
-    _check_int(c.rpc_port, "rpc.port", 1, 65535)
+    _check_int(c.rpc_port, "rpc.port", 0, 65535)  # 0: an ephemeral port, printed at start
     _check_int(c.rpc_max_body_bytes, "rpc.max_body_bytes", 4096, 1 << 30)
     _check_int(c.rpc_max_batch, "rpc.max_batch", 1, 10_000)
     _check_bool(c.admin_rpc_enabled, "rpc.admin_enabled")

@@ -175,6 +175,12 @@ class ConsensusService:
         self._height_waiters.append((height, event))
         await event.wait()
 
+    def after_external_commit(self, block: Block, result: BlockResult) -> None:
+        """A block another caller committed with ``ChainService.commit`` while this service was
+        not running yet (the sync service's initial sync, ``node/p2p/sync.py``): update the
+        pool, call ``on_commit`` and wake ``wait_for_height`` waiters, as after own commits."""
+        self._after_commit(block, result)
+
     def attach_publisher(self, publisher: ConsensusPublisher) -> None:
         """Send own proposals and votes to ``publisher`` from now on (the gossip service)."""
         self.publisher = publisher
@@ -429,7 +435,11 @@ class ConsensusService:
         elif isinstance(action, eng.Decide):
             await self._decide(action)
         elif isinstance(action, eng.RecordEvidence):
-            log.warning("duplicate vote evidence recorded: %s", action.evidence)
+            vote = action.evidence.vote_a.vote
+            log.warning(
+                "duplicate vote evidence: validator 0x%s, height %d, round %d, type %d",
+                vote.validator.hex(), vote.height, vote.round, vote.vote_type,
+            )
 
     async def _timer(self, action: eng.ScheduleTimeout) -> None:
         await trio.sleep(action.duration_ms / 1000)

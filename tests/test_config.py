@@ -146,7 +146,7 @@ def test_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("toml", "needle"),
     [
-        ("[rpc]\nport = 0\n", "rpc.port"),
+        ("[rpc]\nport = -1\n", "rpc.port"),
         ("[rpc]\nport = 65536\n", "rpc.port"),
         ('[rpc]\nport = "8645"\n', "rpc.port"),
         ("[rpc]\nport = 8645.0\n", "rpc.port"),
@@ -299,3 +299,8 @@ def test_init_resumes_after_an_interrupted_run(tmp_path: Path) -> None:
     c = init_data_dir(d, REPO_GENESIS, dev=True, kdf_params=LIGHT_SCRYPT)
     assert c.validator_address == dev_key(0).address
     assert (d / "genesis.json").exists()
+
+
+def test_port_zero_means_an_ephemeral_port(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[rpc]\nport = 0\n")
+    assert load_config(tmp_path).rpc_port == 0

@@ -30,6 +30,7 @@ from node.consensus.blocks import (
     SignedVote,
     Vote,
     proposal_signer,
+    sign_proposal,
     vote_signer,
 )
 from node.consensus.mempool import Mempool
@@ -41,7 +42,7 @@ from node.consensus.wal import (
     SignedVoteEntry,
 )
 from node.consensus_service import ConsensusService
-from node.errors import ConflictingSignature, NonceTooLow
+from node.errors import ConflictingSignature, InvalidCommit, NonceTooLow
 from node.genesis import Genesis
 from node.storage import MemoryKV
 from node.types import Amount, Hash32, Nonce
@@ -51,7 +52,9 @@ from tests.helpers import (
     GENESIS_TIME,
     addr,
     key,
+    make_commit,
     make_genesis,
+    make_vote,
     open_chain,
     vtransfer,
 )
@@ -559,3 +562,92 @@ async def test_an_observer_never_signs(
     await n.run_until_time(40.0)
     assert ledger.calls == [] and n.chain.head_height == 0
     n.chain.close()
+
+
+# --- input from peers (the network side: node/p2p/gossip.py, node/p2p/catchup.py) --------------
+
+GEN4 = make_genesis(funded=4, validators=(0, 1, 2, 3))
+
+
+class Publisher:
+    """Records what the service hands to the network."""
+
+    def __init__(self) -> None:
+        self.proposals: list[tuple[Any, Any]] = []
+        self.votes: list[Any] = []
+
+    def publish_proposal(self, signed: Any, block: Any) -> None:
+        self.proposals.append((signed, block))
+
+    def publish_vote(self, signed: Any) -> None:
+        self.votes.append(signed)
+
+
+def peer_block(chain: ChainService, height: int) -> tuple[Any, Any]:
+    """The next block on ``chain`` (a peer's copy) by the proposer of (height, 0), signed."""
+    vals = chain.validator_set()
+    proposer = vals.proposer(height, 0)
+    last = None if chain.head is None else chain.store.get_commit(chain.head_height)
+    block = chain.build(0, proposer, last, []).block
+    signer = next(key(i) for i in range(4) if addr(i) == proposer)
+    proposal = Proposal(block.header.height, block.header.round, block.hash(), None, proposer)
+    return block, sign_proposal(signer, GEN4.chain_id, proposal)
+
+
+async def test_peer_proposals_votes_and_commits(
+    tmp_path: Path, threads: InlineThreads, ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Only validator 0 of four runs: a peer's proposal is executed and prevoted, its votes
+    counted; a proposal for the next height waits; a commit from a peer with too few
+    precommits is refused, a good one is committed and the next height starts at once with
+    the waiting proposal."""
+    vals = GEN4.validator_set()
+    # A validator that proposes neither (1, 0) nor (2, 0); the others are dev keys `others`.
+    mine = next(i for i in range(4) if vals.index_of(addr(i)) not in (1, 2))
+    others = [i for i in range(4) if i != mine]
+    me = Node(GEN4, tmp_path / "wal", key(mine))
+    publisher = Publisher()
+    me.service.attach_publisher(publisher)
+    other = open_chain(MemoryKV(), GEN4)  # the peers' chain
+    block1, proposal1 = peer_block(other, 1)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(me.service.run)
+        assert me.service.deliver_proposal(proposal1, block1)
+        await trio.testing.wait_all_tasks_blocked()
+        state = me.service.state
+        assert state.blocks[block1.hash()].valid
+        assert [v.vote.block_hash for v in publisher.votes] == [block1.hash()]  # prevoted
+        # Prevotes of two more validators: a quorum; it locks and precommits.
+        votes = [
+            make_vote(i, block1.hash(), 1, 0, time_ms=GENESIS_TIME + 5, vote_type=1)
+            for i in others[:2]
+        ]
+        assert me.service.deliver_votes([(v, v.vote.validator) for v in votes])
+        await trio.testing.wait_all_tasks_blocked()
+        assert not me.service.deliver_votes([(votes[0], votes[0].vote.validator)])  # known
+        assert me.service.state.locked_value == block1.hash()
+        assert len(publisher.votes) == 2 and publisher.votes[1].vote.vote_type == 2
+
+        # The peers decided without us; their commit and the next height's proposal arrive.
+        good = make_commit(block1.hash(), 1, 0, others, time_ms=block1.header.time + 10)
+        other.commit(block1, good)
+        block2, proposal2 = peer_block(other, 2)
+        assert me.service.deliver_proposal(proposal2, block2)  # waits for height 2
+        await trio.testing.wait_all_tasks_blocked()
+        assert me.service.height == 1
+        short = make_commit(block1.hash(), 1, 0, others[:2], time_ms=block1.header.time + 10)
+        with pytest.raises(InvalidCommit):
+            await me.service.commit_from_peer(block1, short)
+        assert me.chain.head_height == 0
+        assert await me.service.commit_from_peer(block1, good)
+        assert me.chain.head_height == 1 and me.committed == [1]
+        await trio.testing.wait_all_tasks_blocked()
+        assert me.service.height == 2
+        assert me.service.state.rounds[0].proposals == (proposal2,)
+        assert me.service.state.blocks[block2.hash()].valid
+        # Not the next height any more: nothing to do.
+        assert not await me.service.commit_from_peer(block1, good)
+        nursery.cancel_scope.cancel()
+    me.chain.close()
+    other.close()

@@ -263,7 +263,7 @@ class GossipService:
             if (
                 ps.key[:2] == (p.height, p.round)
                 and ps.block is not None
-                and ps.block.hash() == p.block_hash
+                and ps.header.hash() == p.block_hash
             ):
                 if signed not in ps.proposals:
                     ps.proposals.append(signed)
@@ -342,7 +342,7 @@ class GossipService:
         ahead = False
         for signed in batch.votes:
             vote = signed.vote
-            if vote.height > h + 1 or (vote.height == h and vote.round > state.round):
+            if self._is_ahead(vote.height, vote.round):
                 ahead = True
             if vote.height not in (h, h + 1):
                 continue
@@ -390,11 +390,10 @@ class GossipService:
         h = self.consensus.height
         if self.consensus.state.validators is None or p.height < h:
             return self._verdict(Verdict.IGNORE, "proposal_stale")
-        if p.height > h + 1 or (p.height == h and p.round > self.consensus.state.round):
-            if self.on_peer_ahead is not None:
-                self.on_peer_ahead(sender)
-            if p.height > h + 1:
-                return self._verdict(Verdict.IGNORE, "proposal_far_ahead")
+        if self._is_ahead(p.height, p.round) and self.on_peer_ahead is not None:
+            self.on_peer_ahead(sender)
+        if p.height > h + 1:
+            return self._verdict(Verdict.IGNORE, "proposal_far_ahead")
         key: PartSetKey = (int(p.height), int(p.round), m.part_set.root)
         known = self._part_sets.get(key)
         if known is not None and signed in known.proposals:
@@ -683,6 +682,16 @@ class GossipService:
             )
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _is_ahead(self, height: int, round: int) -> bool:
+        """Whether a message shows its sender at a later height or round than this node: a
+        later height than the next, the next while this one is undecided, or a later round."""
+        s = self.consensus.state
+        if height > s.height + 1:
+            return True
+        if height == s.height + 1:
+            return s.decision is None
+        return height == s.height and s.decision is None and round > s.round
 
     def _prune(self, height: int) -> None:
         """Forget what belongs to heights below ``height``."""

@@ -5,9 +5,14 @@ TCP + Noise + Yamux; gossipsub for topics; Kademlia (server mode) for peer disco
 request/response on raw streams. Behaviour of py-libp2p 0.8.1 this module works around (read
 ``libp2p-notes.md`` and the library source):
 
-* **Services.** Pubsub, GossipSub and KadDHT run under ``background_trio_service`` inside
-  ``run()``, i.e. inside the caller's nursery; ``host.close()`` runs (shielded) on the way out so
-  no socket is left for the garbage collector.
+* **Services.** Host, Pubsub, GossipSub and KadDHT run under ``background_trio_service`` inside
+  ``run()``, i.e. inside the caller's nursery, but under a shielded scope: cancelling the caller
+  first stops our own tasks, then ``host.close()`` closes every connection, then the services are
+  cancelled. (Cancelled directly, the swarm closes its connections under cancellation and leaks
+  their sockets: ``ResourceWarning`` at garbage collection.)
+* **Listening.** libp2p binds with ``SO_REUSEPORT`` (for hole punching), so a second process can
+  listen on the same port and the kernel splits inbound connections between the two; ``run``
+  first checks that each fixed TCP port is free.
 * **Gossipsub.** Heartbeat ~1 s (default 120 s); adaptive gossip off, because after 30 s its
   "network health" estimate (0 when no peer has a positive score) stretches the heartbeat to
   30–60 s; per-(forwarder, topic) rate limit raised (default 10/s, own publishes included; excess
@@ -29,9 +34,12 @@ request/response on raw streams. Behaviour of py-libp2p 0.8.1 this module works 
   error text). A handler's ``NeuroSeedError`` reaches the requester as ``RequestFailed``; any other
   exception is a bug: logged with its traceback here, answered as "internal error" (a remote peer
   must not be able to crash the node by asking).
-* **Connections.** A failed dial blocks the peer for 60 s: ``unblock_peer`` before each deliberate
-  dial. Notifee callbacks run on the connect/disconnect path: they only start tasks. Bootstrap peers
-  are redialled with exponential backoff; an app-level ping closes silent connections.
+* **Connections.** libp2p's auto-connector (dials every peer in the peerstore up to 200
+  connections, banned ones included) is switched off: bootstrap redials and a discovery loop over
+  the DHT routing table (up to ``target_peers``) do the dialing. A failed dial blocks the peer for
+  60 s: ``unblock_peer`` before each deliberate dial. Notifee callbacks run on the
+  connect/disconnect path: they only start tasks. Bootstrap peers are redialled with exponential
+  backoff; an app-level ping closes silent connections.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import socket
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
@@ -51,6 +60,7 @@ from libp2p import new_host
 from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.host.exceptions import StreamFailure
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
@@ -221,6 +231,29 @@ class _ConnectionEvents:
         return None
 
 
+def _check_ports_free(addrs: Sequence[Any]) -> None:
+    """Bind each fixed TCP listen port once without ``SO_REUSEPORT``: that fails if any socket
+    (a libp2p listener of another process included) holds it."""
+    for addr in addrs:
+        parts = str(addr).split("/")
+        if "tcp" not in parts or parts[1] not in ("ip4", "ip6"):
+            continue
+        port = int(parts[parts.index("tcp") + 1])
+        if port == 0:
+            continue
+        family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            try:
+                sock.bind((parts[2], port))
+            except OSError as e:
+                raise api.P2PError(f"cannot listen on {addr}: {e.strerror}") from e
+
+
+async def _no_auto_connect() -> None:
+    return None
+
+
 def _quiet_libp2p_logging() -> None:
     # "Failed to read DHT message from stream" and friends, at WARNING, on every closed stream.
     logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
@@ -322,6 +355,7 @@ class Libp2pHost:
             raise RuntimeError("a Libp2pHost runs once; build a new one to restart")
         self._started = True
         _quiet_libp2p_logging()
+        _check_ports_free(self._listen)
         # libp2p's own tasks run under a shielded scope: if our caller's cancellation reached them,
         # the swarm would start closing connections under cancellation and leave their sockets
         # open (observed). Instead we close the host gracefully first, then cancel that scope.
@@ -382,7 +416,11 @@ class Libp2pHost:
         vcache = _IgnoreAwareValidationCache(pubsub.validation_cache)
         pubsub.validation_cache = vcache
         dht: Any = KadDHT(host, DHTMode.SERVER)
-        host.get_network().register_notifee(_ConnectionEvents(self))
+        network: Any = host.get_network()
+        # libp2p's auto-connector dials every peer in the peerstore (banned ones too) until it has
+        # 200 connections; our discovery loop and bootstrap redials decide whom to dial instead.
+        network.auto_connector.maybe_connect = _no_auto_connect
+        network.register_notifee(_ConnectionEvents(self))
         host.set_stream_handler(TProtocol(api.PROTOCOL_PING), self._serve_ping)
         for protocol in self._handlers:
             self._install_handler(host, protocol)
@@ -653,10 +691,10 @@ class Libp2pHost:
             raise api.PeerUnreachable(f"cannot connect to {_short(pid)}")
         try:
             return await self._host.new_stream(pid, [TProtocol(protocol)])
-        except (BaseLibp2pError, OSError) as e:
-            if not self._connected(pid):
-                raise api.PeerUnreachable(f"lost the connection to {_short(pid)}") from e
-            raise api.RequestFailed(f"{_short(pid)} does not serve {protocol}: {e!r}") from e
+        except StreamFailure as e:  # protocol negotiation failed: the peer does not serve it
+            raise api.RequestFailed(f"{_short(pid)} does not serve {protocol}") from e
+        except (BaseLibp2pError, OSError) as e:  # no usable connection
+            raise api.PeerUnreachable(f"no stream to {_short(pid)}: {e!r}") from e
 
     # --- connections ----------------------------------------------------------------------------
 
@@ -839,7 +877,6 @@ class Libp2pHost:
         host = self._host
         if host is None:
             return [api.PeerInfo(_peer(pid), (), False) for pid in self._bootstrap]
-        peerstore = host.get_peerstore()
         known = dict.fromkeys(
             [*host.get_connected_peers(), *self._bootstrap, *self._dht.routing_table.get_peer_ids()]
         )
@@ -889,6 +926,9 @@ class Libp2pHost:
             "disconnecting peer %s for %.0f s: %s", _short(pid), self._settings.ban_s, reason
         )
         self._banned_until[pid] = trio.current_time() + self._settings.ban_s
+        if self._host is not None:  # forget where it is, so nothing dials it meanwhile
+            self._host.get_peerstore().clear_addrs(pid)
+            self._dht.routing_table.remove_peer(pid)
         await self._disconnect(pid)
 
 

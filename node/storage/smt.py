@@ -19,8 +19,8 @@ for the internal nodes on changed paths (version ``h``) and lists the replaced o
 index, so the tree of every retained height stays readable. All keys start with the tree's
 ``prefix`` (``P``); integers in keys are 8-byte big-endian.
 
-A *slot* is encoded as a msgpack value in one fixed form per kind, so that its fields sit at
-fixed offsets and records are built by joining slot encodings, never by re-encoding them:
+A *slot* is encoded as a msgpack value in one fixed form per kind, so that its fields sit at fixed
+offsets and a changed record is spliced from the old one, never re-encoded:
 
 * empty: ``nil`` (``c0``, 1 byte);
 * child internal node: ``[hash: bin32, version: uint64, nil]`` =
@@ -28,25 +28,25 @@ fixed offsets and records are built by joining slot encodings, never by re-encod
 * leaf: ``[hash: bin32, version: uint64, key_hash: bin32]`` =
   ``93 c4 20 <hash> cf <version: 8 bytes> c4 20 <key_hash>`` (78 bytes).
 
-The version is always written as a msgpack uint64 (``cf``), which is valid msgpack but not the
-minimal form; any other form of a slot is rejected as corrupt. ``version`` is the height at which
-the leaf or child node record was written. Records:
+The version (the height at which the leaf or child node record was written) is always a msgpack
+uint64 (``cf``): valid msgpack, not the minimal form. Any other form of a slot is rejected as
+corrupt. Records:
 
 * ``P "N" version path`` → internal node: ``dc 00 10`` (msgpack array16 header, 16 items)
   followed by the 16 slot encodings. ``path`` is the node's nibble path, one byte (0..15) per
   nibble, empty for the root node.
-* ``P "L" key_hash version`` → leaf: msgpack ``[state_key: bin, value: bin]`` (canonical) set at
+* ``P "L" key_hash version`` → leaf: canonical msgpack ``[state_key: bin, value: bin]`` set at
   ``version``. A leaf's record does not move when neighbours make its position deeper or
   shallower.
 * ``P "R" height`` → the tree's root slot at ``height`` (a slot encoding as above; ``nil`` for
   the empty tree).
 * ``P "S" stale_since "R" previous_height`` → ``b""``: the root slot record ``P "R"
   previous_height`` is not part of the trees at heights ≥ ``stale_since``.
-* ``P "S" stale_since "B" chunk`` (``chunk``: 4-byte big-endian, 0, 1, …) → canonical msgpack
-  array of bin: the full keys (``P "N" …`` and ``P "L" …``) of the node and leaf records that the
-  block at ``stale_since`` replaced, so they are not part of the trees at heights ≥
-  ``stale_since``. One record per block (chunks of at most ``_STALE_CHUNK`` keys), not one per
-  retired record; ``prune`` reads them.
+* ``P "S" stale_since "B" chunk`` (``chunk``: 4-byte big-endian, from 0) → canonical msgpack array
+  of bin: the full keys (``P "N" …``, ``P "L" …``) of the node and leaf records that the block at
+  ``stale_since`` replaced, which are therefore not part of the trees at heights ≥
+  ``stale_since``. One record per block (split every ``_STALE_CHUNK`` keys), not one per retired
+  record; ``prune`` reads them.
 * ``P "H"`` → uint: the latest height. ``P "P"`` → uint: heights below it were pruned.
 
 ``apply`` never writes: it returns a ``TreeUpdate`` (puts and deletes) that the caller adds to the
@@ -57,6 +57,17 @@ executing a proposal before it is decided) may be made and discarded freely.
 
 A ``StateTree`` instance and its cache belong to one thread (the chain service). Readers in
 other threads (RPC) make their own ``StateTree`` over a storage snapshot.
+
+In memory
+---------
+A decoded node is one ``bytearray`` (``_Node``, layout below): the node's binary heap (the hashes
+and kinds of its 31 binary positions), the offsets of its slots, then its record. An update
+copies the node, splices the changed slot into the record part, rehashes only the positions
+above it and takes the record as the tail: a few C-level copies per changed node, no per-slot
+objects and nothing the cyclic garbage collector tracks. Most of the cost of a block is Python
+interpretation per changed node (about 3,600 nodes and 20,000 sha256 calls for 2,000 changed keys
+over 100,000), so the hot loop in ``_Updater.update`` is written for few bytecodes rather than
+for brevity.
 """
 
 from __future__ import annotations
@@ -66,7 +77,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from itertools import islice, repeat
+from itertools import accumulate, islice, repeat
 from operator import itemgetter, methodcaller
 from typing import Any
 
@@ -99,53 +110,70 @@ MAX_DEPTH = lightclient.MAX_DEPTH
 DEFAULT_CACHE_NODES = 65_536
 
 _sha256 = hashlib.sha256
-_ZERO = bytes(ZERO_HASH)
-_NIBBLE = [bytes((n,)) for n in range(16)]
-_STALE_CHUNK = 16_384  # retired keys per stale-index record
-# key_hash.hex() as ASCII → one byte (0..15) per nibble: the node path of every depth at once.
-_to_nibbles = methodcaller("translate", bytes.maketrans(b"0123456789abcdef", bytes(range(16))))
 _digest = methodcaller("digest")
+_ZERO = bytes(ZERO_HASH)
 _LEAF_TAG = b"\x00"
+_NIBBLE = [bytes((n,)) for n in range(16)]
+# key_hash.hex() as ASCII → one byte (0..15) per nibble: the node paths of every depth at once.
+_to_nibbles = methodcaller("translate", bytes.maketrans(b"0123456789abcdef", bytes(range(16))))
+_STALE_CHUNK = 16_384  # retired keys per stale-index record
 
-# Slot encodings (see the module docstring). The kind of a slot is its length.
+# --- slots (see the module docstring); in memory a slot is its encoding, its kind its length ---
+
 _Slot = bytes
-_NIL = b"\xc0"  # the empty slot; every empty slot in memory is this very object
-_SLOT_HEAD = b"\x93\xc4\x20"
-_VERSION_TAG = b"\xcf"
-_KEY_HASH_TAG = b"\xc4\x20"
+_NIL = b"\xc0"  # the empty slot; every empty slot handled in memory is this very object
+_SLOT_HEAD = b"\x93\xc4\x20"  # fixarray(3), bin8(32): then the hash
+_VERSION_TAG = b"\xcf"  # uint64: then 8 bytes
+_KEY_HASH_TAG = b"\xc4\x20"  # bin8(32): then the key hash (leaf)
 _NODE_LEN = 45
 _LEAF_LEN = 78
-_NODE_HEAD = b"\xdc\x00\x10"
+_NODE_HEAD = b"\xdc\x00\x10"  # array16(16): then the 16 slots
 
-# Kinds of a position in a node's binary heap.
-_EMPTY, _LEAF, _INTERNAL = 0, 1, 2
-
-# A node's binary heap in one bytearray (the first ``_HEAP_LEN`` bytes of a ``_Node``): heap position ``p`` (1 = the node's root,
-# ``2p``/``2p+1`` the children of ``p``, 16..31 the 16 slots) holds a 32-byte hash at
-# ``_POS[p]`` and its kind at ``_KINDS + p``. The hashes are stored in pairs, each pair
-# ``0x01 || hash(2j) || hash(2j+1)`` at ``65 * j``: exactly the preimage of position ``j``'s hash
-# when both children are non-empty, hashed without any concatenation.
-_KINDS = 16 * 65
-_HEAP_LEN = _KINDS + 32
-_POS = [65 * (p >> 1) + 1 + 32 * (p & 1) for p in range(32)]
-_EMPTY_HEAP = bytes(b"".join(b"\x01" + bytes(64) for _ in range(16)) + bytes(32))
-
-# With empty positions holding the zero hash, the compact rule for position ``p`` is: both children
-# empty → empty (zero hash); one child a lone leaf and the other empty → that leaf (it moves up);
-# otherwise → internal, ``sha256(pair p)``, the empty side hashing as 32 zero bytes.
+# --- a node in memory -----------------------------------------------------------------------
 #
-# Offsets are kept as slice objects where the hot paths index with them (Python 3.11 builds a
-# slice object for every ``a[i : j]``). ``_HASH[p]``: position ``p``'s hash; ``_PAIR[p]``: the
-# preimage of position ``p``'s hash (``0x01`` and its children's hashes).
-_HASH = [slice(_POS[_p], _POS[_p] + 32) for _p in range(32)]
+# One bytearray (``_Node``):
+#
+# * ``[0, _KINDS)``: the binary heap's hashes. Heap position ``p`` (1 = the node's root,
+#   ``2p``/``2p+1`` the children of ``p``, 16..31 the 16 slots) has its hash at ``_HASH[p]``.
+#   The hashes are stored in pairs, pair ``j`` = ``0x01 || hash(2j) || hash(2j+1)`` at ``65 * j``
+#   (``_PAIR[j]``): exactly the preimage of position ``j``'s hash, hashed without concatenation.
+# * ``[_KINDS, _KINDS + 32)``: the kind of each position (``_EMPTY``, ``_LEAF``: a subtree of one
+#   leaf, ``_INTERNAL``). Empty positions hold the zero hash, so the compact rule for a position
+#   is: both children empty → empty; one child a lone leaf and the other empty → that leaf (it
+#   moves up); otherwise → internal, ``sha256(its pair)``, an empty side hashing as zero.
+# * ``[_UNITS, _UNITS + 16)``: slot offsets. Slot encodings are 1, 45 or 78 bytes long, so slot
+#   ``n`` starts at ``_SLOT_AT[n] + 11 * u`` with ``u`` = 4 per internal and 7 per leaf slot
+#   before it; byte ``n`` holds that ``u`` (at most 105).
+# * ``[_REC, end)``: the record (``_NODE_HEAD`` and the 16 slot encodings).
+#
+# The 15 inner hashes are kept so that an update rehashes only the positions above changed slots.
+# A bytearray is not tracked by the cyclic collector: tens of thousands of cached nodes cost a
+# full collection nothing. Offsets used by the hot paths are slice objects (Python 3.11 builds a
+# new slice object for every ``a[i:j]``).
+
+_Node = bytearray
+_EMPTY, _LEAF, _INTERNAL = 0, 1, 2
+_KINDS = 16 * 65
+_UNITS = _KINDS + 32
+_REC = _UNITS + 16
+_SLOT_AT = [_REC + 3 + _n for _n in range(16)]  # plus 11 * units
+_SLOT_LEN = (1, _LEAF_LEN, _NODE_LEN)  # by kind
+_UNITS_OF_KIND = bytes((0, 7, 4)) + bytes(253)  # for bytearray.translate
+_EMPTY_NODE = b"".join(b"\x01" + bytes(64) for _ in range(16)) + bytes(32 + 16)  # no record
+_HASH = [
+    slice(65 * (_p >> 1) + 1 + 32 * (_p & 1), 65 * (_p >> 1) + 33 + 32 * (_p & 1))
+    for _p in range(32)
+]
 _PAIR = [slice(65 * _p, 65 * _p + 65) for _p in range(16)]
+_SLOT_HASH = _HASH[16:]
 _ROOT_HASH = _HASH[1]
 _TOP_PAIR = _PAIR[1]
+_record_of = itemgetter(slice(_REC, None))
 
 # Per slot ``n``, one climb from the slot to the node's root (positions ``s = 16 + n``,
-# ``s >> 1``, ``s >> 2``, ``s >> 3``, 1): the slot's hash and kind, the kinds of the three
-# positions above it, their hashes and pairs, and per level ``(pair, hash, kind at, sibling kind
-# at, sibling hash)``.
+# ``s >> 1``, ``s >> 2``, ``s >> 3``, 1): the slot's hash and kind offset, the kind offsets of the
+# three positions above it, their hashes and pairs, and per level ``(pair, hash, kind at, sibling
+# kind at, sibling hash)`` for the general rule.
 _Level = tuple[slice, slice, int, int, slice]
 _Climb = tuple[
     slice, int, int, int, int, slice, slice, slice, slice, slice, slice, tuple[_Level, ...]
@@ -173,21 +201,7 @@ for _n in range(16):
             ),
         )
     )
-_SLOT_HASH = _HASH[16:]
 del _n, _s, _path
-
-# A decoded internal node (``_Node``) is one bytearray: its binary heap (``_HEAP_LEN`` bytes,
-# above) followed by its record (from ``_REC``: ``_NODE_HEAD`` and the 16 slot encodings). Slot
-# ``n`` starts at ``_REC + 3 + n + 44 * i + 77 * l`` where ``i``/``l`` count the internal/leaf
-# slots before it (their kinds are in the heap), so a changed slot is spliced in place and the new
-# record is a slice: no per-slot objects, and one contiguous copy per changed node. The 15 inner
-# hashes are kept so that an update rehashes only the paths above changed slots. A bytearray is
-# not tracked by CPython's cyclic collector, so tens of thousands of cached nodes cost a full
-# collection nothing.
-_Node = bytearray
-_REC = _HEAP_LEN
-_SLOTS_AT = _REC + 3
-_SLOT_LEN = (1, _LEAF_LEN, _NODE_LEN)  # by kind
 
 
 class TreeHeightError(StorageError):
@@ -246,68 +260,62 @@ class TreeUpdate:
             batch.delete(key)
 
 
-def _positions_above(mask: int) -> tuple[int, ...]:
-    """Heap positions above the slots in ``mask`` (bit n: slot n), each once, children first."""
-    above: set[int] = set()
-    for n in range(16):
-        if mask >> n & 1:
-            i = (16 + n) >> 1
-            while i and i not in above:
-                above.add(i)
-                i >>= 1
-    return tuple(sorted(above, reverse=True))  # 2i and 2i+1 come before i
+# --- rehashing a node ------------------------------------------------------------------------
 
-
+# Per inner heap position: (pair, hash, kind at, left kind at, right kind at, left hash, right
+# hash).
 _Step = tuple[slice, slice, int, int, int, slice, slice]
-_Plan = tuple["itemgetter[Any]", tuple[tuple[slice, slice, int], ...], tuple[_Step, ...]]
-_PLANS: dict[int, _Plan] = {}  # dirty-slot bitmask → how to rehash the positions above
+_STEP_OF: dict[int, _Step] = {
+    p: (
+        _PAIR[p],
+        _HASH[p],
+        _KINDS + p,
+        _KINDS + 2 * p,
+        _KINDS + 2 * p + 1,
+        _HASH[2 * p],
+        _HASH[2 * p + 1],
+    )
+    for p in range(1, 16)
+}
+_ALL_INTERNAL = bytes([_INTERNAL]) * 15
+# 8-bit b → 4-bit: bit j set where bit 2j or 2j+1 of b is (the parents of a set of positions).
+_PARENTS = [sum(1 << j for j in range(4) if b >> (2 * j) & 3) for b in range(256)]
 
 
-def _plan(mask: int) -> _Plan:
-    """How to rehash above the slots in ``mask``: (the kinds that must all be non-empty for the
-    dense way, the dense steps (pair, hash, kind at), the general steps (pair, hash, kind at,
-    left kind at, right kind at, left hash, right hash)), positions children first."""
-    plan = _PLANS.get(mask)
-    if plan is None:
-        positions = _positions_above(mask)
-        above = set(positions)
-        # Children that the rehash does not compute: if they and the dirty slots are all
-        # non-empty, every position above has two non-empty children (a plain internal hash).
-        others = sorted(
-            {_KINDS + c for p in positions for c in (2 * p, 2 * p + 1) if c not in above}
-        )
-        plan = (
-            itemgetter(*others),
-            tuple((_PAIR[p], _HASH[p], _KINDS + p) for p in positions),
-            tuple(
-                (
-                    _PAIR[p],
-                    _HASH[p],
-                    _KINDS + p,
-                    _KINDS + 2 * p,
-                    _KINDS + 2 * p + 1,
-                    _HASH[2 * p],
-                    _HASH[2 * p + 1],
-                )
-                for p in positions
-            ),
-        )
-        if len(_PLANS) < 8192:
-            _PLANS[mask] = plan
-    return plan
+def _level_steps(first: int, count: int) -> list[tuple[_Step, ...]]:
+    """Per bitmask of the ``count`` positions ``first + j``: their steps."""
+    return [
+        tuple(_STEP_OF[first + j] for j in range(count) if m >> j & 1) for m in range(1 << count)
+    ]
+
+
+def _dense(levels: list[tuple[_Step, ...]]) -> list[tuple[tuple[slice, slice], ...]]:
+    """The same steps as (pair, hash) only."""
+    return [tuple((step[0], step[1]) for step in steps) for steps in levels]
+
+
+_LEVEL3, _LEVEL2, _LEVEL1 = _level_steps(8, 8), _level_steps(4, 4), _level_steps(2, 2)
+_ROOT_STEP = (_STEP_OF[1],)
+_DENSE3, _DENSE2, _DENSE1 = _dense(_LEVEL3), _dense(_LEVEL2), _dense(_LEVEL1)
+_DENSE_ROOT = ((_TOP_PAIR, _ROOT_HASH),)
 
 
 def _rehash(node: _Node, mask: int) -> None:
-    """Recompute the heap positions above the slots in ``mask`` (set already), children first,
-    with the compact rule."""
-    check, dense, general = _plan(mask)
+    """Recompute the heap positions above the slots in ``mask`` (bit n: slot n, whose hashes and
+    kinds are set already), level by level from the slots up, with the compact rule."""
+    m3 = _PARENTS[mask & 0xFF] | _PARENTS[mask >> 8] << 4
+    m2 = _PARENTS[m3]
+    m1 = _PARENTS[m2]
     sha = _sha256
-    if 0 not in check(node):
-        for pair, hash_, kind_at in dense:
+    if node.find(_EMPTY, _KINDS + 16, _KINDS + 32) < 0:
+        # All 16 slots non-empty: every position is internal, a plain hash of its pair.
+        for pair, hash_ in _DENSE3[m3] + _DENSE2[m2] + _DENSE1[m1] + _DENSE_ROOT:
             node[hash_] = sha(node[pair]).digest()
-            node[kind_at] = _INTERNAL
+        node[_KINDS + 1 : _KINDS + 16] = _ALL_INTERNAL
         return
-    for pair, hash_, kind_at, left_at, right_at, left, right in general:
+    for pair, hash_, kind_at, left_at, right_at, left, right in (
+        _LEVEL3[m3] + _LEVEL2[m2] + _LEVEL1[m1] + _ROOT_STEP
+    ):
         kl = node[left_at]
         kr = node[right_at]
         if kl == _LEAF and not kr:  # a lone leaf moves up (compact collapse)
@@ -324,34 +332,35 @@ def _rehash(node: _Node, mask: int) -> None:
             node[kind_at] = _EMPTY
 
 
-def _set_slot(heap: _Node, n: int, slot: _Slot) -> None:
+def _set_slot(node: _Node, n: int, slot: _Slot) -> None:
     """Put the hash and kind of ``slot`` at slot ``n`` of the heap (not the record)."""
     if slot is _NIL:
-        heap[_SLOT_HASH[n]] = _ZERO
-        heap[_KINDS + 16 + n] = _EMPTY
+        node[_SLOT_HASH[n]] = _ZERO
+        node[_KINDS + 16 + n] = _EMPTY
     else:
-        heap[_SLOT_HASH[n]] = slot[3:35]
-        heap[_KINDS + 16 + n] = _LEAF if len(slot) == _LEAF_LEN else _INTERNAL
+        node[_SLOT_HASH[n]] = slot[3:35]
+        node[_KINDS + 16 + n] = _LEAF if len(slot) == _LEAF_LEN else _INTERNAL
 
 
-def _slot_offset(node: _Node, n: int) -> int:
-    """Where slot ``n``'s encoding starts in ``node``."""
-    before = node[_KINDS + 16 : _KINDS + 16 + n]
-    return _SLOTS_AT + n + 44 * before.count(_INTERNAL) + 77 * before.count(_LEAF)
+def _reindex(node: _Node) -> None:
+    """Recompute the offset bytes after slot kinds changed."""
+    units = node[_KINDS + 16 : _KINDS + 31].translate(_UNITS_OF_KIND)
+    node[_UNITS : _UNITS + 16] = bytes(accumulate(units, initial=0))
 
 
 def _slot_of(node: _Node, n: int) -> _Slot:
+    """Slot ``n`` of ``node`` (a copy)."""
     kind = node[_KINDS + 16 + n]
     if kind == _EMPTY:
         return _NIL
-    at = _slot_offset(node, n)
+    at = _SLOT_AT[n] + 11 * node[_UNITS + n]
     return bytes(node[at : at + _SLOT_LEN[kind]])
 
 
 def _lone_leaf(node: _Node) -> _Slot:
     """The one slot of a node whose subtree holds a single leaf (all other slots are nil)."""
     n = node.index(_LEAF, _KINDS + 16, _KINDS + 32) - (_KINDS + 16)
-    return bytes(node[_SLOTS_AT + n : _SLOTS_AT + n + _LEAF_LEN])
+    return bytes(node[_SLOT_AT[n] : _SLOT_AT[n] + _LEAF_LEN])
 
 
 def _u64(n: int) -> bytes:
@@ -384,7 +393,7 @@ def _decode_node(raw: bytes, expected: _Slot) -> _Node:
     """The node for record ``raw``, checked against the hash in its parent's slot."""
     if raw[:3] != _NODE_HEAD:
         raise CorruptDatabase("state tree node is not a 16-array")
-    node = bytearray(_EMPTY_HEAP)
+    node = bytearray(_EMPTY_NODE)
     at = 3
     for n in range(16):
         end = _parse_slot(raw, at)
@@ -393,6 +402,7 @@ def _decode_node(raw: bytes, expected: _Slot) -> _Node:
         at = end
     if at != len(raw):
         raise CorruptDatabase("state tree node has trailing bytes")
+    _reindex(node)
     _rehash(node, 0xFFFF)
     if node[_KINDS + 1] != _INTERNAL or node[_ROOT_HASH] != expected[3:35]:
         raise CorruptDatabase("state tree node does not match its hash")
@@ -403,22 +413,22 @@ def _decode_node(raw: bytes, expected: _Slot) -> _Node:
 class _Updater:
     """One block's batch update: walks the sorted changed key hashes down the previous tree.
 
-    Every internal node on a changed path is loaded once, its changed slots are updated by
-    recursion over the contiguous run of key hashes under each nibble, and its heap is rehashed
-    once over all of them, so shared paths are hashed once per block. Below the point where only
-    one changed key remains (most of the nodes of a block), ``single`` walks down and back up in
-    a loop, rehashing one climb of 4 positions per node.
+    Every internal node on a changed path is loaded once and its changed slots are updated over
+    the contiguous run of key hashes under each nibble; a node with several changed slots is
+    rehashed once over all of them, so shared paths are hashed once per block. Below the point
+    where only one change remains (most of the nodes of a block) the walk is a loop, not a
+    recursion.
     """
 
     __slots__ = (
         "cache_get",
         "fetch",
-        "height",
         "key_hashes",
         "leaf_hashes",
         "leaf_keys",
         "leaf_prefix",
         "leaf_records",
+        "leaf_stems",
         "new_node_prefix",
         "new_slots",
         "nibbles",
@@ -429,7 +439,6 @@ class _Updater:
         "puts",
         "stale_leaves",
         "stale_nodes",
-        "version",
     )
 
     def __init__(
@@ -442,22 +451,26 @@ class _Updater:
         leaf_hashes: list[bytes],
         new_slots: list[_Slot | None],
     ) -> None:
-        self.height = height
-        self.version = _u64(height)
-        self.node_tail = _VERSION_TAG + self.version + _NIL
+        """Change ``i`` sets ``keys[i]`` (hash ``key_hashes[i]``, sorted) to ``values[i]``:
+        ``new_slots[i]`` is its new leaf slot (None: a deletion), ``leaf_hashes[i]`` its leaf
+        hash (b"" for a deletion)."""
+        version = _u64(height)
+        self.node_tail = _VERSION_TAG + version + _NIL
         self.key_hashes = key_hashes
         self.nibbles = list(map(_to_nibbles, map(str.encode, map(bytes.hex, key_hashes))))
         self.leaf_hashes = leaf_hashes
         self.new_slots = new_slots
         prefix = tree.prefix
         self.node_prefix = prefix + b"N"
-        self.new_node_prefix = self.node_prefix + self.version
+        self.new_node_prefix = self.node_prefix + version
         self.leaf_prefix = leaf_prefix = prefix + b"L"
-        version = self.version
-        self.leaf_keys = list(map(bytes.__add__, map(leaf_prefix.__add__, key_hashes), repeat(version)))
-        # Leaf records ([state_key, value]), for the keys that are set: most are written.
+        # P "L" key_hash: the leaf record keys without their version.
+        self.leaf_stems = leaf_stems = list(map(leaf_prefix.__add__, key_hashes))
+        self.leaf_keys = list(map(bytes.__add__, leaf_stems, repeat(version)))
+        # One reusable packer (msgpack.packb builds one per call). The leaf records
+        # [state_key, value] are packed up front: nearly all are written (a deletion's is not).
         self.pack = pack_ = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-        self.leaf_records: list[bytes] = list(map(pack_, zip(keys, values)))
+        self.leaf_records: list[bytes] = list(map(pack_, zip(keys, values, strict=True)))
         self.cache_get = tree._cache.get
         self.fetch = tree._fetch_node
         self.puts: dict[bytes, bytes] = {}
@@ -479,7 +492,6 @@ class _Updater:
         kind = node[_KINDS + 1]
         if kind == _INTERNAL:
             key = self.new_node_prefix + path
-            self.puts[key] = bytes(node[_REC:])
             self.nodes[key] = node
             return _SLOT_HEAD + node[_ROOT_HASH] + self.node_tail
         if kind == _LEAF:
@@ -520,7 +532,7 @@ class _Updater:
         leaf_keys = self.leaf_keys
         leaf_records = self.leaf_records
         leaf_hashes = self.leaf_hashes
-        leaf_prefix = self.leaf_prefix
+        leaf_stems = self.leaf_stems
         puts = self.puts
         nodes = self.nodes
         stale_nodes = self.stale_nodes
@@ -529,6 +541,7 @@ class _Updater:
         tail = self.node_tail
         sha = _sha256
         kinds = _KINDS + 16
+        units = _UNITS
         # (nib, new slot, where the old slot starts, its length)
         changed: list[tuple[int, _Slot, int, int]] = []
         i = lo
@@ -536,14 +549,17 @@ class _Updater:
             nibbles = all_nibbles[i]
             top_nib = nibbles[depth]
             if hi - i > 48:
-                j = bisect_left(all_nibbles, path + _NIBBLE[top_nib + 1], i, hi) if top_nib < 15 else hi
+                j = (
+                    bisect_left(all_nibbles, path + _NIBBLE[top_nib + 1], i, hi)
+                    if top_nib < 15
+                    else hi
+                )
             else:
                 j = i + 1
                 while j < hi and all_nibbles[j][depth] == top_nib:
                     j += 1
             kind = top[kinds + top_nib]
-            before = top[kinds : kinds + top_nib]
-            top_at = _SLOTS_AT + top_nib + 44 * before.count(_INTERNAL) + 77 * before.count(_LEAF)
+            top_at = _SLOT_AT[top_nib] + 11 * top[units + top_nib]
             top_length = _SLOT_LEN[kind]
             if j > i + 1:
                 old = _NIL if kind == _EMPTY else bytes(top[top_at : top_at + top_length])
@@ -566,42 +582,44 @@ class _Updater:
                 node = child
                 nib = nibbles[sub]
                 kind = node[kinds + nib]
-                before = node[kinds : kinds + nib]
-                at = _SLOTS_AT + nib + 44 * before.count(_INTERNAL) + 77 * before.count(_LEAF)
+                at = _SLOT_AT[nib] + 11 * node[units + nib]
                 chain.append((key, node, nib, sub, at, _SLOT_LEN[kind]))
                 sub += 1
 
-            # The bottom: an empty slot or a leaf.
-            new = new_slots[i]
+            # The bottom: an empty slot or a leaf (at ``at`` in ``node``).
+            leaf = new_slots[i]
             if kind == _EMPTY:
-                if new is None:
+                if leaf is None:
                     i = j
                     continue  # deleting an absent key
                 puts[leaf_keys[i]] = leaf_records[i]
+                new = leaf
             else:
                 key_hash = key_hashes[i]
                 if node.startswith(key_hash, at + 46):
-                    if new is not None:
-                        if node.startswith(leaf_hashes[i], at + 3):
-                            i = j
-                            continue  # rewritten with the same value
-                        puts[leaf_keys[i]] = leaf_records[i]
-                    else:
+                    if leaf is None:
                         new = _NIL
-                    stale_leaves.append(leaf_prefix + key_hash + node[at + 36 : at + 44])
-                elif new is None:
+                    elif node.startswith(leaf_hashes[i], at + 3):
+                        i = j
+                        continue  # rewritten with the same value
+                    else:
+                        puts[leaf_keys[i]] = leaf_records[i]
+                        new = leaf
+                    stale_leaves.append(leaf_stems[i] + node[at + 36 : at + 44])
+                elif leaf is None:
                     i = j
                     continue  # deleting an absent key
                 else:
+                    # Another key's leaf: both go one level down, into a new node.
                     puts[leaf_keys[i]] = leaf_records[i]
                     slot = bytes(node[at : at + _LEAF_LEN])
                     existing = slot[-32:]
                     new = self.build(
                         sub,
                         nibbles[:sub],
-                        [(existing, slot), (key_hash, new)]
+                        [(existing, slot), (key_hash, leaf)]
                         if existing < key_hash
-                        else [(key_hash, new), (existing, slot)],
+                        else [(key_hash, leaf), (existing, slot)],
                     )
 
             # Back up.
@@ -647,7 +665,6 @@ class _Updater:
                     h = sha(node[_TOP_PAIR]).digest()
                     node[_ROOT_HASH] = h
                     new_key = new_node_prefix + nibbles[:sub]
-                    puts[new_key] = bytes(node[_REC:])
                     nodes[new_key] = node
                     new = _SLOT_HEAD + h + tail
                     continue
@@ -659,6 +676,7 @@ class _Updater:
                     kind = _LEAF if len(new) == _LEAF_LEN else _INTERNAL
                 node[slot_hash] = h
                 node[kind_at] = kind
+                _reindex(node)
                 for pair, hash_, kind_at, sibling_kind_at, sibling_hash in levels:
                     sibling = node[sibling_kind_at]
                     if sibling:
@@ -675,7 +693,6 @@ class _Updater:
                     node[kind_at] = kind
                 if kind == _INTERNAL:
                     new_key = new_node_prefix + nibbles[:sub]
-                    puts[new_key] = bytes(node[_REC:])
                     nodes[new_key] = node
                     new = _SLOT_HEAD + h + tail
                 elif kind == _LEAF:
@@ -689,18 +706,23 @@ class _Updater:
             return top_slot
         node = top[:]
         mask = 0
+        moved = False
         # Highest slot first: a splice moves only the encodings after it.
         for nib, new, at, length in reversed(changed):
             node[at : at + length] = new
-            if new is _NIL:
-                node[_SLOT_HASH[nib]] = _ZERO
-                node[kinds + nib] = _EMPTY
-            elif len(new) == length:
+            if len(new) == length:
                 node[_SLOT_HASH[nib]] = new[3:35]
             else:
-                node[_SLOT_HASH[nib]] = new[3:35]
-                node[kinds + nib] = _LEAF if len(new) == _LEAF_LEN else _INTERNAL
+                moved = True
+                if new is _NIL:
+                    node[_SLOT_HASH[nib]] = _ZERO
+                    node[kinds + nib] = _EMPTY
+                else:
+                    node[_SLOT_HASH[nib]] = new[3:35]
+                    node[kinds + nib] = _LEAF if len(new) == _LEAF_LEN else _INTERNAL
             mask |= 1 << nib
+        if moved:
+            _reindex(node)
         _rehash(node, mask)
         stale_nodes.append(top_key)
         return self.finish(path, node)
@@ -740,7 +762,7 @@ class _Updater:
             return _NIL
         if n == 1:
             return leaves[0][1]
-        node = bytearray(_EMPTY_HEAP)
+        node = bytearray(_EMPTY_NODE)
         slots = [_NIL] * 16
         byte_i = depth >> 1
         shift = 0 if depth & 1 else 4
@@ -760,6 +782,7 @@ class _Updater:
             _set_slot(node, nib, child)
             mask |= 1 << nib
             i = j
+        _reindex(node)
         _rehash(node, mask)
         node += _NODE_HEAD
         node += b"".join(slots)
@@ -870,8 +893,7 @@ class StateTree:
                 if heap[_KINDS + idx] != _INTERNAL:
                     break
                 child = (idx << 1) | ((nib >> (3 - level)) & 1)
-                sibling = _POS[child ^ 1]
-                siblings.append(bytes(heap[sibling : sibling + 32]))
+                siblings.append(bytes(heap[_HASH[child ^ 1]]))
                 idx = child
             kind = heap[_KINDS + idx]
             if kind == _EMPTY:
@@ -917,13 +939,15 @@ class StateTree:
         # bulk of this part otherwise.
         sha = _sha256
         if type(self)._hash_key is StateTree._hash_key:
-            hashed = map(_digest, map(sha, changes))
+            hashed = list(map(_digest, map(sha, changes)))
         else:
-            hashed = map(self._hash_key, changes)
-        items = sorted(zip(hashed, changes, changes.values()))
-        key_hashes: list[bytes] = [it[0] for it in items]
-        keys: list[bytes] = [it[1] for it in items]
-        values: list[bytes | None] = [it[2] for it in items]
+            hashed = list(map(self._hash_key, changes))
+        # Sorted by key hash, through an index order: no tuple per change (tuples are tracked by
+        # the cyclic collector, and enough of them trigger collections during the update).
+        order = sorted(range(len(hashed)), key=hashed.__getitem__)
+        key_hashes: list[bytes] = list(map(hashed.__getitem__, order))
+        keys: list[bytes] = list(map(list(changes).__getitem__, order))
+        values: list[bytes | None] = list(map(list(changes.values()).__getitem__, order))
         version = _u64(height)
         leaf_tail = _VERSION_TAG + version + _KEY_HASH_TAG
         # A leaf's hash: sha256(0x00 || key_hash || sha256(value)); b"" for a deletion.
@@ -950,8 +974,11 @@ class StateTree:
                 )
             )
         updater = _Updater(self, height, key_hashes, keys, values, leaf_hashes, new_slots)
-        root = updater.update(previous, 0, b"", 0, len(items)) if items else previous
+        root = updater.update(previous, 0, b"", 0, len(order)) if order else previous
         puts = updater.puts
+        nodes = updater.nodes
+        # The node records: each node's record part, copied out in one C-level pass.
+        puts.update(zip(nodes, map(bytes, map(_record_of, nodes.values())), strict=True))
         puts[self._root_prefix + version] = root
         puts[self._latest_key] = pack(height)
         stale_prefix = self._stale_prefix + version

@@ -20,7 +20,6 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -46,12 +45,6 @@ SENDERS = (1, 2, 3)
 FEE = NSD // 100
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def fast_genesis(path: Path) -> None:
     genesis = load_genesis(REPO / "genesis.json")
     params = dataclasses.replace(
@@ -61,7 +54,7 @@ def fast_genesis(path: Path) -> None:
 
 
 class NodeProcess:
-    def __init__(self, datadir: Path, port: int, log: Path) -> None:
+    def __init__(self, datadir: Path, log: Path) -> None:
         self._log = open(log, "ab")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
             [
@@ -72,7 +65,7 @@ class NodeProcess:
                 "--datadir",
                 str(datadir),
                 "--rpc-port",
-                str(port),
+                "0",
             ],
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -91,7 +84,8 @@ class NodeProcess:
             self._lines.put(raw.decode("utf-8", "replace"))
         self._lines.put(None)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self) -> str:
+        """Wait for the ``JSON-RPC: <url>`` line; return the URL (the port is ephemeral)."""
         deadline = time.monotonic() + START_WAIT_S
         while time.monotonic() < deadline:
             try:
@@ -100,8 +94,8 @@ class NodeProcess:
                 continue
             if line is None:
                 raise AssertionError(f"node exited early with code {self.proc.wait()}")
-            if "JSON-RPC" in line:
-                return
+            if line.startswith("JSON-RPC:"):
+                return line.split(":", 1)[1].strip()
         raise AssertionError("node did not start in time")
 
     def kill(self) -> None:
@@ -185,11 +179,9 @@ def test_sigkill_at_random_moments_loses_nothing_final(tmp_path: Path) -> None:
     ledger = Ledger()
     last_height = 0
     for _cycle in range(CYCLES):
-        port = free_port()
-        node = NodeProcess(datadir, port, tmp_path / "node.log")
+        node = NodeProcess(datadir, tmp_path / "node.log")
         try:
-            node.wait_ready()
-            client = Client(f"http://127.0.0.1:{port}/", timeout=10)
+            client = Client(node.wait_ready(), timeout=10)
             try:
                 check_after_restart(client, ledger, last_height)
                 stop = threading.Event()
@@ -211,11 +203,9 @@ def test_sigkill_at_random_moments_loses_nothing_final(tmp_path: Path) -> None:
             node.kill()
     assert len(ledger.final) > CYCLES, "too few transfers became final to test anything"
     # One last restart: everything is still there and blocks keep coming.
-    port = free_port()
-    node = NodeProcess(datadir, port, tmp_path / "node.log")
+    node = NodeProcess(datadir, tmp_path / "node.log")
     try:
-        node.wait_ready()
-        with Client(f"http://127.0.0.1:{port}/", timeout=10) as client:
+        with Client(node.wait_ready(), timeout=10) as client:
             check_after_restart(client, ledger, last_height)
             target = client.block_number() + 3
             deadline = time.monotonic() + 30

@@ -550,3 +550,168 @@ def test_vectors_are_reproduced_exactly() -> None:
     for case in json.loads(expected)["cases"]:
         pairs = {bytes.fromhex(i["key"]): bytes.fromhex(i["value"]) for i in case["items"]}
         assert bytes.fromhex(case["root"]) == ref_root(pairs)
+
+
+# --- the record layout and the node cache ------------------------------------------------------
+
+
+def random_blocks(seed: int, blocks: int, size: int) -> list[dict[bytes, bytes | None]]:
+    """Blocks of updates, inserts and deletes (some of absent keys) over a growing key set."""
+    import random
+
+    rng = random.Random(seed)
+    live: list[bytes] = []
+    out: list[dict[bytes, bytes | None]] = []
+    for _ in range(blocks):
+        changes: dict[bytes, bytes | None] = {}
+        for _ in range(size):
+            roll = rng.random()
+            if live and roll < 0.6:
+                changes[rng.choice(live)] = rng.randbytes(rng.randrange(0, 12))
+            elif live and roll < 0.75:
+                changes[rng.choice(live)] = None
+            elif roll < 0.8:
+                changes[b"absent" + rng.randbytes(4)] = None
+            else:
+                key = rng.randbytes(rng.randrange(1, 6))
+                changes[key] = rng.randbytes(rng.randrange(0, 12))
+        for key, value in changes.items():
+            if value is None:
+                if key in live:
+                    live.remove(key)
+            elif key not in live:
+                live.append(key)
+        out.append(changes)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cached_and_decoded_nodes_give_identical_updates(seed: int) -> None:
+    """Nodes built in memory by an update (then cached) and nodes decoded from their records
+    (no cache) lead to byte-identical records and roots, block after block."""
+    kv = DictKV()
+    cached = StateTree(kv)
+    uncached = StateTree(kv, cache_nodes=0)
+    small = StateTree(kv, cache_nodes=7)  # evicts all the time
+    state: dict[bytes, bytes] = {}
+    for height, changes in enumerate(random_blocks(seed, 30, 40)):
+        update = cached.apply(height, changes)
+        for other in (uncached, small):
+            twin = other.apply(height, changes)
+            assert twin.puts == update.puts
+            assert twin.root == update.root
+        commit(cached, kv, update)
+        uncached.committed(update)
+        small.committed(update)
+        assert len(small._cache) <= 7
+        for key, value in changes.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        assert update.root == ref_root(state)
+    for key in list(state)[:50]:
+        value, proof = uncached.get_proof(height, key)
+        assert value == state[key]
+        verify_proof(update.root, key, value, proof)
+
+
+def test_long_shared_prefixes_grow_and_collapse_across_blocks() -> None:
+    """Keys that share 60 nibbles: chains of nodes one nibble apart appear and collapse."""
+    base = bytes(30)
+    keys = [base + bytes((a, b)) for a in (0, 1, 0x10) for b in (0, 1, 0x80)]
+    kv = DictKV()
+    tree = RawKeyTree(kv, cache_nodes=5)
+    state: dict[bytes, bytes] = {}
+    plan: list[dict[bytes, bytes | None]] = [
+        {keys[0]: b"a"},
+        {keys[1]: b"b"},  # a chain down to depth 63
+        {keys[2]: b"c", keys[3]: b"d"},
+        {keys[0]: None, keys[4]: b"e"},
+        {keys[1]: None, keys[2]: None, keys[3]: b"D"},
+        {k: b"all" for k in keys},
+        {k: None for k in keys[1:]},  # back to one leaf at the root
+        {keys[0]: None},
+    ]
+    for height, changes in enumerate(plan):
+        update = tree.apply(height, changes)
+        commit(tree, kv, update)
+        for key, value in changes.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        assert update.root == ref_root_raw(state)
+        fresh = RawKeyTree(kv, cache_nodes=0)
+        for key in keys:
+            value, proof = fresh.get_proof(height, key)
+            assert value == state.get(key)
+            lightclient.verify_proof_hashed(
+                update.root, key, None if value is None else sha(value), proof.encode()
+            )
+    assert tree.root_at(len(plan) - 1) == ZERO
+
+
+def test_stale_index_is_one_record_per_block_and_prune_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from node.storage import smt
+
+    monkeypatch.setattr(smt, "_STALE_CHUNK", 5)  # several chunks per block
+    kv = DictKV()
+    tree = StateTree(kv)
+    blocks = random_blocks(7, 12, 30)
+    apply_all(tree, kv, [{k: v for k, v in b.items() if v is not None} for b in blocks[:1]])
+    for height, changes in enumerate(blocks[1:], start=1):
+        update = tree.apply(height, changes)
+        stale = sorted(k for k in update.puts if k.startswith(b"TS"))
+        prefix = b"TS" + height.to_bytes(8, "big")
+        assert stale[-1] == prefix + b"R" + (height - 1).to_bytes(8, "big")
+        chunks = stale[:-1]
+        assert chunks == [prefix + b"B" + n.to_bytes(4, "big") for n in range(len(chunks))]
+        listed = [k for c in chunks for k in msgpack.unpackb(update.puts[c])]
+        assert all(len(msgpack.unpackb(update.puts[c])) <= 5 for c in chunks)
+        assert len(listed) == len(set(listed))
+        # Exactly the node and leaf records of the previous tree that this block replaced.
+        assert all(k in kv.data and k[:2] in (b"TN", b"TL") for k in listed)
+        commit(tree, kv, update)
+    last = len(blocks) - 1
+    commit(tree, kv, tree.prune(last // 2))
+    fresh = StateTree(kv, cache_nodes=0)
+    for h in range(last // 2, last + 1):
+        assert fresh.root_at(h) == tree.root_at(h)
+    commit(tree, kv, tree.prune(last))
+    assert_only_reachable(fresh, kv, last)
+
+
+def test_slots_must_have_the_fixed_form() -> None:
+    kv = DictKV()
+    tree = StateTree(kv)
+    commit(tree, kv, tree.apply(0, {b"k%d" % i: b"v" for i in range(60)}))
+    commit(tree, kv, tree.apply(1, {b"k1": b"w"}))
+    root_key = b"TR" + (1).to_bytes(8, "big")
+    node_key = next(k for k in kv.data if k.startswith(b"TN"))
+    good_root, good_node = kv.data[root_key], kv.data[node_key]
+    # Valid msgpack for the same values, but the minimal encoding of the versions.
+    kv.data[root_key] = msgpack.packb(msgpack.unpackb(good_root))
+    with pytest.raises(CorruptDatabase):
+        StateTree(kv).root_at(1)
+    kv.data[root_key] = good_root
+    kv.data[node_key] = msgpack.packb(msgpack.unpackb(good_node))
+    with pytest.raises(CorruptDatabase):
+        for i in range(60):
+            StateTree(kv, cache_nodes=0).get(1, b"k%d" % i)
+    # One hash byte flipped in place: the layout parses, the hashes do not match.
+    at = good_node.index(b"\x93\xc4\x20") + 3
+    kv.data[node_key] = good_node[:at] + bytes([good_node[at] ^ 1]) + good_node[at + 1 :]
+    with pytest.raises(CorruptDatabase):
+        for i in range(60):
+            StateTree(kv, cache_nodes=0).get(1, b"k%d" % i)
+    # Trailing bytes.
+    kv.data[node_key] = good_node + b"\xc0"
+    with pytest.raises(CorruptDatabase):
+        for i in range(60):
+            StateTree(kv, cache_nodes=0).get(1, b"k%d" % i)
+    kv.data[node_key] = good_node
+    for i in range(60):
+        assert StateTree(kv, cache_nodes=0).get(1, b"k%d" % i) == (b"w" if i == 1 else b"v")
