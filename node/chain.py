@@ -19,9 +19,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from node.api import StateProof, TxLocation
-from node.consensus.blocks import Block, Commit, Header
-from node.consensus.params import ChainParams, VotableParams
-from node.consensus.state import PARAMS_KEY, VALIDATOR_SET_KEY, Account, get_account
+from node.consensus.blocks import Block, Commit, DuplicateVoteEvidence, Header
+from node.consensus.evidence import InvalidEvidence, check_evidence
+from node.consensus.params import AuthorityParams, ChainParams, VotableParams
+from node.consensus.state import (
+    AUTHORITY_PARAMS_KEY,
+    PARAMS_KEY,
+    VALIDATOR_SET_KEY,
+    Account,
+    evidence_seen_key,
+    get_account,
+)
 from node.consensus.transition import (
     BlockResult,
     BuiltBlock,
@@ -31,7 +39,12 @@ from node.consensus.transition import (
     check_commit,
 )
 from node.consensus.txs import VerifiedTransaction
-from node.consensus.validators import ValidatorSet
+from node.consensus.validators import (
+    ValidatorHistoryError,
+    ValidatorSet,
+    oldest_kept_height,
+    validator_set_at,
+)
 from node.errors import ConfigError, CorruptDatabase, HistoryPruned, NotFound
 from node.genesis import Genesis, build_genesis_state, genesis_hash
 from node.storage.api import KVStore, Snapshot
@@ -157,6 +170,9 @@ class ChainService:
         self._view: ReadView | None = None
         self.head: Header | None = None
         self.params: VotableParams = genesis.votable_params
+        self.authority: AuthorityParams = genesis.authority_params
+        # Validator sets by height, read from the head state; cleared on every commit.
+        self._sets: dict[int, ValidatorSet] = {}
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -194,6 +210,11 @@ class ChainService:
                 f"the state root at height {head_height} does not match the head block's"
             )
         self.params = self._load_params()
+        raw_authority = self.store.get_state(AUTHORITY_PARAMS_KEY)
+        if raw_authority is None:
+            raise CorruptDatabase("the authority parameters are missing from state")
+        self.authority = AuthorityParams.decode(raw_authority)
+        self._sets.clear()
         self._publish_view()
         log.info("chain head at height %d (%s)", head_height, check)
 
@@ -239,16 +260,71 @@ class ChainService:
     # --- validators ----------------------------------------------------------------------------
 
     def validator_set(self) -> ValidatorSet:
+        """The set that signs the next block (height head + 1)."""
         raw = self.store.get_state(VALIDATOR_SET_KEY)
         if raw is None:
             raise CorruptDatabase("the validator set is missing from state")
         return ValidatorSet.decode(raw)
 
+    def validator_set_at(self, height: int) -> ValidatorSet:
+        """The set of ``height``, from the head state (DESIGN §5: changes apply at h+2).
+
+        Known for heights from ``oldest_validator_height()`` (the last ``evidence_max_age``
+        heights at least) up to head + 2; above that it is the latest set decided, which blocks
+        not applied yet may still change. Raises ``HistoryPruned`` below the window.
+        """
+        if height < 1:
+            raise NotFound(f"no validator set for height {height}")
+        cached = self._sets.get(height)
+        if cached is None:
+            try:
+                cached = validator_set_at(self._state, height)
+            except ValidatorHistoryError as exc:
+                raise HistoryPruned(str(exc)) from None
+            if height <= self.head_height + 2:
+                self._sets[height] = cached
+        return cached
+
+    def oldest_validator_height(self) -> int:
+        """The lowest height whose validator set the head state still holds."""
+        return oldest_kept_height(self._state)
+
     def validator_context(self, height: int) -> ValidatorContext:
-        # Changes to the set apply at h+2 (DESIGN §5); with no change transactions yet the set
-        # of every height is the one in state.
-        current = self.validator_set()
-        return ValidatorContext(current, current, current if height > 1 else None)
+        """(set(h), set(h+1), set(h−1)): what block ``height`` is checked against.
+
+        Exact for heights up to head + 1 (the next block); for head + 2, ``next`` is provisional.
+        """
+        return ValidatorContext(
+            self.validator_set_at(height),
+            self.validator_set_at(height + 1),
+            self.validator_set_at(height - 1) if height > 1 else None,
+        )
+
+    # --- evidence ------------------------------------------------------------------------------
+
+    def check_evidence(self, evidence: DuplicateVoteEvidence) -> None:
+        """Raise an ``InvalidEvidence`` unless ``evidence`` could go into the next block.
+
+        The same checks as block execution (form, age, not processed, validator of its height,
+        signatures) against the head state: what the evidence pool and the gossip validator run
+        before keeping or relaying evidence (CPU: two signature recoveries; use a worker thread).
+        """
+        height = self.head_height + 1
+
+        def validators_at(h: int) -> ValidatorSet:
+            try:
+                return self.validator_set_at(h)
+            except HistoryPruned as exc:
+                raise InvalidEvidence(exc.message) from None
+
+        check_evidence(
+            self.chain.chain_id,
+            evidence,
+            height=height,
+            max_age=self.chain.evidence_max_age,
+            validators_at=validators_at,
+            seen=lambda key: self._state.get(evidence_seen_key(key)) is not None,
+        )
 
     # --- blocks --------------------------------------------------------------------------------
 
@@ -266,7 +342,10 @@ class ChainService:
         proposer: Address,
         last_commit: Commit | None,
         candidates: Sequence[VerifiedTransaction],
+        evidence: Sequence[DuplicateVoteEvidence] = (),
     ) -> BuiltBlock:
+        """Build the next block from ``evidence`` (pool order, invalid items left out, see
+        ``BuiltBlock.rejected_evidence``) and ``candidates``."""
         height = self.head_height + 1
         sink: list[TreeUpdate] = []
         built = build_block(
@@ -280,6 +359,7 @@ class ChainService:
             self.validator_context(height),
             candidates,
             self._root_fn(height, sink),  # type: ignore[arg-type]
+            evidence,
         )
         self._validated[built.block.hash()] = Validated(built.block, built.result, sink[-1])
         return built
@@ -346,6 +426,7 @@ class ChainService:
             self.tree.committed(prune)
         self.head = block.header
         self._validated.clear()
+        self._sets.clear()
         if PARAMS_KEY in validated.result.changes:
             self.params = self._load_params()
         self._publish_view()

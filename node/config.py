@@ -57,7 +57,9 @@ DEV_PASSWORD_FILE = "validator.password"
 
 DEFAULT_RPC_HOST = "127.0.0.1"
 DEFAULT_RPC_PORT = 8645
-DEFAULT_P2P_LISTEN = ("/ip4/0.0.0.0/tcp/8646",)
+# Loopback and an ephemeral port unless the operator opens it: a node never listens on public
+# interfaces by surprise. Set e.g. "/ip4/0.0.0.0/tcp/8646" in config.toml to join a network.
+DEFAULT_P2P_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_CONFIG_FILE_BYTES = 1 << 20
 

@@ -1,8 +1,9 @@
 """The genesis file: parsed strictly, turned into the first state, and hashed (DESIGN §4, §5, §11).
 
 ``genesis.json`` gives the chain id, the genesis time, the fixed ``ChainParams``, the initial
-votable parameters (timeouts, block limits, fee table), the validators with their bonds, and the
-initial balances. Amounts are decimal strings of base units (1 NSD = 10**18): JSON numbers lose
+votable parameters (timeouts, block limits, fee table), the fixed validator-set rules
+(``AuthorityParams``: minimum bond, vote expiry, unbonding period, per-block caps), the
+validators with their bonds, and the initial balances. Amounts are decimal strings of base units (1 NSD = 10**18): JSON numbers lose
 precision above 2**53 in most tools. Every field is checked, and an error names the field.
 
 ``build_genesis_state`` is the state map at height 0; ``genesis_hash`` commits to everything
@@ -22,19 +23,36 @@ from typing import Any
 
 from node import crypto
 from node.consensus.blocks import MAX_BLOCK_TXS_HARD
-from node.consensus.params import ChainParams, FeeSchedule, VotableParams
+from node.consensus.params import (
+    MAX_BLOCK_BYTES,
+    MAX_TIMEOUT_MS,
+    MIN_TX_BYTES,
+    AuthorityParams,
+    ChainParams,
+    FeeSchedule,
+    VotableParams,
+)
+from node.consensus.params import POSITIVE_TIMEOUTS as _POSITIVE_TIMEOUTS
+from node.consensus.params import TIMEOUT_FIELDS as _TIMEOUT_FIELDS
 from node.consensus.state import (
+    AUTHORITY_PARAMS_KEY,
     PARAMS_KEY,
     SUPPLY_KEY,
-    VALIDATOR_SET_KEY,
     Account,
     Supply,
+    ValidatorBond,
     account_key,
     validator_key,
 )
 from node.consensus.txs import MAX_TX_BYTES_HARD, TxKind
-from node.consensus.validators import MAX_POWER, MAX_VALIDATORS, Validator, ValidatorSet
-from node.encoding import Record, pack
+from node.consensus.validators import (
+    MAX_POWER,
+    MAX_VALIDATORS,
+    Validator,
+    ValidatorSet,
+    genesis_validator_state,
+)
+from node.encoding import pack
 from node.errors import ConfigError
 from node.types import (
     UINT64_MAX,
@@ -48,25 +66,26 @@ from node.types import (
 )
 
 MAX_GENESIS_FILE_BYTES = 64 << 20
-# Sanity ceilings that catch unit mistakes (seconds vs ms, bits vs bytes) at genesis; a later
-# parameter vote is checked by its own rules.
-MAX_TIMEOUT_MS = 3_600_000
-MIN_TX_BYTES = 1024
-MAX_BLOCK_BYTES = 64 << 20
+# MAX_TIMEOUT_MS, MIN_TX_BYTES and MAX_BLOCK_BYTES (node.consensus.params) are sanity ceilings
+# that catch unit mistakes (seconds vs ms, bits vs bytes) here and in parameter votes.
 
 _FIXED_FIELDS = ("state_history_blocks", "evidence_max_age", "validator_floor")
-_TIMEOUT_FIELDS = (
-    "timeout_propose_ms",
-    "timeout_propose_delta_ms",
-    "timeout_prevote_ms",
-    "timeout_prevote_delta_ms",
-    "timeout_precommit_ms",
-    "timeout_precommit_delta_ms",
-    "timeout_commit_ms",
+_AUTHORITY_COUNTS = (
+    "vote_expiry_heights",
+    "unbonding_heights",
+    "max_queue_work_per_block",
+    "max_block_evidence",
 )
-# A round's base timeout of 0 would make a round end before any message can arrive; the growth
-# per round and the pause after a decision may be 0.
-_POSITIVE_TIMEOUTS = ("timeout_propose_ms", "timeout_prevote_ms", "timeout_precommit_ms")
+_AUTHORITY_FIELDS = ("min_validator_bond", *_AUTHORITY_COUNTS)
+MAX_BLOCK_EVIDENCE_HARD = 1_000  # blocks.MAX_EVIDENCE
+# Defaults for a Genesis built in code (tests, benchmarks); genesis.json always states them.
+DEFAULT_AUTHORITY_PARAMS = AuthorityParams(
+    min_validator_bond=Amount(10**18),
+    vote_expiry_heights=1_000,
+    unbonding_heights=200_000,
+    max_queue_work_per_block=64,
+    max_block_evidence=50,
+)
 _LIMIT_FIELDS = ("max_block_bytes", "max_block_txs", "max_tx_bytes")
 _FEE_FIELDS = ("base", "per_byte", "per_signature", "per_new_account")
 
@@ -79,15 +98,8 @@ _ONE_MS = timedelta(milliseconds=1)
 MAX_GENESIS_TIME_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // _ONE_MS
 
 
-@dataclass(frozen=True, slots=True)
-class ValidatorBond(Record):
-    """The bond a validator has locked, kept under ``state.validator_key(address)``.
-
-    Locked NSD is part of the issued supply but of no account's balance; this record is what a
-    later exit returns (after the unbonding period) and what evidence slashes (DESIGN §5).
-    """
-
-    amount: Amount
+# ``ValidatorBond`` (the bond locked under ``state.validator_key``) lives in node.consensus.state;
+# it is imported here for the genesis state and for existing importers.
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,7 @@ class Genesis:
     votable_params: VotableParams
     validators: tuple[GenesisValidator, ...]
     balances: tuple[GenesisAccount, ...]
+    authority_params: AuthorityParams = DEFAULT_AUTHORITY_PARAMS
 
     @property
     def chain_id(self) -> ChainId:
@@ -181,7 +194,15 @@ def parse_genesis(doc: object) -> Genesis:
     top = _object(
         doc,
         "genesis",
-        ("chain_id", "genesis_time", "chain_params", "votable_params", "validators", "balances"),
+        (
+            "chain_id",
+            "genesis_time",
+            "chain_params",
+            "votable_params",
+            "authority_params",
+            "validators",
+            "balances",
+        ),
     )
     chain_id = _uint(top["chain_id"], "chain_id", lo=1)
     genesis_time = _timestamp(top["genesis_time"], "genesis_time")
@@ -196,6 +217,7 @@ def parse_genesis(doc: object) -> Genesis:
         validator_floor=fixed_values["validator_floor"],
     )
     votable_params = _parse_votable(top["votable_params"])
+    authority_params = _parse_authority(top["authority_params"], chain_params)
     validators = _parse_validators(top["validators"])
     if len(validators) < chain_params.validator_floor:
         raise ConfigError(
@@ -203,7 +225,7 @@ def parse_genesis(doc: object) -> Genesis:
             f"{len(validators)} genesis validator(s)"
         )
     balances = _parse_balances(top["balances"])
-    genesis = Genesis(chain_params, votable_params, validators, balances)
+    genesis = Genesis(chain_params, votable_params, validators, balances, authority_params)
     if genesis.total_supply > UINT256_MAX:
         raise ConfigError("genesis: balances + bonds exceed the uint256 range of the supply")
     return genesis
@@ -234,6 +256,26 @@ def _parse_votable(value: object) -> VotableParams:
         max_tx_bytes=max_tx_bytes,
         fees=fees,
     )
+
+
+def _parse_authority(value: object, chain: ChainParams) -> AuthorityParams:
+    where = "authority_params"
+    obj = _object(value, where, _AUTHORITY_FIELDS)
+    min_bond = _amount(obj["min_validator_bond"], f"{where}.min_validator_bond")
+    counts = {f: _uint(obj[f], f"{where}.{f}", lo=1) for f in _AUTHORITY_COUNTS}
+    if counts["max_block_evidence"] > MAX_BLOCK_EVIDENCE_HARD:
+        raise ConfigError(
+            f"genesis: {where}.max_block_evidence: expected an integer in "
+            f"[1, {MAX_BLOCK_EVIDENCE_HARD}]"
+        )
+    # DESIGN §5: bonds leave only after an unbonding period longer than the evidence age.
+    if counts["unbonding_heights"] <= chain.evidence_max_age:
+        raise ConfigError(
+            f"genesis: {where}.unbonding_heights: {counts['unbonding_heights']} must exceed "
+            f"chain_params.evidence_max_age ({chain.evidence_max_age}) so a bond stays "
+            "slashable until every vote its owner signed is too old to be evidence"
+        )
+    return AuthorityParams(min_validator_bond=min_bond, **counts)
 
 
 def _parse_fees(value: object, where: str) -> tuple[FeeSchedule, ...]:
@@ -304,12 +346,15 @@ def _parse_balances(value: object) -> tuple[GenesisAccount, ...]:
 
 
 def build_genesis_state(genesis: Genesis) -> dict[bytes, bytes]:
-    """The state map at height 0: accounts, votable parameters, validator set, bonds, supply."""
+    """The state map at height 0: accounts, votable and authority parameters, the validator set
+    (of heights 1 and 2, with its history record), bonds, supply."""
     state: dict[bytes, bytes] = {}
     for a in genesis.balances:
         state[account_key(a.address)] = Account(Nonce(0), a.balance).encode()
     state[PARAMS_KEY] = genesis.votable_params.encode()
-    state[VALIDATOR_SET_KEY] = genesis.validator_set().encode()
+    state[AUTHORITY_PARAMS_KEY] = genesis.authority_params.encode()
+    # The set of heights 1 and 2 (VALIDATOR_SET_KEY, NEXT_VALIDATOR_SET_KEY) and its history.
+    state.update(genesis_validator_state(genesis.validator_set()))
     for v in genesis.validators:
         state[validator_key(v.address)] = ValidatorBond(v.bond).encode()
     state[SUPPLY_KEY] = Supply(genesis.total_supply, Amount(0)).encode()
@@ -330,6 +375,7 @@ def genesis_to_json(genesis: Genesis) -> str:
     """The canonical JSON of a genesis (what ``genesis_from_json`` reads back to an equal value)."""
     cp = genesis.chain_params
     vp = genesis.votable_params
+    ap = genesis.authority_params
     doc: dict[str, Any] = {
         "chain_id": cp.chain_id,
         "genesis_time": format_timestamp(cp.genesis_time),
@@ -339,6 +385,10 @@ def genesis_to_json(genesis: Genesis) -> str:
             "fees": [
                 {"kind": s.kind, **{f: str(getattr(s, f)) for f in _FEE_FIELDS}} for s in vp.fees
             ],
+        },
+        "authority_params": {
+            "min_validator_bond": str(ap.min_validator_bond),
+            **{f: getattr(ap, f) for f in _AUTHORITY_COUNTS},
         },
         "validators": [
             {"address": to_checksum(v.address), "power": v.power, "bond": str(v.bond)}

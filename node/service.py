@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -63,12 +64,15 @@ class Node:
 
     def __init__(
         self, chain: ChainService, mempool: Mempool, consensus: ConsensusService,
-        key: crypto.PrivateKey | None,
+        key: crypto.PrivateKey | None, *, network: Any = None, p2p: Any = None, sync: Any = None,
     ) -> None:
         self.chain = chain
         self.mempool = mempool
         self.consensus = consensus
         self.key = key
+        self.network = network
+        self.p2p = p2p
+        self.sync = sync
 
     def read_view(self) -> ReadView:
         return self.chain.read_view()
@@ -78,6 +82,8 @@ class Node:
         # Signature recovery is CPU work: keep it off the event loop (DESIGN §1).
         vtx = await trio.to_thread.run_sync(verify_transaction, raw, params.max_tx_bytes)
         self.mempool.add(vtx, self.chain.state_view(), params)
+        if self.p2p is not None:
+            self.p2p.gossip.broadcast_transaction(raw)
         return vtx.tx_id
 
     async def status(self) -> NodeStatus:
@@ -94,8 +100,8 @@ class Node:
             is_validator=address is not None and validators.is_member(address),
             mempool_size=len(self.mempool),
             mempool_bytes=self.mempool.size_bytes,
-            peers=0,
-            syncing=False,
+            peers=0 if self.network is None else sum(1 for p in self.network.peers() if p.connected),
+            syncing=False if self.sync is None else bool(self.sync.status().syncing),
         )
 
     async def pending_nonce(self, address: Address) -> int:
@@ -108,6 +114,26 @@ class NodeHandle:
 
     rpc_url: str
     node: Node
+    p2p_addrs: tuple[str, ...] = ()  # listen multiaddrs with /p2p/<peer id>; () without p2p
+
+
+def make_network(config: NodeConfig) -> Any:
+    """The libp2p host for this node, or None when p2p is off (no listen address) or the
+    ``p2p`` extra is not installed (a single-validator devnet needs no peers)."""
+    if not config.p2p_listen_addrs:
+        return None
+    try:
+        from node.p2p.libp2p_host import Libp2pHost
+    except ImportError:
+        log.warning("py-libp2p is not installed (the `p2p` extra): running without peers")
+        return None
+    from node.p2p.identity import load_or_create_node_key
+
+    return Libp2pHost(
+        load_or_create_node_key(config.data_dir),
+        config.p2p_listen_addrs,
+        config.p2p_bootstrap_peers,
+    )
 
 
 @contextmanager
@@ -164,7 +190,19 @@ async def run_node(
                 ),
             )
             consensus = ConsensusService(chain, mempool, key, layout.consensus_wal)
-            node = Node(chain, mempool, consensus, key)
+            network = make_network(config)
+            p2p = sync = None
+            if network is not None:
+                from node.p2p.catchup import CatchupSettings, ConsensusP2P
+                from node.p2p.sync import SyncService
+
+                # Range sync is the SyncService's; catch-up keeps votes, commits and pulls.
+                p2p = ConsensusP2P(
+                    network, chain, mempool, consensus,
+                    catchup_settings=CatchupSettings(serve_sync=False),
+                )
+                sync = SyncService(network, chain, consensus)
+            node = Node(chain, mempool, consensus, key, network=network, p2p=p2p, sync=sync)
             server = RpcServer(
                 node,
                 config.rpc_host,
@@ -176,9 +214,16 @@ async def run_node(
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                p2p_addrs: tuple[str, ...] = ()
+                if network is not None and p2p is not None and sync is not None:
+                    p2p_addrs = await nursery.start(network.run)
+                    log.info("p2p listening on %s", ", ".join(p2p_addrs))
+                    # Topics and handlers first, so the first signed proposal has somewhere to go.
+                    await nursery.start(p2p.run)
+                    await nursery.start(sync.run)
                 await nursery.start(consensus.run)
                 url = await nursery.start(server.serve)
-                task_status.started(NodeHandle(url, node))
+                task_status.started(NodeHandle(url, node, p2p_addrs))
         finally:
             chain_ref = locals().get("chain")
             if isinstance(chain_ref, ChainService):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from node.consensus.params import VotableParams
 from node.consensus.state import (
+    AUTHORITY_PARAMS_KEY,
     PARAMS_KEY,
     SUPPLY_KEY,
     VALIDATOR_SET_KEY,
@@ -25,7 +26,7 @@ from node.consensus.state import (
     get_account,
     validator_key,
 )
-from node.consensus.validators import ValidatorSet
+from node.consensus.validators import ValidatorSet, genesis_validator_state
 from node.devkeys import dev_address
 from node.errors import ConfigError
 from node.genesis import (
@@ -109,6 +110,9 @@ def test_devnet_genesis_state(devnet: Genesis) -> None:
         VALIDATOR_SET_KEY,
         SUPPLY_KEY,
         validator_key(dev_address(0)),
+        # The authority rules and the validator-set history (sets of heights 1 and 2, epoch 0).
+        *genesis_validator_state(devnet.validator_set()),
+        AUTHORITY_PARAMS_KEY,
     }
     assert set(state) == expected_keys
 

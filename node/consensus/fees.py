@@ -1,7 +1,10 @@
 """The consensus-enforced fee table (DESIGN §4).
 
-``cost(tx) = base + per_byte · size + per_signature · signatures + per_new_account · accounts``
-from the kind's ``FeeSchedule`` in the votable parameters. A transaction is valid only if
+``cost(tx) = base + per_byte · size + per_signature · signatures + per_new_account · records``
+from the kind's ``FeeSchedule`` in the votable parameters. ``records`` counts the state records
+the transaction adds: a transfer's new account; a first bond's bond record; the unbonding record
+(with its queue entry) of an exit; the vote a validator or parameter vote adds to its tally (a
+parameter proposal's own bytes are in the per-byte part). A transaction is valid only if
 ``fee ≥ cost(tx)``. The cost is burned; the rest of the fee (the tip) goes to the block's
 proposer. Burning the whole cost — not only the per-kind base — is what makes filling one's own
 blocks cost the proposer real NSD (see docs/adr/0002-fees-burn-cost.md).
@@ -12,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from node.consensus.params import VotableParams
-from node.consensus.state import StateView, account_key
+from node.consensus.state import StateView, account_key, validator_key
 from node.consensus.txs import Transfer, TxKind, VerifiedTransaction
 from node.errors import UnknownKind
 from node.types import Amount
@@ -39,12 +42,21 @@ def compute_cost(
 
 
 def count_new_accounts(view: StateView, vtx: VerifiedTransaction) -> int:
-    """Accounts this transaction would create (state bytes added), read from the state before it."""
-    if vtx.tx.kind == TxKind.TRANSFER:
+    """State records this transaction would create (the fee table's ``per_new_account`` unit),
+    read from the state before it."""
+    kind = vtx.tx.kind
+    if kind == TxKind.TRANSFER:
         body = vtx.body
         assert isinstance(body, Transfer)  # kind dispatch guarantees it
         return 0 if view.get(account_key(body.to)) is not None else 1
+    if kind == TxKind.BOND:
+        return 0 if view.get(validator_key(vtx.sender)) is not None else 1
+    if kind in _ONE_RECORD_KINDS:
+        return 1
     return 0
+
+
+_ONE_RECORD_KINDS = frozenset({TxKind.UNBOND, TxKind.VALIDATOR_VOTE, TxKind.PARAM_VOTE})
 
 
 def cost_of(params: VotableParams, view: StateView, vtx: VerifiedTransaction) -> Amount:

@@ -38,7 +38,7 @@ from enum import StrEnum
 from node.consensus.fees import cost_of
 from node.consensus.params import VotableParams
 from node.consensus.state import Account, StateView, get_account
-from node.consensus.txs import Transfer, VerifiedTransaction
+from node.consensus.txs import Bond, Transfer, VerifiedTransaction
 from node.errors import (
     AlreadyKnown,
     ConfigError,
@@ -138,8 +138,9 @@ def compute_max_spend(vtx: VerifiedTransaction) -> int:
     would admit sequences the state transition rejects for insufficient funds.
     """
     body = vtx.body
-    if isinstance(body, Transfer):
+    if isinstance(body, Transfer | Bond):
         return vtx.tx.fee + body.amount
+    # UNBOND returns the bond only after the unbonding period; votes move nothing.
     return vtx.tx.fee
 
 

@@ -54,3 +54,78 @@ class ChainParams(Record):
     state_history_blocks: int  # proofs can be served for this many recent heights
     evidence_max_age: int  # heights
     validator_floor: int  # votes and exits cannot take the set below this size
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorityParams(Record):
+    """Validator-set rules, fixed at genesis and kept in state under ``AUTHORITY_PARAMS_KEY``.
+
+    A separate record because ``ChainParams`` and ``VotableParams`` have pinned encodings
+    (tests/vectors); it is written into the genesis state so the genesis hash commits to it and the
+    pure transition reads it through the state view like the votable parameters.
+    ``unbonding_heights`` must exceed ``ChainParams.evidence_max_age``: a bond leaves only after
+    every vote its owner signed has aged out of the evidence window (DESIGN §5).
+    """
+
+    min_validator_bond: Amount  # a candidate's bond (BOND) must reach this
+    vote_expiry_heights: int  # a validator or parameter vote counts for this many heights
+    unbonding_heights: int  # an exit's bond returns this many heights after it leaves the set
+    max_queue_work_per_block: int  # per height-indexed queue: entries (or heights) per block
+    max_block_evidence: int  # evidence items per block
+
+
+# Sanity ceilings that catch unit mistakes (seconds vs ms, bits vs bytes) in genesis files and
+# parameter votes.
+MAX_TIMEOUT_MS = 3_600_000
+MIN_TX_BYTES = 1024
+MAX_BLOCK_BYTES = 64 << 20
+# A round's base timeout of 0 would make a round end before any message can arrive; the growth
+# per round and the pause after a decision may be 0.
+POSITIVE_TIMEOUTS = ("timeout_propose_ms", "timeout_prevote_ms", "timeout_precommit_ms")
+TIMEOUT_FIELDS = (
+    "timeout_propose_ms",
+    "timeout_propose_delta_ms",
+    "timeout_prevote_ms",
+    "timeout_prevote_delta_ms",
+    "timeout_precommit_ms",
+    "timeout_precommit_delta_ms",
+    "timeout_commit_ms",
+)
+
+
+def votable_params_problem(
+    params: VotableParams,
+    *,
+    known_kinds: frozenset[int],
+    max_tx_bytes_hard: int,
+    max_block_txs_hard: int,
+) -> str | None:
+    """Why ``params`` cannot be the chain's votable parameters (None if they can).
+
+    The same rules ``genesis.json`` is checked by: timeouts in range, a block holds at least one
+    transaction of the largest size, and one fee schedule per known kind, sorted by kind.
+    """
+    for name in TIMEOUT_FIELDS:
+        value = getattr(params, name)
+        lo = 1 if name in POSITIVE_TIMEOUTS else 0
+        if not lo <= value <= MAX_TIMEOUT_MS:
+            return f"{name} {value} is outside [{lo}, {MAX_TIMEOUT_MS}]"
+    if not MIN_TX_BYTES <= params.max_tx_bytes <= max_tx_bytes_hard:
+        return f"max_tx_bytes {params.max_tx_bytes} is outside [{MIN_TX_BYTES}, {max_tx_bytes_hard}]"
+    if not params.max_tx_bytes <= params.max_block_bytes <= MAX_BLOCK_BYTES:
+        return (
+            f"max_block_bytes {params.max_block_bytes} is outside "
+            f"[max_tx_bytes {params.max_tx_bytes}, {MAX_BLOCK_BYTES}]"
+        )
+    if not 1 <= params.max_block_txs <= max_block_txs_hard:
+        return f"max_block_txs {params.max_block_txs} is outside [1, {max_block_txs_hard}]"
+    kinds = [f.kind for f in params.fees]
+    if kinds != sorted(set(kinds)):
+        return "fee schedules must be sorted by kind, one per kind"
+    missing = sorted(known_kinds - set(kinds))
+    if missing:
+        return f"no fee schedule for transaction kind(s) {missing}"
+    unknown = sorted(set(kinds) - known_kinds)
+    if unknown:
+        return f"fee schedule for unknown transaction kind(s) {unknown}"
+    return None

@@ -6,6 +6,27 @@ specific typed error; a block is valid only if every transaction in it is.
 
 Shape follows the consensus specs' ``process_*`` functions: preconditions at the top, then effects
 written into an ``Overlay`` that the caller commits or drops.
+
+A block runs in three phases on one overlay:
+
+1. **evidence** (``process_evidence``): each item checked (``node.consensus.evidence``) and its
+   offender slashed and taken out of the set being built for h+2;
+2. **transactions** in order (``apply_transaction``; transfers take a fast path);
+3. **end of block** (``end_block``): fees settled; the height-indexed queues (bond releases, vote
+   expiry, evidence keys ageing out) each advanced by at most ``max_queue_work_per_block``;
+   parameters voted in at h−1 put in force for h+1; the validator sets rotated
+   (``validators.rotate_validator_sets``).
+
+**Authority** (DESIGN §5). State holds set(h+1) (``VALIDATOR_SET_KEY``, the set of the next
+block) and set(h+2) (``NEXT_VALIDATOR_SET_KEY``), plus the sets of recent heights as epochs. The
+votes, exits and evidence of block h edit ``NEXT_VALIDATOR_SET_KEY``, which starts the block as
+set(h+1) and ends it as set(h+2): so block h's ``validators_hash`` is set(h), its
+``next_validators_hash`` set(h+1), and a change made in block h shows first in
+``next_validators_hash`` of block h+1 and ``validators_hash`` of block h+2. Voters must be in
+set(h); a vote passes when its voters hold more than half of set(h)'s power; the floor is checked
+against the set being built. Validators added by vote get power 1 (equal power in PoA).
+Parameters passed in block h are written under ``params_at_key(h+2)`` and become
+``PARAMS_KEY`` at the end of block h+1, so the caller's ``params`` for block h+2 are the new ones.
 """
 
 from __future__ import annotations
@@ -14,8 +35,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from node.consensus.blocks import (
+    MAX_BLOCK_TXS_HARD,
     Block,
     Commit,
+    DuplicateVoteEvidence,
     Header,
     VoteType,
     compute_evidence_root,
@@ -24,23 +47,80 @@ from node.consensus.blocks import (
     vote_signer,
 )
 from node.consensus.engine import block_time_from_commit
+from node.consensus.evidence import (
+    InvalidEvidence,
+    check_evidence,
+    evidence_height,
+    evidence_key,
+    evidence_validator,
+)
 from node.consensus.fees import compute_cost, cost_of, split_fee
-from node.consensus.params import ChainParams, VotableParams
+from node.consensus.params import (
+    AuthorityParams,
+    ChainParams,
+    VotableParams,
+    votable_params_problem,
+)
 from node.consensus.receipts import Attribute, Event, Receipt, ReceiptStatus
 from node.consensus.state import (
+    AUTHORITY_PARAMS_KEY,
+    EVIDENCE_EXPIRY_QUEUE,
+    NEXT_VALIDATOR_SET_KEY,
     NS_ACCOUNT,
+    NS_PARAM_TALLY,
+    NS_VALIDATOR_TALLY,
+    PARAMS_KEY,
     SUPPLY_KEY,
+    UNBONDING_QUEUE,
+    VALIDATOR_SET_KEY,
+    VOTE_EXPIRY_QUEUE,
     Account,
+    EvidenceSeen,
     Overlay,
+    ParamTally,
     StateView,
     Supply,
+    Unbonding,
+    ValidatorBond,
+    VoterEntry,
+    VoteTally,
     account_fields,
     encode_account,
+    evidence_seen_key,
     get_account,
+    param_tally_key,
+    params_at_key,
     put_account,
+    unbonding_key,
+    validator_key,
+    validator_tally_key,
 )
-from node.consensus.txs import Transfer, TxKind, VerifiedTransaction, verify_transaction
-from node.consensus.validators import ValidatorSet
+from node.consensus.txs import (
+    MAX_TX_BYTES_HARD,
+    BelowValidatorFloor,
+    Bond,
+    BondTooSmall,
+    BondUnbonding,
+    DuplicateValidatorVote,
+    InvalidParams,
+    InvalidVoteSubject,
+    NotAValidator,
+    NotBonded,
+    ParamVote,
+    Transfer,
+    TxKind,
+    ValidatorVote,
+    VerifiedTransaction,
+    VoteAction,
+    verify_transaction,
+)
+from node.consensus.validators import (
+    MAX_VALIDATORS,
+    ValidatorHistoryError,
+    ValidatorSet,
+    rotate_validator_sets,
+    validator_set_at,
+)
 from node.encoding import pack
 from node.errors import (
     FeeTooLow,
@@ -72,6 +152,9 @@ class BlockContext:
     proposer: Address
     burned: int = 0
     tips: int = 0
+    # Read from the state on first use when not given (they do not change during a block).
+    authority: AuthorityParams | None = None
+    validators: ValidatorSet | None = None  # the set of ``height`` (voters, tallies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +216,17 @@ def _apply(view: Overlay, vtx: VerifiedTransaction, ctx: BlockContext) -> tuple[
     if tx.kind == TxKind.TRANSFER and type(vtx.body) is Transfer:
         return _apply_transfer_tx(view, vtx, ctx)
     cost = check_transaction(view, vtx, ctx)
-    if tx.kind == TxKind.TRANSFER:  # pragma: no cover - the fast path above takes transfers
+    kind = tx.kind
+    if kind == TxKind.TRANSFER:  # pragma: no cover - the fast path above takes transfers
         events = _apply_transfer(view, vtx, cost)
+    elif kind == TxKind.BOND:
+        events = _apply_bond(view, vtx, ctx)
+    elif kind == TxKind.UNBOND:
+        events = _apply_unbond(view, vtx, ctx)
+    elif kind == TxKind.VALIDATOR_VOTE:
+        events = _apply_validator_vote(view, vtx, ctx)
+    elif kind == TxKind.PARAM_VOTE:
+        events = _apply_param_vote(view, vtx, ctx)
     else:  # pragma: no cover - verify_transaction already rejects unknown kinds
         raise UnknownKind(f"unknown transaction kind {tx.kind}")
     split = split_fee(tx.fee, cost)
@@ -275,6 +367,450 @@ def _apply_transfer(view: Overlay, vtx: VerifiedTransaction, cost: int) -> tuple
     )
 
 
+# --- the validator set and the parameters (DESIGN §5 "Authority") -------------------------------
+
+_KNOWN_KINDS = frozenset(int(k) for k in TxKind)
+_ACTION_NAMES = {VoteAction.ADD: "add", VoteAction.REMOVE: "remove"}
+
+
+def _authority(view: StateView, ctx: BlockContext) -> AuthorityParams:
+    if ctx.authority is None:
+        raw = view.get(AUTHORITY_PARAMS_KEY)
+        if raw is None:
+            raise InvalidBlock("the authority parameters are missing from state")
+        ctx.authority = AuthorityParams.decode(raw)
+    return ctx.authority
+
+
+def _current_set(view: StateView, ctx: BlockContext) -> ValidatorSet:
+    """set(h): before the block's end ``VALIDATOR_SET_KEY`` still holds it."""
+    if ctx.validators is None:
+        raw = view.get(VALIDATOR_SET_KEY)
+        if raw is None:
+            raise InvalidBlock("the validator set is missing from state")
+        ctx.validators = ValidatorSet.decode(raw)
+    return ctx.validators
+
+
+def _building_set(view: StateView) -> ValidatorSet:
+    """The set being built for h+2 (``NEXT_VALIDATOR_SET_KEY`` during block h)."""
+    raw = view.get(NEXT_VALIDATOR_SET_KEY)
+    if raw is None:
+        raise InvalidBlock("the next validator set is missing from state")
+    return ValidatorSet.decode(raw)
+
+
+def _bond_of(view: StateView, address: Address) -> int | None:
+    raw = view.get(validator_key(address))
+    return None if raw is None else ValidatorBond.decode(raw).amount
+
+
+def _unbonding_of(view: StateView, address: Address) -> Unbonding | None:
+    raw = view.get(unbonding_key(address))
+    return None if raw is None else Unbonding.decode(raw)
+
+
+def _charge(view: Overlay, vtx: VerifiedTransaction, amount: int = 0) -> None:
+    """Take fee + ``amount`` from the sender and bump its nonce (after every check passed)."""
+    fee = vtx.tx.fee
+    account = get_account(view, vtx.sender)
+    if account.balance < fee + amount:
+        raise InsufficientFunds(
+            f"balance {account.balance} cannot pay amount {amount} + fee {fee}"
+        )
+    put_account(
+        view, vtx.sender, Account(Nonce(account.nonce + 1), Amount(account.balance - fee - amount))
+    )
+
+
+def _u256(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+def _u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def _hex(address: bytes) -> str:
+    return "0x" + address.hex()
+
+
+def _apply_bond(view: Overlay, vtx: VerifiedTransaction, ctx: BlockContext) -> tuple[Event, ...]:
+    body = vtx.body
+    assert isinstance(body, Bond)  # kind dispatch guarantees it
+    sender = vtx.sender
+    authority = _authority(view, ctx)
+    unbonding = _unbonding_of(view, sender)
+    if unbonding is not None:
+        raise BondUnbonding(
+            f"the bond of {_hex(sender)} is unbonding until height {unbonding.release_height}; "
+            "bond again after it is released"
+        )
+    total = (_bond_of(view, sender) or 0) + body.amount
+    if total < authority.min_validator_bond:
+        raise BondTooSmall(
+            f"a bond of {total} is below min_validator_bond {authority.min_validator_bond}"
+        )
+    balance = get_account(view, sender).balance
+    if balance < vtx.tx.fee + body.amount:
+        raise InsufficientFunds(
+            f"balance {balance} cannot pay bond {body.amount} + fee {vtx.tx.fee}"
+        )
+    _charge(view, vtx, body.amount)
+    view.put(validator_key(sender), ValidatorBond(Amount(total)).encode())
+    return (
+        Event("bond", (Attribute("address", sender), Attribute("amount", _u256(body.amount)))),
+    )
+
+
+def _apply_unbond(view: Overlay, vtx: VerifiedTransaction, ctx: BlockContext) -> tuple[Event, ...]:
+    sender = vtx.sender
+    authority = _authority(view, ctx)
+    bond = _bond_of(view, sender)
+    if bond is None:
+        raise NotBonded(f"{_hex(sender)} has no bond to unbond")
+    unbonding = _unbonding_of(view, sender)
+    if unbonding is not None:
+        raise BondUnbonding(
+            f"{_hex(sender)} is already unbonding until height {unbonding.release_height}"
+        )
+    building = _building_set(view)
+    leaves = building.is_member(sender)
+    if leaves and len(building) - 1 < ctx.chain.validator_floor:
+        raise BelowValidatorFloor(
+            f"{_hex(sender)} leaving would take the validator set to {len(building) - 1}, below "
+            f"the floor of {ctx.chain.validator_floor}"
+        )
+    _charge(view, vtx)
+    events = []
+    if leaves:
+        view.put(NEXT_VALIDATOR_SET_KEY, building.without_validator(sender).encode())
+        events.append(_set_change_event(sender, VoteAction.REMOVE, ctx.height + 2))
+    # The last height it may sign is h+1; its votes can be evidence until h+1+evidence_max_age,
+    # and unbonding_heights > evidence_max_age keeps the bond slashable until then.
+    release = ctx.height + 2 + authority.unbonding_heights
+    view.put(unbonding_key(sender), Unbonding(release).encode())
+    UNBONDING_QUEUE.push(view, release, sender)
+    events.insert(
+        0,
+        Event(
+            "unbond",
+            (
+                Attribute("address", sender),
+                Attribute("amount", _u256(bond)),
+                Attribute("release_height", _u64(release)),
+            ),
+        ),
+    )
+    return tuple(events)
+
+
+def _set_change_event(subject: Address, action: int, height: int) -> Event:
+    return Event(
+        "validator_set_change",
+        (
+            Attribute("subject", subject),
+            Attribute("action", _ACTION_NAMES[VoteAction(action)].encode()),
+            Attribute("effective_height", _u64(height)),
+        ),
+    )
+
+
+def _live_voters(
+    voters: tuple[VoterEntry, ...], voter: Address, height: int, what: str
+) -> list[VoterEntry]:
+    """The votes still counting at ``height``; refuses a second vote of ``voter``."""
+    live = [e for e in voters if e.expires_at > height]
+    for e in live:
+        if e.voter == voter:
+            raise DuplicateValidatorVote(
+                f"{_hex(voter)} already voted {what}; the vote counts until height {e.expires_at}"
+            )
+    return live
+
+
+def _tally_power(current: ValidatorSet, voters: list[VoterEntry]) -> int:
+    return sum(current.power_of(e.voter) for e in voters)
+
+
+def _require_voter(view: StateView, vtx: VerifiedTransaction, ctx: BlockContext) -> ValidatorSet:
+    current = _current_set(view, ctx)
+    if not current.is_member(vtx.sender):
+        raise NotAValidator(f"{_hex(vtx.sender)} is not a validator of height {ctx.height}")
+    return current
+
+
+def _apply_validator_vote(
+    view: Overlay, vtx: VerifiedTransaction, ctx: BlockContext
+) -> tuple[Event, ...]:
+    body = vtx.body
+    assert isinstance(body, ValidatorVote)  # kind dispatch guarantees it
+    current = _require_voter(view, vtx, ctx)
+    authority = _authority(view, ctx)
+    subject, action = body.subject, VoteAction(body.action)
+    building = _building_set(view)
+    if action == VoteAction.ADD:
+        if building.is_member(subject):
+            raise InvalidVoteSubject(f"{_hex(subject)} is already a validator")
+        bond = _bond_of(view, subject)
+        if bond is None:
+            raise InvalidVoteSubject(
+                f"{_hex(subject)} has no bond: a candidate posts one (BOND) before it is voted in"
+            )
+        if _unbonding_of(view, subject) is not None:
+            raise InvalidVoteSubject(f"{_hex(subject)} is unbonding")
+        if bond < authority.min_validator_bond:
+            raise InvalidVoteSubject(
+                f"the bond {bond} of {_hex(subject)} is below min_validator_bond "
+                f"{authority.min_validator_bond}"
+            )
+        if len(building) >= MAX_VALIDATORS:
+            raise InvalidVoteSubject(f"the validator set is full ({MAX_VALIDATORS})")
+    else:
+        if not building.is_member(subject):
+            raise InvalidVoteSubject(f"{_hex(subject)} is not a validator")
+        if len(building) - 1 < ctx.chain.validator_floor:
+            raise BelowValidatorFloor(
+                f"removing {_hex(subject)} would take the validator set to {len(building) - 1}, "
+                f"below the floor of {ctx.chain.validator_floor}"
+            )
+    key = validator_tally_key(subject, action)
+    raw = view.get(key)
+    voters = () if raw is None else VoteTally.decode(raw).voters
+    name = _ACTION_NAMES[action]
+    live = _live_voters(voters, vtx.sender, ctx.height, f"to {name} {_hex(subject)}")
+    _charge(view, vtx)
+    expires = ctx.height + authority.vote_expiry_heights
+    live.append(VoterEntry(vtx.sender, expires))
+    power = _tally_power(current, live)
+    events = [
+        Event(
+            "validator_vote",
+            (
+                Attribute("voter", vtx.sender),
+                Attribute("subject", subject),
+                Attribute("action", name.encode()),
+                Attribute("power", _u64(power)),
+                Attribute("total_power", _u64(current.total_power)),
+            ),
+        )
+    ]
+    if current.has_majority(power):
+        changed = (
+            building.with_validator(subject)
+            if action == VoteAction.ADD
+            else building.without_validator(subject)
+        )
+        view.put(NEXT_VALIDATOR_SET_KEY, changed.encode())
+        if raw is not None:
+            view.delete(key)
+        events.append(_set_change_event(subject, action, ctx.height + 2))
+    else:
+        view.put(key, VoteTally(tuple(live)).encode())
+        VOTE_EXPIRY_QUEUE.push(view, expires, key)
+    return tuple(events)
+
+
+def _apply_param_vote(
+    view: Overlay, vtx: VerifiedTransaction, ctx: BlockContext
+) -> tuple[Event, ...]:
+    body = vtx.body
+    assert isinstance(body, ParamVote)  # kind dispatch guarantees it
+    current = _require_voter(view, vtx, ctx)
+    authority = _authority(view, ctx)
+    key = param_tally_key(body.params_hash)
+    raw = view.get(key)
+    if raw is None:
+        if body.params is None:
+            raise InvalidParams(
+                f"no open proposal 0x{body.params_hash.hex()}: its first vote must carry the "
+                "parameters"
+            )
+        problem = votable_params_problem(
+            body.params,
+            known_kinds=_KNOWN_KINDS,
+            max_tx_bytes_hard=MAX_TX_BYTES_HARD,
+            max_block_txs_hard=MAX_BLOCK_TXS_HARD,
+        )
+        if problem is not None:
+            raise InvalidParams(f"proposed parameters: {problem}")
+        if body.params == ctx.params:
+            raise InvalidParams("the proposed parameters are the ones in force")
+        params: VotableParams = body.params
+        voters: tuple[VoterEntry, ...] = ()
+    else:
+        tally = ParamTally.decode(raw)
+        params, voters = tally.params, tally.voters
+    live = _live_voters(voters, vtx.sender, ctx.height, f"for 0x{body.params_hash.hex()}")
+    _charge(view, vtx)
+    expires = ctx.height + authority.vote_expiry_heights
+    live.append(VoterEntry(vtx.sender, expires))
+    power = _tally_power(current, live)
+    events = [
+        Event(
+            "param_vote",
+            (
+                Attribute("voter", vtx.sender),
+                Attribute("params_hash", body.params_hash),
+                Attribute("power", _u64(power)),
+                Attribute("total_power", _u64(current.total_power)),
+            ),
+        )
+    ]
+    if current.has_majority(power):
+        # Later in the same block, another passing proposal replaces this one.
+        view.put(params_at_key(ctx.height + 2), params.encode())
+        if raw is not None:
+            view.delete(key)
+        events.append(
+            Event(
+                "params_change",
+                (
+                    Attribute("params_hash", body.params_hash),
+                    Attribute("effective_height", _u64(ctx.height + 2)),
+                ),
+            )
+        )
+    else:
+        view.put(key, ParamTally(params, tuple(live)).encode())
+        VOTE_EXPIRY_QUEUE.push(view, expires, key)
+    return tuple(events)
+
+
+# --- evidence ----------------------------------------------------------------------------------
+
+
+def _set_at(view: StateView, ctx: BlockContext, height: int) -> ValidatorSet:
+    if height == ctx.height:
+        return _current_set(view, ctx)
+    try:
+        return validator_set_at(view, height)
+    except ValidatorHistoryError as exc:  # pragma: no cover - the age check comes first
+        raise InvalidEvidence(str(exc)) from exc
+
+
+def _burn(view: Overlay, amount: int) -> None:
+    if amount:
+        raw = view.get(SUPPLY_KEY)
+        supply = Supply(Amount(0), Amount(0)) if raw is None else Supply.decode(raw)
+        view.put(SUPPLY_KEY, Supply(supply.issued, Amount(supply.burned + amount)).encode())
+
+
+def apply_evidence(view: Overlay, ev: DuplicateVoteEvidence, ctx: BlockContext) -> None:
+    """Check one evidence item for block ``ctx.height`` and punish its validator.
+
+    Raises an ``InvalidEvidence`` (nothing written) if it is not valid here. The bond is burned,
+    an unbonding of it cancelled, and the validator taken out of the set being built for h+2
+    (unless it is that set's last member: an empty set could never sign again).
+    """
+    max_age = ctx.chain.evidence_max_age
+    check_evidence(
+        ctx.chain.chain_id,
+        ev,
+        height=ctx.height,
+        max_age=max_age,
+        validators_at=lambda h: _set_at(view, ctx, h),
+        seen=lambda k: view.get(evidence_seen_key(k)) is not None,
+    )
+    key = evidence_key(ev)
+    vote_height = evidence_height(ev)
+    offender = evidence_validator(ev)
+    view.put(evidence_seen_key(key), EvidenceSeen(vote_height).encode())
+    EVIDENCE_EXPIRY_QUEUE.push(view, vote_height + max_age + 1, key)
+    bond = _bond_of(view, offender)
+    if bond is not None:
+        view.delete(validator_key(offender))
+        _burn(view, bond)
+    if view.get(unbonding_key(offender)) is not None:
+        view.delete(unbonding_key(offender))
+    building = _building_set(view)
+    if building.is_member(offender) and len(building) > 1:
+        view.put(NEXT_VALIDATOR_SET_KEY, building.without_validator(offender).encode())
+
+
+def process_evidence(
+    view: Overlay, evidence: Sequence[DuplicateVoteEvidence], ctx: BlockContext
+) -> None:
+    """The evidence phase of a block: every item must be valid (``InvalidBlock`` otherwise)."""
+    if not evidence:
+        return
+    cap = _authority(view, ctx).max_block_evidence
+    if len(evidence) > cap:
+        raise InvalidBlock(f"{len(evidence)} evidence items exceed max_block_evidence {cap}")
+    for i, ev in enumerate(evidence):
+        try:
+            apply_evidence(view, ev, ctx)
+        except InvalidEvidence as exc:
+            raise InvalidBlock(
+                f"evidence {i}: {exc.message}", data={"index": i, "code": exc.code}
+            ) from exc
+
+
+# --- end of block ------------------------------------------------------------------------------
+
+
+def _release_bond(view: Overlay, due: int, address: Address) -> None:
+    """An unbonding queue entry: return the bond if it is still the one queued for ``due``."""
+    unbonding = _unbonding_of(view, address)
+    if unbonding is None or unbonding.release_height != due:
+        return  # slashed meanwhile
+    bond = _bond_of(view, address) or 0
+    view.delete(unbonding_key(address))
+    view.delete(validator_key(address))
+    account = get_account(view, address)
+    put_account(view, address, Account(account.nonce, Amount(account.balance + bond)))
+
+
+def _expire_votes(view: Overlay, key: bytes, now: int) -> None:
+    raw = view.get(key)
+    if raw is None:
+        return  # passed meanwhile
+    if key.startswith(NS_VALIDATOR_TALLY):
+        tally = VoteTally.decode(raw)
+        live = tuple(e for e in tally.voters if e.expires_at > now)
+        updated = None if not live else VoteTally(live).encode()
+    else:
+        assert key.startswith(NS_PARAM_TALLY)
+        ptally = ParamTally.decode(raw)
+        live = tuple(e for e in ptally.voters if e.expires_at > now)
+        updated = None if not live else ParamTally(ptally.params, live).encode()
+    if updated is None:
+        view.delete(key)
+    elif updated != raw:
+        view.put(key, updated)
+
+
+def end_block(view: Overlay, ctx: BlockContext) -> None:
+    """Fees, the protocol's own queued work (each queue capped per block), parameters and sets."""
+    settle_fees(view, ctx)
+    authority = _authority(view, ctx)
+    h = ctx.height
+    work = authority.max_queue_work_per_block
+    for due, entry in UNBONDING_QUEUE.pop_due(view, h, work):
+        _release_bond(view, due, Address(entry))
+    for _, tally_key in VOTE_EXPIRY_QUEUE.pop_due(view, h, work):
+        _expire_votes(view, tally_key, h)
+    for _, key in EVIDENCE_EXPIRY_QUEUE.pop_due(view, h, work):
+        seen = evidence_seen_key(Hash32(key))
+        if view.get(seen) is not None:
+            view.delete(seen)
+    pending_params = params_at_key(h + 1)
+    raw = view.get(pending_params)
+    if raw is not None:
+        view.put(PARAMS_KEY, raw)
+        view.delete(pending_params)
+    rotate_validator_sets(view, h, ctx.chain.evidence_max_age)
+
+
+def validator_context_at(view: StateView, height: int) -> ValidatorContext:
+    """The sets that check block ``height`` built on the state ``view`` (after block height−1)."""
+    return ValidatorContext(
+        validator_set_at(view, height),
+        validator_set_at(view, height + 1),
+        validator_set_at(view, height - 1) if height > 1 else None,
+    )
+
+
 def settle_fees(view: Overlay, ctx: BlockContext) -> None:
     """Credit the block's tips to the proposer and record the burned cost in the supply."""
     if ctx.tips:
@@ -398,9 +934,6 @@ def check_header(
         raise InvalidBlock("tx root does not match the transactions")
     if h.evidence_root != compute_evidence_root(block.evidence):
         raise InvalidBlock("evidence root does not match the evidence")
-    if block.evidence:
-        # Evidence handling arrives with the multi-validator issue; until then none is valid.
-        raise InvalidBlock("evidence is not accepted by this version")
     if h.last_commit_hash != compute_last_commit_hash(block.last_commit):
         raise InvalidBlock("last commit hash does not match the last commit")
     if parent is None:
@@ -444,13 +977,16 @@ def execute_block(
     header: Header,
     verified: Sequence[VerifiedTransaction],
     encoded: list[bytes] | None = None,
+    evidence: Sequence[DuplicateVoteEvidence] = (),
 ) -> tuple[Overlay, list[Receipt]]:
-    """Apply ``verified`` in order on a new overlay of ``view``; settle the fees.
+    """Run a block on a new overlay of ``view``: ``evidence``, then ``verified`` in order, then
+    ``end_block`` (fees, queues, parameters, validator sets).
 
     ``encoded``, if given, receives the encoding of each receipt (in order).
     """
     ctx = BlockContext(chain, params, header.height, header.time, header.proposer)
     overlay = Overlay(view)
+    process_evidence(overlay, evidence, ctx)
     receipts = []
     encodings = [] if encoded is None else encoded
     for i, vtx in enumerate(verified):
@@ -463,7 +999,7 @@ def execute_block(
             ) from exc
         receipts.append(receipt)
         encodings.append(receipt_bytes)
-    settle_fees(overlay, ctx)
+    end_block(overlay, ctx)
     return overlay, receipts
 
 
@@ -488,7 +1024,9 @@ def apply_block(
     elif [v.raw for v in verified] != list(block.txs):
         raise InvalidBlock("verified transactions do not match the block")
     encoded: list[bytes] = []
-    overlay, receipts = execute_block(view, chain, params, block.header, verified, encoded)
+    overlay, receipts = execute_block(
+        view, chain, params, block.header, verified, encoded, block.evidence
+    )
     receipts_root = compute_receipts_root(receipts, encoded)
     if block.header.receipts_root != receipts_root:
         raise InvalidBlock("receipts root does not match the executed transactions")
@@ -505,6 +1043,11 @@ class BuiltBlock:
     block: Block
     result: BlockResult
     rejected: list[tuple[bytes, InvalidTransaction]] = field(default_factory=list)
+    # Evidence offered but left out as invalid here (already processed, too old, ...): the pool
+    # can drop it (``EvidencePool.mark_done``).
+    rejected_evidence: list[tuple[DuplicateVoteEvidence, InvalidEvidence]] = field(
+        default_factory=list
+    )
 
 
 def build_block(
@@ -518,11 +1061,13 @@ def build_block(
     validators: ValidatorContext,
     candidates: Sequence[VerifiedTransaction],
     state_root_fn: StateRootFn,
+    evidence: Sequence[DuplicateVoteEvidence] = (),
 ) -> BuiltBlock:
-    """Assemble a valid block from ``candidates`` (in order), skipping those that fail.
+    """Assemble a valid block from ``evidence`` and ``candidates`` (in order), skipping those
+    that fail (evidence up to ``max_block_evidence``).
 
-    The caller passes mempool transactions already verified; the result's header carries every
-    root, so ``apply_block`` on it succeeds.
+    The caller passes mempool transactions already verified and pool evidence (oldest first);
+    the result's header carries every root, so ``apply_block`` on it succeeds.
     """
     height = 1 if parent is None else parent.height + 1
     if parent is not None:
@@ -539,6 +1084,21 @@ def build_block(
     time_ms = expected_block_time(chain, parent, last_commit, validators.previous)
     ctx = BlockContext(chain, params, height, time_ms, proposer)
     overlay = Overlay(view)
+    included_evidence: list[DuplicateVoteEvidence] = []
+    rejected_evidence: list[tuple[DuplicateVoteEvidence, InvalidEvidence]] = []
+    if evidence:
+        cap = _authority(overlay, ctx).max_block_evidence
+        for ev in evidence:
+            if len(included_evidence) >= cap:
+                break
+            ev_child = overlay.child()
+            try:
+                apply_evidence(ev_child, ev, ctx)
+            except InvalidEvidence as exc:
+                rejected_evidence.append((ev, exc))
+                continue
+            ev_child.merge_into_parent()
+            included_evidence.append(ev)
     included: list[VerifiedTransaction] = []
     receipts: list[Receipt] = []
     encoded: list[bytes] = []
@@ -560,8 +1120,9 @@ def build_block(
         receipts.append(receipt)
         encoded.append(receipt_bytes)
         size += vtx.size
-    settle_fees(overlay, ctx)
+    end_block(overlay, ctx)
     txs = tuple(v.raw for v in included)
+    evidence_included = tuple(included_evidence)
     receipts_root = compute_receipts_root(receipts, encoded)
     state_root = state_root_fn(overlay.changes)
     header = Header(
@@ -577,13 +1138,13 @@ def build_block(
         validators_hash=validators.current.hash(),
         next_validators_hash=validators.next.hash(),
         last_commit_hash=compute_last_commit_hash(last_commit),
-        evidence_root=compute_evidence_root(()),
+        evidence_root=compute_evidence_root(evidence_included),
     )
-    block = Block(header, txs, (), last_commit)
+    block = Block(header, txs, evidence_included, last_commit)
     result = BlockResult(
         dict(overlay.changes), tuple(receipts), receipts_root, state_root, tuple(encoded)
     )
-    return BuiltBlock(block, result, rejected)
+    return BuiltBlock(block, result, rejected, rejected_evidence)
 
 
 __all__ = [
@@ -592,13 +1153,17 @@ __all__ = [
     "BuiltBlock",
     "ValidatorContext",
     "apply_block",
+    "apply_evidence",
     "apply_transaction",
     "build_block",
     "check_commit",
     "check_header",
     "check_transaction",
     "compute_receipts_root",
+    "end_block",
     "execute_block",
+    "process_evidence",
     "settle_fees",
+    "validator_context_at",
     "verify_block_transactions",
 ]

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from node import crypto
+from node.consensus.params import VotableParams
 from node.encoding import Record, limit, unpack_canonical
 from node.errors import (
     DecodeError,
     InvalidBody,
     InvalidSignature,
+    InvalidTransaction,
     MalformedTransaction,
     MalleableSignature,
     MalleableTransactionSignature,
@@ -35,6 +37,62 @@ MAX_MEMO_BYTES = 256
 
 class TxKind(IntEnum):
     TRANSFER = 1
+    # The validator set and the votable parameters (DESIGN §5 "Authority"); 10..19 are kept for
+    # validator-set kinds.
+    BOND = 10
+    UNBOND = 11
+    VALIDATOR_VOTE = 12
+    PARAM_VOTE = 13
+
+
+class VoteAction(IntEnum):
+    """What a ``ValidatorVote`` asks for its subject."""
+
+    ADD = 1  # a bonded candidate joins the set
+    REMOVE = 2  # a validator leaves the set (its bond stays locked; it remains a candidate)
+
+
+# --- errors of the validator-set kinds (codes next to node/errors.py's 12xx) --------------------
+
+
+class BondTooSmall(InvalidTransaction):
+    code = 1212
+    reason = "bond below the minimum validator bond"
+
+
+class BondUnbonding(InvalidTransaction):
+    code = 1213
+    reason = "the bond is unbonding"
+
+
+class NotBonded(InvalidTransaction):
+    code = 1214
+    reason = "no bond"
+
+
+class NotAValidator(InvalidTransaction):
+    code = 1215
+    reason = "sender is not a validator of this height"
+
+
+class InvalidVoteSubject(InvalidTransaction):
+    code = 1216
+    reason = "the vote's subject cannot take this action"
+
+
+class DuplicateValidatorVote(InvalidTransaction):
+    code = 1217
+    reason = "already voted"
+
+
+class BelowValidatorFloor(InvalidTransaction):
+    code = 1218
+    reason = "the validator set would fall below its floor"
+
+
+class InvalidParams(InvalidTransaction):
+    code = 1219
+    reason = "invalid parameter proposal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +119,70 @@ class Transfer(Record):
     memo: bytes = field(default=b"", metadata=limit(MAX_MEMO_BYTES))
 
 
-BODY_TYPES: dict[int, type[Record]] = {TxKind.TRANSFER: Transfer}
+@dataclass(frozen=True, slots=True)
+class Bond(Record):
+    """Lock ``amount`` from the sender's balance as (more) validator bond; it becomes a candidate
+    once its bond reaches ``min_validator_bond``."""
+
+    amount: Amount
+
+
+@dataclass(frozen=True, slots=True)
+class Unbond(Record):
+    """Leave: a validator is removed at h+2 (floor permitting); the whole bond returns to the
+    balance ``unbonding_heights`` after that."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatorVote(Record):
+    """A validator of this height votes to add (a bonded candidate) or remove (a validator)."""
+
+    subject: Address
+    action: int  # VoteAction
+
+
+@dataclass(frozen=True, slots=True)
+class ParamVote(Record):
+    """A validator votes for new votable parameters, named by ``sha256(params.encode())``.
+
+    The first vote for a hash must carry the record (it is kept in state with the tally); later
+    votes may leave it out.
+    """
+
+    params_hash: Hash32
+    params: VotableParams | None
+
+
+BODY_TYPES: dict[int, type[Record]] = {
+    TxKind.TRANSFER: Transfer,
+    TxKind.BOND: Bond,
+    TxKind.UNBOND: Unbond,
+    TxKind.VALIDATOR_VOTE: ValidatorVote,
+    TxKind.PARAM_VOTE: ParamVote,
+}
+
+
+def hash_params(params: VotableParams) -> Hash32:
+    """The name of a parameter proposal: sha256 of its canonical encoding."""
+    return crypto.sha256(params.encode())
+
+
+def _check_body(body: Record) -> None:
+    """Stateless rules of a decoded body beyond its encoding (InvalidBody)."""
+    if isinstance(body, Bond):
+        if body.amount == 0:
+            raise InvalidBody("Bond: amount must be positive")
+    elif isinstance(body, ValidatorVote):
+        if body.action not in (VoteAction.ADD, VoteAction.REMOVE):
+            raise InvalidBody(
+                f"ValidatorVote: unknown action {body.action} (1 = add, 2 = remove)"
+            )
+    elif (
+        isinstance(body, ParamVote)
+        and body.params is not None
+        and hash_params(body.params) != body.params_hash
+    ):
+        raise InvalidBody("ParamVote: params_hash is not the hash of the params carried")
 
 
 def decode_body(tx: Transaction) -> Record:
@@ -69,9 +190,12 @@ def decode_body(tx: Transaction) -> Record:
     if body_type is None:
         raise UnknownKind(f"unknown transaction kind {tx.kind}")
     try:
-        return body_type.decode(tx.body, max_size=MAX_BODY_BYTES)
+        body = body_type.decode(tx.body, max_size=MAX_BODY_BYTES)
     except DecodeError as exc:
         raise InvalidBody(f"{body_type.__name__}: {exc.message}") from exc
+    if body_type is not Transfer:
+        _check_body(body)
+    return body
 
 
 def make_transaction(

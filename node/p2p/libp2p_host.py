@@ -261,6 +261,20 @@ def _quiet_libp2p_logging() -> None:
     logging.getLogger("libp2p.transport.tcp").setLevel(logging.CRITICAL)
 
 
+def _parse_multiaddr(text: str) -> Any:
+    try:
+        return multiaddr.Multiaddr(text)
+    except (ValueError, LookupError) as e:
+        raise ValueError(f"{text!r} is not a multiaddr: {e}") from e
+
+
+def _parse_peer_addr(text: str) -> Any:
+    try:
+        return info_from_p2p_addr(_parse_multiaddr(text))
+    except (ValueError, LookupError) as e:
+        raise ValueError(f"{text!r} is not a peer address (…/p2p/<peer id>): {e}") from e
+
+
 def peer_id_text(peer: api.PeerId) -> str:
     """The usual base58 form of a peer id (``16Uiu2…`` for secp256k1 keys), for logs and UIs."""
     return str(ID(peer).to_base58())
@@ -296,11 +310,11 @@ class Libp2pHost:
         self._settings = settings or Libp2pSettings()
         self._key_pair: Any = create_new_key_pair(identity_key)
         self._id: Any = ID.from_pubkey(self._key_pair.public_key)
-        self._listen: list[Any] = [multiaddr.Multiaddr(a) for a in listen_addrs]
+        self._listen: list[Any] = [_parse_multiaddr(a) for a in listen_addrs]
         self._bootstrap: dict[Any, list[Any]] = {}
         for text in bootstrap_addrs:
-            info: Any = info_from_p2p_addr(multiaddr.Multiaddr(text))
-            if info.peer_id != self._id:
+            info = _parse_peer_addr(text)
+            if info.peer_id != self._id:  # a shared bootstrap list may name this node too
                 self._bootstrap.setdefault(info.peer_id, []).extend(info.addrs)
 
         self._validators: dict[str, api.TopicValidator] = {}
@@ -701,7 +715,7 @@ class Libp2pHost:
     async def connect(self, addr: str) -> api.PeerId:
         """Dial ``addr`` (which must end in ``/p2p/<peer id>``); raises ``PeerUnreachable``."""
         self._require_running()
-        info: Any = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        info = _parse_peer_addr(addr)
         self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
         if not await self._dial(info.peer_id):
             raise api.PeerUnreachable(f"cannot connect to {addr}")
@@ -839,6 +853,8 @@ class Libp2pHost:
                         nursery.start_soon(self._ban, pid, "invalid gossip")
 
     async def _ping(self, pid: Any) -> None:
+        if not self._connected(pid):  # gone meanwhile: request() would dial it again
+            return
         nonce = secrets.token_bytes(8)
         try:
             reply = await self.request(

@@ -79,7 +79,7 @@ from node.consensus.transition import BlockResult, check_commit, verify_block_tr
 from node.consensus.txs import MAX_TX_BYTES_HARD, VerifiedTransaction
 from node.consensus.validators import ValidatorSet
 from node.consensus_service import ConsensusService
-from node.errors import DecodeError, InvalidBlock
+from node.errors import DecodeError, InvalidBlock, InvalidCommit
 from node.p2p.api import (
     PROTOCOL_SYNC,
     Network,
@@ -197,20 +197,27 @@ class SyncStatus:
 class VerifiedWindow:
     """Consecutive blocks from ``start`` with their commits, checked by ``verify_window``.
 
-    ``verified`` holds each block's transactions with their signers recovered (when asked for);
-    ``deferred`` counts the commits whose validator set was not known yet (checked on apply).
+    ``checked[i]``: block i's commit was verified (False: its validator set was not known yet,
+    so it is checked when the block is applied). ``verified[i]``: block i's transactions with
+    their signers recovered, when asked for (None for a block where that failed: the apply
+    verifies that block itself and says why).
     """
 
     start: int
     items: tuple[BlockWithCommit, ...]
     hashes: tuple[Hash32, ...]
-    verified: tuple[list[VerifiedTransaction], ...] | None
-    deferred: int
+    checked: tuple[bool, ...]
+    verified: tuple[list[VerifiedTransaction] | None, ...] | None
 
     @property
     def end(self) -> int:
         """The last height (inclusive)."""
         return self.start + len(self.items) - 1
+
+    @property
+    def deferred(self) -> int:
+        """Commits left to check on apply."""
+        return self.checked.count(False)
 
 
 def verify_window(
@@ -218,7 +225,7 @@ def verify_window(
     start: int,
     asked: int,
     items: Sequence[BlockWithCommit],
-    sets: Mapping[bytes, ValidatorSet],
+    sets: Mapping[Hash32, ValidatorSet],
     *,
     recover_txs: bool,
 ) -> VerifiedWindow:
@@ -226,6 +233,9 @@ def verify_window(
 
     ``items`` come from a decoded ``BlocksResponse`` (consecutive heights, each commit for its
     block's hash: ``BlocksResponse.check``). ``sets`` maps validator-set hashes to known sets.
+    Everything checked here is what a peer can get wrong; a block that is committed and carries
+    the body its header names but breaks the rules (a bad transaction signature, a bad last
+    commit, execution) is the validators' doing, found by the apply.
     """
     if not items:
         raise BadSyncData("no blocks")
@@ -234,8 +244,8 @@ def verify_window(
     if items[0].block.header.height != start:
         raise BadSyncData(f"blocks from height {items[0].block.header.height}, asked {start}")
     hashes: list[Hash32] = []
-    verified: list[list[VerifiedTransaction]] = []
-    deferred = 0
+    checked: list[bool] = []
+    verified: list[list[VerifiedTransaction] | None] = []
     prev: Header | None = None
     for item in items:
         block, commit = item.block, item.commit
@@ -253,22 +263,25 @@ def verify_window(
                 )
         _check_body(block)
         vals = sets.get(h.validators_hash)
-        if vals is None:
-            deferred += 1
-        else:
+        if vals is not None:
             try:
                 check_commit(chain_id, commit, h.height, block_hash, vals, h.time)
             except InvalidBlock as exc:
                 raise BadSyncData(f"block {h.height}: {exc.message}") from exc
+        checked.append(vals is not None)
         if recover_txs:
             try:
                 verified.append(verify_block_transactions(block.txs, MAX_TX_BYTES_HARD))
-            except InvalidBlock as exc:
-                raise BadSyncData(f"block {h.height}: {exc.message}") from exc
+            except InvalidBlock:
+                verified.append(None)
         hashes.append(block_hash)
         prev = h
     return VerifiedWindow(
-        start, tuple(items), tuple(hashes), tuple(verified) if recover_txs else None, deferred
+        start,
+        tuple(items),
+        tuple(hashes),
+        tuple(checked),
+        tuple(verified) if recover_txs else None,
     )
 
 
@@ -288,7 +301,7 @@ def _decode_and_verify(
     chain_id: int,
     start: int,
     asked: int,
-    sets: Mapping[bytes, ValidatorSet],
+    sets: Mapping[Hash32, ValidatorSet],
     recover_txs: bool,
 ) -> VerifiedWindow | None:
     """Decode a ``GetBlocks`` answer and verify it; None if the peer sent no blocks."""
@@ -322,21 +335,43 @@ def _headers_response(view: ReadView, start: int, count: int, max_bytes: int) ->
 # --- applying (worker thread, exclusive mode) ------------------------------------------------------
 
 
-def _apply_exclusive(
-    chain: ChainService, window: VerifiedWindow, offset: int
-) -> tuple[list[tuple[Block, BlockResult]], InvalidBlock | None]:
-    """Validate and commit ``window.items[offset:]`` in order; stop at the first invalid block."""
-    done: list[tuple[Block, BlockResult]] = []
+@dataclass(slots=True)
+class _Applied:
+    """What applying (part of) a window did: ``blocks`` committed, then maybe stopped at a block
+    the peer is to blame for (``blame``: a bad commit, no link) or that breaks the rules although
+    committed (``invalid``: not the peer's fault; the sync cannot go past it)."""
+
+    blocks: list[tuple[Block, BlockResult]] = field(default_factory=list)
+    blame: str | None = None
+    invalid: str | None = None
+
+
+def _apply_exclusive(chain: ChainService, window: VerifiedWindow, offset: int) -> _Applied:
+    """Validate and commit ``window.items[offset:]`` in order; stop at the first bad block."""
+    out = _Applied()
+    chain_id = chain.chain.chain_id
     for i in range(offset, len(window.items)):
-        item = window.items[i]
+        block, commit = window.items[i].block, window.items[i].commit
+        h = block.header
+        try:
+            if not window.checked[i]:  # the set of this height is known now: the head's next
+                vals = chain.validator_context(h.height).current
+                check_commit(chain_id, commit, h.height, window.hashes[i], vals, h.time)
+        except InvalidBlock as exc:
+            out.blame = f"block {h.height}: {exc.message}"
+            return out
         verified = None if window.verified is None else window.verified[i]
         try:
-            chain.validate(item.block, verified)
-            result = chain.commit(item.block, item.commit)
+            chain.validate(block, verified)
+            result = chain.commit(block, commit)
+        except InvalidCommit as exc:
+            out.blame = f"block {h.height}: {exc.message}"
+            return out
         except InvalidBlock as exc:
-            return done, exc
-        done.append((item.block, result))
-    return done, None
+            out.invalid = f"block {h.height}: {exc.message}"
+            return out
+        out.blocks.append((block, result))
+    return out
 
 
 # --- the service ---------------------------------------------------------------------------------
@@ -386,7 +421,8 @@ class SyncService:
         self._exclusive = False
         self._target = 0
         self._serving = 0
-        self._sets: OrderedDict[bytes, ValidatorSet] = OrderedDict()
+        self._sets: OrderedDict[Hash32, ValidatorSet] = OrderedDict()
+        self._invalid_at: int | None = None  # a committed block here breaks this node's rules
         self._wake = trio.Event()
         self._verify_limiter = trio.CapacityLimiter(max(1, self.settings.verify_threads))
 
@@ -468,7 +504,10 @@ class SyncService:
         return max((s.head for s in self._usable().values()), default=0)
 
     def _should_start(self) -> bool:
-        return self._best_head() > self.chain.head_height + self.settings.start_margin
+        head = self.chain.head_height
+        if self._invalid_at == head + 1:
+            return False  # the next committed block is invalid here: no peer can help
+        return self._best_head() > head + self.settings.start_margin
 
     async def poll_statuses(self) -> None:
         """Ask every connected peer (not dropped) for its status, in parallel."""
@@ -513,6 +552,8 @@ class SyncService:
                 self._target = target
                 if target <= self.chain.head_height + self.settings.done_margin:
                     break
+                if self._invalid_at == self.chain.head_height + 1:
+                    break  # the next committed block is invalid here (logged)
                 applied = await self._run(target)
                 if applied == 0:
                     failed_runs += 1
@@ -552,47 +593,53 @@ class SyncService:
 
     async def _drop(self, peer: PeerId, reason: str) -> None:
         """Penalize ``peer`` for bad data and leave it out of syncing for ``drop_s``."""
+        if self._is_dropped(peer):
+            return  # a second answer that was in flight when it was dropped: one penalty
         log.warning("sync: dropping peer %r: %s", peer, reason)
         self.stats["peers_dropped"] += 1
         self._dropped[peer] = trio.current_time() + self.settings.drop_s
         self._peers.pop(peer, None)
+        if peer in self._used:
+            self._used.remove(peer)
         with contextlib.suppress(P2PError):
             await self.network.penalize(peer, reason)
 
-    async def _apply(self, fetched: _Fetched) -> tuple[int, str | None]:
-        """Apply the part of a fetched window above the head; (blocks applied, blame or None)."""
+    async def _apply(self, fetched: _Fetched) -> tuple[int, str | None, str | None]:
+        """Apply the part of a fetched window above the head: (blocks applied, why the peer is
+        to blame, why the chain cannot go on) — see ``_Applied``."""
         window = fetched.window
         head = self.chain.head_height
         if window.end <= head:
-            return 0, None
+            return 0, None, None
         offset = head + 1 - window.start
         assert offset >= 0, "windows are applied in order"
         if offset > 0 and window.hashes[offset - 1] != self.chain.store.get_block_hash(head):
-            return 0, "served blocks of another chain"
+            return 0, f"block {head} is not the one committed here", None
         head_header = self.chain.head
         first = window.items[offset].block.header
         parent = ZERO_HASH if head_header is None else head_header.hash()
         if first.parent_hash != parent:
-            return 0, f"block {first.height} does not link to the applied head"
+            return 0, f"block {first.height} does not link to the applied head", None
         if head_header is not None and first.validators_hash != head_header.next_validators_hash:
-            return 0, f"block {first.height}'s validators hash does not follow the applied head"
+            blame = f"block {first.height}'s validators hash does not follow the applied head"
+            return 0, blame, None
         if self._exclusive:
             return await self._apply_exclusive(window, offset)
         return await self._apply_cooperative(window, offset)
 
-    async def _apply_exclusive(self, window: VerifiedWindow, offset: int) -> tuple[int, str | None]:
+    async def _apply_exclusive(
+        self, window: VerifiedWindow, offset: int
+    ) -> tuple[int, str | None, str | None]:
         assert self.consensus.state.validators is None, "consensus started during the sync"
-        done, error = await trio.to_thread.run_sync(_apply_exclusive, self.chain, window, offset)
-        for block, result in done:
+        out = await trio.to_thread.run_sync(_apply_exclusive, self.chain, window, offset)
+        for block, result in out.blocks:
             self.consensus.after_external_commit(block, result)
-        self.stats["blocks_applied"] += len(done)
-        if error is not None:
-            return len(done), f"served an invalid block: {error.message}"
-        return len(done), None
+        self.stats["blocks_applied"] += len(out.blocks)
+        return len(out.blocks), out.blame, out.invalid
 
     async def _apply_cooperative(
         self, window: VerifiedWindow, offset: int
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str | None, str | None]:
         applied = 0
         for i in range(offset, len(window.items)):
             item = window.items[i]
@@ -602,21 +649,25 @@ class SyncService:
                 if head >= height:
                     break  # committed (by us, or meanwhile by consensus or the catch-up service)
                 if head + 1 != height:  # pragma: no cover - windows are applied in order
-                    return applied, None
+                    return applied, None, None
                 try:
+                    # ChainService.commit checks the commit against the set of its height, then
+                    # executes the block.
                     done = await self.consensus.commit_from_peer(item.block, item.commit)
+                except InvalidCommit as exc:
+                    return applied, f"block {height}: {exc.message}", None
                 except InvalidBlock as exc:
-                    return applied, f"served an invalid block: {exc.message}"
+                    return applied, None, f"block {height}: {exc.message}"
                 if done:
                     applied += 1
                     self.stats["blocks_applied"] += 1
                 else:
                     await trio.sleep(0.05)  # the consensus queue is full: try again
             else:
-                return applied, None  # consensus is busy: the window is tried again
+                return applied, None, None  # consensus is busy: the window is tried again
             if self.chain.store.get_block_hash(height) != window.hashes[i]:
-                return applied, f"served a block {height} that is not the one committed here"
-        return applied, None
+                return applied, f"block {height} is not the one committed here", None
+        return applied, None, None
 
     # --- serving ---------------------------------------------------------------------------------
 
@@ -806,6 +857,8 @@ class _Run:
             self.in_flight[peer] -= 1
             if self.in_flight[peer] <= 0:
                 del self.in_flight[peer]
+        if isinstance(outcome, VerifiedWindow) and s._is_dropped(peer):
+            outcome = "bad"  # dropped while this answer was on its way: not used
         if isinstance(outcome, VerifiedWindow):
             self.failures.pop(peer, None)
             s._note_used(peer)
@@ -816,7 +869,9 @@ class _Run:
             self._ready_changed.set()
         else:
             win.tried.add(peer)
-            if outcome != "bad":
+            if outcome == "bad":
+                self._forget(peer)
+            else:
                 s.stats["fetch_failures"] += 1
                 self.failures[peer] += 1
                 if outcome == "gone" or self.failures[peer] >= self.settings.max_peer_failures:
@@ -877,22 +932,43 @@ class _Run:
                 continue
             self.applying = True
             try:
-                applied, blame = await s._apply(fetched)
+                applied, blame, invalid = await s._apply(fetched)
             finally:
                 self.applying = False
             self.applied += applied
             self.next = s.chain.head_height + 1
             s._refresh_sets()
             window = fetched.window
+            if invalid is not None:
+                # Committed by the validators, served as committed, and invalid under this
+                # node's rules: no peer can help; an operator must (log it once per height).
+                if s._invalid_at != self.next:
+                    log.error(
+                        "sync: the committed chain's %s is invalid under this node's rules "
+                        "(is this node's software out of date?)",
+                        invalid,
+                    )
+                s._invalid_at = self.next
+                self.failed = f"committed block invalid here: {invalid}"
+                self.changed()
+                return
             if blame is not None:
                 await s._drop(fetched.peer, blame)
                 if window.end >= self.next:
                     heapq.heappush(self.pending, _Window(self.next, window.end))
+                self._forget(fetched.peer)
             elif window.end >= self.next:
                 # Not all applied and nobody to blame (the consensus queue stayed full): again.
                 self.ready[window.start] = fetched
                 await trio.sleep(0.05)
             self.changed()
+
+    def _forget(self, peer: PeerId) -> None:
+        """Fetch again elsewhere what a dropped peer served and is not applied yet."""
+        for start, fetched in list(self.ready.items()):
+            if fetched.peer == peer:
+                del self.ready[start]
+                heapq.heappush(self.pending, _Window(start, fetched.window.end))
 
     def _ready_for(self, height: int) -> _Fetched | None:
         """The fetched window holding ``height`` (windows wholly below it are discarded)."""

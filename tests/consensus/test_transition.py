@@ -885,7 +885,9 @@ def test_too_many_bytes() -> None:
     c.apply(block, params=make_params(max_block_bytes=size))
 
 
-def test_evidence_is_not_accepted(chain4: PureChain) -> None:
+def test_evidence_counts_in_the_state_root_and_the_evidence_root(chain4: PureChain) -> None:
+    """Valid evidence is executed (tests/consensus/test_evidence.py); a block whose header was
+    built without it fails on the state root, one whose evidence root omits it on the root."""
     block = chain4.build().block
     a = make_vote(5, crypto.sha256(b"a"), 1, time_ms=GENESIS_TIME + 1, vote_type=VoteType.PREVOTE)
     b = make_vote(5, crypto.sha256(b"b"), 1, time_ms=GENESIS_TIME + 1, vote_type=VoteType.PREVOTE)
@@ -896,7 +898,7 @@ def test_evidence_is_not_accepted(chain4: PureChain) -> None:
         evidence,
         block.last_commit,
     )
-    _expect_invalid(chain4, with_root, "evidence is not accepted")
+    _expect_invalid(chain4, with_root, "state root does not match")
     without_root = Block(block.header, block.txs, evidence, block.last_commit)
     _expect_invalid(chain4, without_root, "evidence root does not match")
 

@@ -299,9 +299,13 @@ async def test_dht_finds_the_third_host_through_the_bootstrap_host() -> None:
         a = await net.start(bootstrap=b.listen_addrs)
         took = await eventually(lambda: a.is_connected(c.peer_id), "a finds c through b's DHT")
         logging.getLogger(__name__).info("a connected to c %.2f s after starting", took)
-        known = {p.peer_id: p for p in a.peers()}
-        assert known[c.peer_id].connected and known[c.peer_id].addrs
-        assert known[b.peer_id].connected
+
+        def known() -> dict[api.PeerId, api.PeerInfo]:
+            return {p.peer_id: p for p in a.peers()}
+
+        # c's listen address arrives with identify when c was the one that dialed.
+        await eventually(lambda: bool(known()[c.peer_id].addrs), "c's address in a's peerstore")
+        assert known()[c.peer_id].connected and known()[b.peer_id].connected
 
 
 @pytest.mark.slow
