@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from node.api import StateProof, TxLocation
 from node.consensus.blocks import Block, Commit, DuplicateVoteEvidence, Header
-from node.consensus.evidence import InvalidEvidence, check_evidence
+from node.consensus.evidence import check_evidence
 from node.consensus.params import AuthorityParams, ChainParams, VotableParams
 from node.consensus.state import (
     AUTHORITY_PARAMS_KEY,
@@ -45,7 +45,7 @@ from node.consensus.validators import (
     oldest_kept_height,
     validator_set_at,
 )
-from node.errors import ConfigError, CorruptDatabase, HistoryPruned, NotFound
+from node.errors import ConfigError, CorruptDatabase, HistoryPruned, InvalidEvidence, NotFound
 from node.genesis import Genesis, build_genesis_state, genesis_hash
 from node.storage.api import KVStore, Snapshot
 from node.storage.chain_store import ChainReader, ChainStore

@@ -40,7 +40,9 @@ from rpc.errors import ClientError, RpcError, TransportError
 
 if TYPE_CHECKING:
     from node.config import NodeConfig
+    from node.devnet import DevnetNode, DevnetPlan, NodeUp
     from node.keystore import Keystore, ScryptParams
+    from node.service import NodeHandle
     from rpc.client import Client
 
 # node.config and node.keystore import eth-account, and rpc.client aiohttp: each takes a good
@@ -51,6 +53,9 @@ log = logging.getLogger("neuroseed")
 ENV_DATADIR = "NEUROSEED_DATADIR"
 DEFAULT_DATADIR = "~/.neuroseed"
 DEVNET_DATADIR = ".devnet"
+# node.devnet's DEFAULT_VALIDATORS and DEFAULT_NODES (that module is imported only by devnet).
+DEVNET_VALIDATORS = 4
+DEVNET_NODES = 1
 # node.config's DEFAULT_RPC_HOST, DEFAULT_RPC_PORT and CONFIG_FILE (checked by the tests).
 DEFAULT_RPC_URL = "http://127.0.0.1:8645/"
 CONFIG_FILE = "config.toml"
@@ -429,9 +434,9 @@ def _setup_logging(level: str, verbose: bool) -> None:
 
 
 def _run_until_stopped(
-    config: NodeConfig, key: crypto.PrivateKey | None, on_serving: Callable[[str], None]
+    config: NodeConfig, key: crypto.PrivateKey | None, on_serving: Callable[[NodeHandle], None]
 ) -> int:
-    """Run the node in trio until SIGTERM/SIGINT; ``on_serving(url)`` once JSON-RPC is up."""
+    """Run the node in trio until SIGTERM/SIGINT; ``on_serving(handle)`` once JSON-RPC is up."""
     import trio
 
     from node.service import run_node
@@ -439,7 +444,7 @@ def _run_until_stopped(
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(partial(run_node, config, key=key))
-            on_serving(handle.rpc_url)
+            on_serving(handle)
 
     # A Ctrl-C before the node's own signal handling started is still a clean stop.
     with contextlib.suppress(KeyboardInterrupt):
@@ -505,11 +510,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     key = _unlock_validator(config, args.password_file)
     _setup_logging(config.log_level, args.verbose)
 
-    def on_serving(url: str) -> None:
+    def on_serving(handle: NodeHandle) -> None:
         if args.json:
-            _print_json({"rpc": url, "validator": _checksum_or_none(config.validator_address)})
-        else:
-            print(f"JSON-RPC: {url}", flush=True)
+            _print_json(
+                {
+                    "rpc": handle.rpc_url,
+                    "p2p": list(handle.p2p_addrs),
+                    "validator": _checksum_or_none(config.validator_address),
+                }
+            )
+            return
+        # The JSON-RPC line comes first and is what scripts (and `neuroseed devnet`) wait for.
+        lines = [f"JSON-RPC: {handle.rpc_url}", *(f"P2P: {a}" for a in handle.p2p_addrs)]
+        print("\n".join(lines), flush=True)
 
     return _run_until_stopped(config, key, on_serving)
 
@@ -519,34 +532,55 @@ def _checksum_or_none(address: Address | None) -> str | None:
 
 
 def _funded_dev_keys(datadir: Path) -> list[int]:
-    """Indices of the dev keys with a genesis balance (1..N in the repository's genesis)."""
+    """Indices of the dev keys with a genesis balance (1..10 in the repository's genesis)."""
     from node.config import DataDirLayout
+    from node.devnet import funded_dev_keys
 
-    funded = {a.address for a in load_genesis(DataDirLayout(datadir).genesis).balances}
-    found = []
-    for i in range(1, 1000):
-        if dev_address(i) not in funded:
-            break
-        found.append(i)
-    return found
+    return funded_dev_keys(load_genesis(DataDirLayout(datadir).genesis))
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
+    if args.validators < 1 or args.nodes < 0:
+        raise CliError("--validators must be at least 1 and --nodes at least 0")
+    if args.validators == 1 and args.nodes == 0:
+        return _devnet_single(args)
+    return _devnet_multi(args)
+
+
+def _devnet_template(args: argparse.Namespace) -> Path:
+    if args.genesis:
+        return Path(args.genesis).expanduser().absolute()
+    if not REPO_GENESIS.is_file():
+        raise CliError(f"the devnet genesis {REPO_GENESIS} is missing; is this a checkout?")
+    return REPO_GENESIS
+
+
+def _devnet_single(args: argparse.Namespace) -> int:
+    """One validator (dev key 0) in this very process, data directly in the devnet directory."""
     from node.config import DataDirLayout, init_data_dir
 
     datadir = _datadir(args, devnet=True)
+    if (datadir / "node0").is_dir() and not DataDirLayout(datadir).config.exists():
+        raise CliError(
+            f"{datadir} holds a multi-node devnet; run it without --validators 1 --nodes 0, "
+            "or use another --datadir"
+        )
     if not DataDirLayout(datadir).genesis.is_file():
-        if not REPO_GENESIS.is_file():
-            raise CliError(f"the devnet genesis {REPO_GENESIS} is missing; is this a checkout?")
-        init_data_dir(datadir, REPO_GENESIS, dev=True, kdf_params=_dev_kdf_params())
+        init_data_dir(datadir, _devnet_template(args), dev=True, kdf_params=_dev_kdf_params())
         print(f"initialised devnet data directory {datadir}", file=sys.stderr)
     config = _node_config(args, datadir)
+    if args.p2p_port is not None:
+        config = dataclasses.replace(
+            config, p2p_listen_addrs=(f"/ip4/127.0.0.1/tcp/{args.p2p_port}",)
+        )
     validator = dev_address(DEV_VALIDATOR_INDEX)
     if config.validator_address != validator:
         raise CliError(
             f"{datadir} is not a devnet data directory (its validator is not the dev validator "
             f"{to_checksum(validator)}); use another --datadir"
         )
+    if args.init_only:
+        return EXIT_OK
     key = _unlock_validator(config, None, default_password=DEV_PASSWORD)
     if key is None or key.address != dev_key(DEV_VALIDATOR_INDEX).address:
         raise CliError("the devnet validator key could not be unlocked")
@@ -554,11 +588,13 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     chain_id = load_genesis(config.layout.genesis).chain_id
     _setup_logging(config.log_level, args.verbose)
 
-    def on_serving(url: str) -> None:
+    def on_serving(handle: NodeHandle) -> None:
+        url = handle.rpc_url
         if args.json:
             _print_json(
                 {
                     "rpc": url,
+                    "p2p": list(handle.p2p_addrs),
                     "datadir": str(datadir),
                     "chainId": chain_id,
                     "validator": to_checksum(validator),
@@ -566,12 +602,14 @@ def cmd_devnet(args: argparse.Namespace) -> int:
                 }
             )
             return
+        from node.devnet import format_ranges
+
         example = "0x000000000000000000000000000000000000dEaD"
-        keys = f"{funded[0]}..{funded[-1]}" if funded else "none"
         print(
             f"JSON-RPC: {url}\n"
             f"devnet: chain {chain_id}, data in {datadir}, validator {to_checksum(validator)}\n"
-            f"funded public dev keys: {keys} (devnet only: anyone can spend them)\n"
+            f"funded public dev keys: {format_ranges(funded)} "
+            "(devnet only: anyone can spend them)\n"
             "try:\n"
             f"  neuroseed status --rpc {url}\n"
             f"  neuroseed tx transfer --dev-key 1 --to {example} --amount 1.5 --rpc {url}\n"
@@ -583,12 +621,161 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     return _run_until_stopped(config, key, on_serving)
 
 
+def _devnet_multi(args: argparse.Namespace) -> int:
+    """N validators and M full nodes, each its own ``neuroseed run`` process (node.devnet)."""
+    from node.devnet import (
+        DEFAULT_P2P_PORT,
+        DEFAULT_RPC_PORT,
+        DevnetSupervisor,
+        check_ports_free,
+        prepare_devnet,
+    )
+
+    datadir = _datadir(args, devnet=True)
+    rpc_host = args.rpc_host or "127.0.0.1"
+    plan = prepare_devnet(
+        datadir,
+        validators=args.validators,
+        nodes=args.nodes,
+        template=_devnet_template(args),
+        rpc_host=rpc_host,
+        rpc_port=DEFAULT_RPC_PORT if args.rpc_port is None else args.rpc_port,
+        p2p_port=DEFAULT_P2P_PORT if args.p2p_port is None else args.p2p_port,
+    )
+    if plan.created:
+        print(
+            f"initialised a devnet of {args.validators} validator(s) in {datadir}", file=sys.stderr
+        )
+    if args.init_only:
+        if args.json:
+            _print_json(_devnet_summary(plan, []))
+        else:
+            for n in plan.nodes:
+                print(f"node {n.index} ({n.role}): {n.datadir} p2p {n.p2p_addr}")
+        return EXIT_OK
+    check_ports_free(plan, rpc_host)
+    print(
+        f"starting {len(plan.validators)} validator(s) and "
+        f"{len(plan.nodes) - len(plan.validators)} full node(s) in {datadir} "
+        f"(logs: {datadir}/node<i>/node.log)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def on_up(up: NodeUp) -> None:
+        if args.json:
+            _print_json(
+                {
+                    "node": up.node.index,
+                    "role": up.node.role,
+                    "rpc": up.rpc_url,
+                    "p2p": list(up.p2p_addrs),
+                    "datadir": str(up.node.datadir),
+                    "pid": up.pid,
+                }
+            )
+        else:
+            print(f"node {up.node.index} ({up.node.role}): JSON-RPC: {up.rpc_url}", flush=True)
+
+    def on_all_up(ups: list[NodeUp]) -> None:
+        if args.json:
+            _print_json(_devnet_summary(plan, ups))
+        else:
+            print(_devnet_help(plan, ups), flush=True)
+
+    def on_exit(node: DevnetNode, code: int, log_tail: str) -> None:
+        from node.devnet import describe_exit
+
+        print(
+            f"node {node.index} ({node.role}) exited ({describe_exit(code)}); the others keep "
+            f"running. Its log: {node.log_path}" + (f"\n{log_tail}" if log_tail else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    code = DevnetSupervisor(plan, on_up=on_up, on_all_up=on_all_up, on_exit=on_exit).run()
+    if code != EXIT_OK:
+        raise CliError("every devnet node exited; see their logs")
+    print("devnet stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _devnet_summary(plan: DevnetPlan, ups: list[NodeUp]) -> dict[str, Any]:
+    from node.devnet import funded_dev_keys
+
+    urls = {up.node.index: up.rpc_url for up in ups}
+    return {
+        "datadir": str(plan.root),
+        "chainId": plan.genesis.chain_id,
+        "nodes": [
+            {
+                "node": n.index,
+                "role": n.role,
+                "datadir": str(n.datadir),
+                "rpc": urls.get(n.index),
+                "p2p": n.p2p_addr,
+                "validator": to_checksum(dev_address(n.index)) if n.is_validator else None,
+            }
+            for n in plan.nodes
+        ],
+        "devKeys": {str(i): to_checksum(dev_address(i)) for i in funded_dev_keys(plan.genesis)},
+    }
+
+
+def _devnet_help(plan: DevnetPlan, ups: list[NodeUp]) -> str:
+    from node.devnet import EXTRA_FUNDED_DEV_KEYS, format_ranges, funded_dev_keys
+
+    funded = funded_dev_keys(plan.genesis)
+    n_validators = len(plan.validators)
+    spare = [i for i in funded if i >= n_validators]
+    key = next((i for i in spare if i in EXTRA_FUNDED_DEV_KEYS), spare[0] if spare else 1)
+    full = next((up for up in ups if not up.node.is_validator), ups[0])
+    url = full.rpc_url
+    example = "0x000000000000000000000000000000000000dEaD"
+    also = [i for i in funded if i < n_validators]
+    note = f" ({format_ranges(also)} are also validator keys)" if also else ""
+    return (
+        f"devnet: chain {plan.genesis.chain_id}, {n_validators} validator(s) "
+        f"(dev keys 0..{n_validators - 1}), data in {plan.root}\n"
+        f"funded public dev keys: {format_ranges(funded)}{note} "
+        "(devnet only: anyone can spend them)\n"
+        f"try (node {full.node.index}, {full.node.role}):\n"
+        f"  neuroseed status --rpc {url}\n"
+        f"  neuroseed tx transfer --dev-key {key} --to {example} --amount 1.5 --rpc {url}\n"
+        f"  neuroseed balance {example} --rpc {url}\n"
+        "stop with Ctrl-C (every node stops); run the same command again to continue this chain"
+    )
+
+
 # --- status and balance ----------------------------------------------------------------------------
+
+
+def _status_extras(raw: Any, head_height: int) -> tuple[int, int | None, list[dict[str, Any]]]:
+    """(finalized height, round, validators) from ``ns_status``. Every block the node has is
+    final (BFT finality), so the finalized height is the head unless the node says otherwise;
+    the round and the validator set are shown only if the node reports them."""
+    raw = raw if isinstance(raw, dict) else {}
+    finalized = raw.get("finalizedHeight", head_height)
+    round_ = raw.get("round")
+    validators: list[dict[str, Any]] = []
+    for v in raw.get("validators") or []:
+        if isinstance(v, dict):
+            validators.append({"address": v.get("address"), "power": v.get("power")})
+        else:
+            validators.append({"address": v, "power": None})
+    return (
+        int(finalized) if isinstance(finalized, int) else head_height,
+        round_ if isinstance(round_, int) else None,
+        validators,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         st = client.status()
+        # The fields the typed NodeStatus does not carry (yet): round, validator set.
+        raw = client.call("ns_status")
+    finalized, round_, validators = _status_extras(raw, st.head_height)
     validator = _checksum_or_none(st.validator_address)
     if args.json:
         _print_json(
@@ -597,10 +784,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "chainId": st.chain_id,
                 "nodeVersion": st.node_version,
                 "height": st.head_height,
+                "finalizedHeight": finalized,
+                "round": round_,
                 "headHash": _hex(st.head_hash),
                 "headTime": st.head_time_ms,
                 "validator": validator,
                 "isValidator": st.is_validator,
+                "validators": validators or None,
                 "mempoolSize": st.mempool_size,
                 "mempoolBytes": st.mempool_bytes,
                 "peers": st.peers,
@@ -618,6 +808,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ("node", f"{st.node_version} at {client.url}"),
                 ("chain id", st.chain_id),
                 ("height", st.head_height),
+                ("finalized", finalized),
+                ("round", "not reported by this node" if round_ is None else round_),
                 ("head hash", _hex(st.head_hash)),
                 ("head time", format_timestamp(st.head_time_ms)),
                 ("validator", role),
@@ -627,6 +819,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             ]
         )
     )
+    if validators:
+        total = sum(v["power"] or 0 for v in validators)
+        print(f"validator set ({len(validators)}, total power {total}):")
+        for v in validators:
+            power = "" if v["power"] is None else f"  power {v['power']}"
+            print(f"  {v['address']}{power}")
+    else:
+        print("validator set: not reported by this node")
     return EXIT_OK
 
 
@@ -880,24 +1080,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="confirm that the private key may be printed in clear",
     )
 
-    for name, handler, help_ in (
-        ("run", cmd_run, "run a node"),
-        ("devnet", cmd_devnet, "initialise (once) and run a one-validator local devnet"),
-    ):
-        p = command(commands, name, handler, help_)
-        p.add_argument("--rpc-host", metavar="HOST", help="JSON-RPC listen host")
-        p.add_argument("--rpc-port", metavar="PORT", type=int, help="JSON-RPC listen port")
-        if name == "run":
-            p.add_argument(
-                "--validator",
-                metavar="ADDRESS",
-                help="validate with this keystore key (default: validator.address in the config)",
-            )
-            p.add_argument(
-                "--password-file",
-                metavar="FILE",
-                help="validator key password (default: the config's, else a prompt)",
-            )
+    p = command(commands, "run", cmd_run, "run a node")
+    p.add_argument("--rpc-host", metavar="HOST", help="JSON-RPC listen host")
+    p.add_argument("--rpc-port", metavar="PORT", type=int, help="JSON-RPC listen port")
+    p.add_argument(
+        "--validator",
+        metavar="ADDRESS",
+        help="validate with this keystore key (default: validator.address in the config)",
+    )
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="validator key password (default: the config's, else a prompt)",
+    )
+
+    p = command(
+        commands,
+        "devnet",
+        cmd_devnet,
+        "initialise (once) and run a local devnet: N validators and M full nodes, each its own "
+        "process, on 127.0.0.1",
+    )
+    p.add_argument(
+        "--validators",
+        metavar="N",
+        type=int,
+        default=DEVNET_VALIDATORS,
+        help=f"validators, dev keys 0..N-1 (default {DEVNET_VALIDATORS}); with --nodes 0 and "
+        "N = 1 the one validator runs in this process, data directly in --datadir",
+    )
+    p.add_argument(
+        "--nodes",
+        metavar="M",
+        type=int,
+        default=DEVNET_NODES,
+        help=f"full (non-validator) nodes (default {DEVNET_NODES})",
+    )
+    p.add_argument("--rpc-host", metavar="HOST", help="JSON-RPC listen host (default 127.0.0.1)")
+    p.add_argument(
+        "--rpc-port",
+        metavar="BASE",
+        type=int,
+        help="JSON-RPC port of node 0, node i gets BASE+i (default 8645; 0: ephemeral ports)",
+    )
+    p.add_argument(
+        "--p2p-port",
+        metavar="BASE",
+        type=int,
+        help="libp2p port of node 0 on 127.0.0.1, node i gets BASE+i "
+        "(default 8745; 0: free ports picked at each start)",
+    )
+    p.add_argument(
+        "--genesis",
+        metavar="PATH",
+        help="take the chain parameters (chain id, timeouts, fees, balances) from this genesis "
+        "when the devnet is created (default: the repository's genesis.json)",
+    )
+    p.add_argument(
+        "--init-only",
+        action="store_true",
+        help="create (or update) the devnet's directories and configs, then exit",
+    )
 
     command(commands, "status", cmd_status, "show the node's status")
     p = command(commands, "balance", cmd_balance, "show an account's balance and nonce")

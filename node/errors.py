@@ -179,6 +179,84 @@ class ConflictingSignature(NeuroSeedError):
     reason = "refusing to sign a conflicting message"
 
 
+# --- validator-set and parameter transactions (DESIGN §5 "Authority") ------------------------
+
+
+class BondTooSmall(InvalidTransaction):
+    code = 1212
+    reason = "bond below the minimum validator bond"
+
+
+class BondUnbonding(InvalidTransaction):
+    code = 1213
+    reason = "the bond is unbonding"
+
+
+class NotBonded(InvalidTransaction):
+    code = 1214
+    reason = "no bond"
+
+
+class NotAValidator(InvalidTransaction):
+    code = 1215
+    reason = "sender is not a validator of this height"
+
+
+class InvalidVoteSubject(InvalidTransaction):
+    code = 1216
+    reason = "the vote's subject cannot take this action"
+
+
+class DuplicateValidatorVote(InvalidTransaction):
+    code = 1217
+    reason = "already voted"
+
+
+class BelowValidatorFloor(InvalidTransaction):
+    code = 1218
+    reason = "the validator set would fall below its floor"
+
+
+class InvalidParams(InvalidTransaction):
+    code = 1219
+    reason = "invalid parameter proposal"
+
+
+# --- evidence of equivocation (DESIGN §5 "Evidence") -----------------------------------------
+
+
+class InvalidEvidence(NeuroSeedError):
+    code = 1410
+    reason = "invalid evidence"
+
+
+class NonConflictingEvidence(InvalidEvidence):
+    """The two votes are not an equivocation (or not in their one canonical order)."""
+
+    code = 1411
+    reason = "the votes of the evidence do not conflict"
+
+
+class EvidenceSignatureError(InvalidEvidence):
+    code = 1412
+    reason = "badly signed evidence"
+
+
+class ExpiredEvidence(InvalidEvidence):
+    code = 1413
+    reason = "evidence too old"
+
+
+class DuplicateEvidence(InvalidEvidence):
+    code = 1414
+    reason = "evidence already processed"
+
+
+class EvidenceOfNonValidator(InvalidEvidence):
+    code = 1415
+    reason = "the evidence names no validator of its height"
+
+
 # --- storage and lookup ------------------------------------------------------------------------
 
 

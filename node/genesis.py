@@ -40,10 +40,10 @@ from node.consensus.state import (
     SUPPLY_KEY,
     Account,
     Supply,
-    ValidatorBond,
     account_key,
     validator_key,
 )
+from node.consensus.state import ValidatorBond as ValidatorBond  # re-exported (moved there)
 from node.consensus.txs import MAX_TX_BYTES_HARD, TxKind
 from node.consensus.validators import (
     MAX_POWER,

@@ -8,7 +8,9 @@ Everything is deterministic: keys are the public dev keys (``node.devkeys``), ti
   ``verified(raw)`` / ``vtransfer(...)`` give the ``VerifiedTransaction``;
 * ``make_commit(block_hash, height, round, signers, time_ms=...)`` — a commit of precommits;
 * ``open_chain(kv, genesis)`` and ``commit_next(chain, signers)`` — a ``ChainService`` that
-  builds and commits blocks with commits signed by the given validator keys.
+  builds and commits blocks with commits signed by the given validator keys;
+* validator-set kinds: ``ALL_FEES`` (a schedule per kind), ``bond_tx``, ``unbond_tx``,
+  ``validator_vote_tx``, ``param_vote_tx``; ``make_evidence`` (a signed equivocation).
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ from dataclasses import replace
 
 from node import crypto
 from node.chain import ChainService
-from node.consensus.blocks import Block, Commit, SignedVote, Vote, VoteType, sign_vote
-from node.consensus.params import ChainParams, FeeSchedule, VotableParams
+from node.consensus.blocks import (
+    Block,
+    Commit,
+    DuplicateVoteEvidence,
+    SignedVote,
+    Vote,
+    VoteType,
+    sign_vote,
+)
+from node.consensus.params import AuthorityParams, ChainParams, FeeSchedule, VotableParams
 from node.consensus.state import (
     NS_ACCOUNT,
     NS_VALIDATOR,
@@ -32,11 +42,17 @@ from node.consensus.state import (
 )
 from node.consensus.transition import BlockResult
 from node.consensus.txs import (
+    Bond,
+    ParamVote,
     SignedTransaction,
     Transaction,
     Transfer,
     TxKind,
+    Unbond,
+    ValidatorVote,
     VerifiedTransaction,
+    VoteAction,
+    hash_params,
     make_transaction,
     verify_transaction,
 )
@@ -44,6 +60,7 @@ from node.consensus.validators import ValidatorSet
 from node.devkeys import dev_key
 from node.encoding import Record
 from node.genesis import (
+    DEFAULT_AUTHORITY_PARAMS,
     Genesis,
     GenesisAccount,
     GenesisValidator,
@@ -64,6 +81,15 @@ FEES = FeeSchedule(
     per_byte=Amount(10),
     per_signature=Amount(100),
     per_new_account=Amount(5_000),
+)
+# A schedule for every kind (the validator-set kinds priced like transfers, with a distinct base
+# so a wrong kind's schedule shows in a test).
+ALL_FEES = (
+    FEES,
+    *(
+        replace(FEES, kind=int(k), base=Amount(2_000 + int(k)))
+        for k in (TxKind.BOND, TxKind.UNBOND, TxKind.VALIDATOR_VOTE, TxKind.PARAM_VOTE)
+    ),
 )
 # Covers any transfer's cost (a transfer is < 500 bytes) with a tip left over.
 DEFAULT_FEE = 20_000
@@ -122,12 +148,14 @@ def make_genesis(
     state_history_blocks: int = 10_000,
     evidence_max_age: int = 100_000,
     validator_floor: int = 1,
+    authority: AuthorityParams | None = None,
     **param_overrides: object,
 ) -> Genesis:
     """A genesis where dev keys ``1..funded`` (or the given indexes) hold ``balance`` each.
 
     ``balances`` adds or overrides accounts (dev key index or address -> amount); ``validators``
-    are dev key indexes with ``power`` and ``bond`` each.
+    are dev key indexes with ``power`` and ``bond`` each. ``authority`` defaults to
+    ``DEFAULT_AUTHORITY_PARAMS`` (see ``make_authority`` for overrides).
     """
     indexes = range(1, funded + 1) if isinstance(funded, int) else funded
     amounts: dict[Address, int] = {addr(i): balance for i in indexes}
@@ -147,7 +175,18 @@ def make_genesis(
     accounts = tuple(
         GenesisAccount(a, Amount(amounts[a])) for a in sorted(amounts) if amounts[a] > 0
     )
-    return Genesis(chain, make_params(**param_overrides), tuple(vals), accounts)
+    return Genesis(
+        chain,
+        make_params(**param_overrides),
+        tuple(vals),
+        accounts,
+        DEFAULT_AUTHORITY_PARAMS if authority is None else authority,
+    )
+
+
+def make_authority(**overrides: object) -> AuthorityParams:
+    """``DEFAULT_AUTHORITY_PARAMS`` with any field overridden."""
+    return replace(DEFAULT_AUTHORITY_PARAMS, **overrides)  # type: ignore[arg-type]
 
 
 def genesis_view(genesis: Genesis) -> DictView:
@@ -215,6 +254,50 @@ def sign_raw_tx(
     return SignedTransaction(tx, sig).encode()
 
 
+def signed_tx(
+    sender: int | crypto.PrivateKey,
+    body: Record,
+    *,
+    nonce: int,
+    fee: int = DEFAULT_FEE,
+    chain_id: int = CHAIN_ID,
+) -> bytes:
+    """The encoded signed transaction of any kind (chosen by the body's type)."""
+    return make_transaction(_as_key(sender), chain_id, nonce, fee, body).encode()
+
+
+def bond_tx(sender: int | crypto.PrivateKey, amount: int, *, nonce: int, **kw: int) -> bytes:
+    return signed_tx(sender, Bond(Amount(amount)), nonce=nonce, **kw)
+
+
+def unbond_tx(sender: int | crypto.PrivateKey, *, nonce: int, **kw: int) -> bytes:
+    return signed_tx(sender, Unbond(), nonce=nonce, **kw)
+
+
+def validator_vote_tx(
+    voter: int | crypto.PrivateKey,
+    subject: int | Address | bytes,
+    action: int = VoteAction.ADD,
+    *,
+    nonce: int,
+    **kw: int,
+) -> bytes:
+    return signed_tx(voter, ValidatorVote(_as_address(subject), int(action)), nonce=nonce, **kw)
+
+
+def param_vote_tx(
+    voter: int | crypto.PrivateKey,
+    params: VotableParams,
+    *,
+    nonce: int,
+    carry: bool = True,
+    **kw: int,
+) -> bytes:
+    """A vote for ``params``; ``carry=False`` names them by hash only."""
+    body = ParamVote(hash_params(params), params if carry else None)
+    return signed_tx(voter, body, nonce=nonce, **kw)
+
+
 # --- votes and commits ---------------------------------------------------------------------------
 
 
@@ -239,6 +322,28 @@ def make_vote(
         k.address if validator is None else validator,
     )
     return sign_vote(k, chain_id, vote)
+
+
+def make_evidence(
+    signer: int | crypto.PrivateKey,
+    height: int,
+    round_: int = 0,
+    *,
+    vote_type: int = VoteType.PREVOTE,
+    hashes: tuple[bytes | None, bytes | None] = (b"\x0a" * 32, b"\x0b" * 32),
+    time_ms: int = GENESIS_TIME + 1,
+    chain_id: int = CHAIN_ID,
+) -> DuplicateVoteEvidence:
+    """Two votes of ``signer`` for (height, round, type) with different block hashes, in the
+    canonical (encoding) order."""
+    a, b = (
+        make_vote(
+            signer, h, height, round_, time_ms=time_ms, vote_type=vote_type, chain_id=chain_id
+        )
+        for h in hashes
+    )
+    first, second = sorted((a, b), key=lambda v: v.encode())
+    return DuplicateVoteEvidence(first, second)
 
 
 def make_commit(

@@ -34,43 +34,16 @@ from node import crypto
 from node.consensus.blocks import DuplicateVoteEvidence, VoteType, vote_signer
 from node.consensus.validators import ValidatorSet
 from node.encoding import pack
-from node.errors import InvalidSignature, NeuroSeedError
+from node.errors import (
+    DuplicateEvidence,
+    EvidenceOfNonValidator,
+    EvidenceSignatureError,
+    ExpiredEvidence,
+    InvalidEvidence,
+    InvalidSignature,
+    NonConflictingEvidence,
+)
 from node.types import Address, Hash32
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-class InvalidEvidence(NeuroSeedError):
-    code = 1410
-    reason = "invalid evidence"
-
-
-class NonConflictingEvidence(InvalidEvidence):
-    """The two votes are not an equivocation (or not in their one canonical order)."""
-
-    code = 1411
-    reason = "the votes of the evidence do not conflict"
-
-
-class EvidenceSignatureError(InvalidEvidence):
-    code = 1412
-    reason = "badly signed evidence"
-
-
-class ExpiredEvidence(InvalidEvidence):
-    code = 1413
-    reason = "evidence too old"
-
-
-class DuplicateEvidence(InvalidEvidence):
-    code = 1414
-    reason = "evidence already processed"
-
-
-class EvidenceOfNonValidator(InvalidEvidence):
-    code = 1415
-    reason = "the evidence names no validator of its height"
-
 
 # --- pure checks -------------------------------------------------------------------------------
 
@@ -218,9 +191,11 @@ class EvidencePool:
         return True
 
     def pending(self, max_count: int, *, head_height: int) -> list[DuplicateVoteEvidence]:
-        """Up to ``max_count`` items for block ``head_height + 1``, oldest first."""
+        """Up to ``max_count`` items for block ``head_height + 1``, oldest first (evidence of a
+        later height waits)."""
         self.prune(head_height)
-        items = sorted(self._items.values(), key=lambda p: p.order)
+        due = (p for p in self._items.values() if p.height <= head_height + 1)
+        items = sorted(due, key=lambda p: p.order)
         return [p.evidence for p in items[: max(0, max_count)]]
 
     def mark_done(self, evidence: Iterable[DuplicateVoteEvidence]) -> None:

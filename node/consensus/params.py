@@ -2,7 +2,12 @@
 
 The votable parameters (``VotableParams``: timeouts, block limits, the fee table) live in state
 under ``state.PARAMS_KEY`` with their genesis values and change only by a parameter vote of the
-validators, effective two heights later (DESIGN §4, §5).
+validators (PARAM_VOTE), effective two heights later (DESIGN §4, §5).
+
+``AuthorityParams`` (minimum bond, vote expiry, unbonding period, per-block caps of the chain's own
+work) are fixed at genesis like ``ChainParams``, but a record of their own, kept in the genesis
+state: ``ChainParams`` and ``VotableParams`` have encodings pinned by tests/vectors, and a state
+record is what the pure transition can read without a new argument.
 """
 
 from __future__ import annotations

@@ -283,7 +283,8 @@ class HeightQueue:
     Keys under the queue's ``prefix``: ``+ 0x00`` the ``QueueCursor``; ``+ 0x01 + height`` the
     number of entries pushed for that height; ``+ 0x02 + height + index`` (8 + 4 bytes, big
     endian) one entry. Entries are pushed only for heights above the block being executed, and
-    ``pop_due`` runs once per block, so the cursor never passes a height that can still grow.
+    ``pop_due`` runs once per block at its end, so the cursor never passes a height that can still
+    grow (a push below a cursor that waits above the block moves it back).
     ``pop_due`` counts both an entry taken and an empty height stepped over as one unit of work,
     so a block's queue work is at most ``max_work`` whatever the queue holds; what is left over
     is taken by the next blocks. With nothing queued it reads one key and writes nothing.
@@ -316,8 +317,10 @@ class HeightQueue:
         count = self._count(view, height)
         view.put(self._entry_key(height, count), entry)
         view.put(self._count_prefix + height.to_bytes(8, "big"), QueueCount(count + 1).encode())
-        if cursor.pending == 0:
-            cursor = QueueCursor(height, 0, 1)
+        if cursor.pending == 0 or height < cursor.height:
+            # Below the cursor only when the cursor waits at a height above the block being
+            # executed (an earlier push of this block): nothing was taken there yet (index 0).
+            cursor = QueueCursor(height, 0, cursor.pending + 1)
         else:
             cursor = QueueCursor(cursor.height, cursor.index, cursor.pending + 1)
         view.put(self._cursor_key, cursor.encode())

@@ -48,7 +48,6 @@ from node.consensus.blocks import (
 )
 from node.consensus.engine import block_time_from_commit
 from node.consensus.evidence import (
-    InvalidEvidence,
     check_evidence,
     evidence_height,
     evidence_key,
@@ -97,15 +96,7 @@ from node.consensus.state import (
 )
 from node.consensus.txs import (
     MAX_TX_BYTES_HARD,
-    BelowValidatorFloor,
     Bond,
-    BondTooSmall,
-    BondUnbonding,
-    DuplicateValidatorVote,
-    InvalidParams,
-    InvalidVoteSubject,
-    NotAValidator,
-    NotBonded,
     ParamVote,
     Transfer,
     TxKind,
@@ -123,14 +114,23 @@ from node.consensus.validators import (
 )
 from node.encoding import pack
 from node.errors import (
+    BelowValidatorFloor,
+    BondTooSmall,
+    BondUnbonding,
+    DuplicateValidatorVote,
     FeeTooLow,
     InsufficientFunds,
     InvalidBlock,
     InvalidCommit,
+    InvalidEvidence,
+    InvalidParams,
     InvalidSignature,
     InvalidTransaction,
+    InvalidVoteSubject,
     NonceGap,
     NonceTooLow,
+    NotAValidator,
+    NotBonded,
     TransactionTooLarge,
     UnknownKind,
     WrongChain,
@@ -400,6 +400,11 @@ def _building_set(view: StateView) -> ValidatorSet:
     return ValidatorSet.decode(raw)
 
 
+def _floor(ctx: BlockContext) -> int:
+    """Votes and exits keep at least this many validators (never 0: a set cannot be empty)."""
+    return max(1, ctx.chain.validator_floor)
+
+
 def _bond_of(view: StateView, address: Address) -> int | None:
     raw = view.get(validator_key(address))
     return None if raw is None else ValidatorBond.decode(raw).amount
@@ -476,10 +481,11 @@ def _apply_unbond(view: Overlay, vtx: VerifiedTransaction, ctx: BlockContext) ->
         )
     building = _building_set(view)
     leaves = building.is_member(sender)
-    if leaves and len(building) - 1 < ctx.chain.validator_floor:
+    floor = _floor(ctx)
+    if leaves and len(building) - 1 < floor:
         raise BelowValidatorFloor(
             f"{_hex(sender)} leaving would take the validator set to {len(building) - 1}, below "
-            f"the floor of {ctx.chain.validator_floor}"
+            f"the floor of {floor}"
         )
     _charge(view, vtx)
     events = []
@@ -517,10 +523,11 @@ def _set_change_event(subject: Address, action: int, height: int) -> Event:
 
 
 def _live_voters(
-    voters: tuple[VoterEntry, ...], voter: Address, height: int, what: str
+    voters: tuple[VoterEntry, ...], voter: Address, height: int, what: str, current: ValidatorSet
 ) -> list[VoterEntry]:
-    """The votes still counting at ``height``; refuses a second vote of ``voter``."""
-    live = [e for e in voters if e.expires_at > height]
+    """The votes still counting at ``height`` (unexpired, of members of the current set: so a
+    tally never outgrows the set); refuses a second vote of ``voter``."""
+    live = [e for e in voters if e.expires_at > height and current.is_member(e.voter)]
     for e in live:
         if e.voter == voter:
             raise DuplicateValidatorVote(
@@ -569,16 +576,17 @@ def _apply_validator_vote(
     else:
         if not building.is_member(subject):
             raise InvalidVoteSubject(f"{_hex(subject)} is not a validator")
-        if len(building) - 1 < ctx.chain.validator_floor:
+        floor = _floor(ctx)
+        if len(building) - 1 < floor:
             raise BelowValidatorFloor(
                 f"removing {_hex(subject)} would take the validator set to {len(building) - 1}, "
-                f"below the floor of {ctx.chain.validator_floor}"
+                f"below the floor of {floor}"
             )
     key = validator_tally_key(subject, action)
     raw = view.get(key)
     voters = () if raw is None else VoteTally.decode(raw).voters
     name = _ACTION_NAMES[action]
-    live = _live_voters(voters, vtx.sender, ctx.height, f"to {name} {_hex(subject)}")
+    live = _live_voters(voters, vtx.sender, ctx.height, f"to {name} {_hex(subject)}", current)
     _charge(view, vtx)
     expires = ctx.height + authority.vote_expiry_heights
     live.append(VoterEntry(vtx.sender, expires))
@@ -641,7 +649,9 @@ def _apply_param_vote(
     else:
         tally = ParamTally.decode(raw)
         params, voters = tally.params, tally.voters
-    live = _live_voters(voters, vtx.sender, ctx.height, f"for 0x{body.params_hash.hex()}")
+    live = _live_voters(
+        voters, vtx.sender, ctx.height, f"for 0x{body.params_hash.hex()}", current
+    )
     _charge(view, vtx)
     expires = ctx.height + authority.vote_expiry_heights
     live.append(VoterEntry(vtx.sender, expires))

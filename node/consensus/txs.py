@@ -18,7 +18,6 @@ from node.errors import (
     DecodeError,
     InvalidBody,
     InvalidSignature,
-    InvalidTransaction,
     MalformedTransaction,
     MalleableSignature,
     MalleableTransactionSignature,
@@ -50,49 +49,6 @@ class VoteAction(IntEnum):
 
     ADD = 1  # a bonded candidate joins the set
     REMOVE = 2  # a validator leaves the set (its bond stays locked; it remains a candidate)
-
-
-# --- errors of the validator-set kinds (codes next to node/errors.py's 12xx) --------------------
-
-
-class BondTooSmall(InvalidTransaction):
-    code = 1212
-    reason = "bond below the minimum validator bond"
-
-
-class BondUnbonding(InvalidTransaction):
-    code = 1213
-    reason = "the bond is unbonding"
-
-
-class NotBonded(InvalidTransaction):
-    code = 1214
-    reason = "no bond"
-
-
-class NotAValidator(InvalidTransaction):
-    code = 1215
-    reason = "sender is not a validator of this height"
-
-
-class InvalidVoteSubject(InvalidTransaction):
-    code = 1216
-    reason = "the vote's subject cannot take this action"
-
-
-class DuplicateValidatorVote(InvalidTransaction):
-    code = 1217
-    reason = "already voted"
-
-
-class BelowValidatorFloor(InvalidTransaction):
-    code = 1218
-    reason = "the validator set would fall below its floor"
-
-
-class InvalidParams(InvalidTransaction):
-    code = 1219
-    reason = "invalid parameter proposal"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,13 @@ consecutive heights from the one asked, the body matches the header (tx, evidenc
 roots), the parent hashes link, ``validators_hash`` follows the previous header's
 ``next_validators_hash``, and every commit carries precommits of more than 2/3 of the power of
 the validator set of its height. Windows are applied strictly in order, each first checked to
-link to the applied head. A peer that serves undecodable data, a bad block, commit or linkage is
-penalized (``Network.penalize``) and dropped from the sync for ``drop_s``; its window is fetched
-again elsewhere. A peer that times out ``max_peer_failures`` times in a row is left out of the
+link to the applied head. A peer that serves undecodable data, a body its header does not name, a
+bad commit or blocks that do not link is penalized (``Network.penalize``) and dropped from the
+sync for ``drop_s``; what it served and is not applied yet is fetched again elsewhere. A block
+that is committed and served as committed but breaks this node's rules (a bad transaction, a bad
+last commit, execution) is the validators' doing, not the peer's: nobody is penalized, the sync
+stops below it and is not tried again until the head moves (logged as an error: most likely this
+node's software is out of date). A peer that times out ``max_peer_failures`` times in a row is left out of the
 run (no penalty). When the run reaches its target the statuses are asked again; the node leaves
 syncing once within ``done_margin`` of the best head.
 
@@ -390,10 +394,6 @@ class _Window:
     not_before: float = field(default=0.0, compare=False)
     rounds: int = field(default=0, compare=False)
     tried: set[PeerId] = field(default_factory=set, compare=False)
-
-
-class _RunFailed(Exception):
-    """A sync run cannot continue (no usable peer for a window)."""
 
 
 class SyncService:

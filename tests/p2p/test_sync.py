@@ -5,6 +5,7 @@ built once; peers serve copies of it. Scenarios: the handlers (status, ranges, l
 errors); a fresh node syncing from three peers with windows spread over all of them in parallel;
 peers serving a tampered body, a bad commit signature or a chain that does not link (penalized,
 dropped, the sync still completes from the others); a peer that stops or goes silent mid-sync;
+a committed block that breaks this node's rules (the sync stops before it, no peer is blamed);
 a node whose consensus already runs (blocks go through ``ConsensusService.commit_from_peer``); and
 a fresh validator that syncs from three running validators, then joins consensus.
 
@@ -366,6 +367,31 @@ async def test_a_peer_serving_tampered_blocks_is_dropped_and_the_sync_completes(
     assert fresh.sync.stats["peers_dropped"] == 1
     assert all(fresh.host.score(p.host) == 0 for p in peers if p is not bad)
     assert bad.peer_id not in status.peers
+
+
+async def test_commits_of_sets_not_known_yet_are_checked_when_applied(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As across validator-set changes the client has not applied yet: no set is known when the
+    windows arrive, every commit is checked on apply, and a bad one is still the peer's fault."""
+    monkeypatch.setattr(SyncService, "_refresh_sets", lambda self: None)
+    net = MemoryNetwork(8, delay_ms=(5, 20))
+    peers = [
+        Node(net, f"p{i}", tmp_path, kv=source_kv().crash_copy(), settings=SERVE_ONLY)
+        for i in range(3)
+    ]
+    bad = peers[0]
+    bad.sync = SyncService(bad.host, bad.chain, bad.consensus, replace(SERVE_ONLY, serve=False))
+    bad.host.set_handler(PROTOCOL_SYNC, tampering(bad, TAMPERS["bad_commit_signature"]))
+    fresh = Node(net, "fresh", tmp_path)
+    async with net, trio.open_nursery() as nursery:
+        await start_peers(nursery, peers)
+        await nursery.start(fresh.sync.run)
+        assert fresh.height == BLOCKS
+        nursery.cancel_scope.cancel()
+    assert_same_chain(fresh)
+    assert fresh.sync.status().dropped == (bad.peer_id,)
+    assert fresh.host.score(bad.host) == -1
 
 
 async def test_a_committed_block_that_is_invalid_here_stops_the_sync_without_blame(
