@@ -194,14 +194,19 @@ async def run_node(
             p2p = sync = None
             if network is not None:
                 from node.p2p.catchup import CatchupSettings, ConsensusP2P
-                from node.p2p.sync import SyncService
+                from node.p2p.sync import SyncService, SyncSettings
 
                 # Range sync is the SyncService's; catch-up keeps votes, commits and pulls.
                 p2p = ConsensusP2P(
                     network, chain, mempool, consensus,
                     catchup_settings=CatchupSettings(serve_sync=False),
                 )
-                sync = SyncService(network, chain, consensus)
+                # With bootstrap peers, wait a little for one so a restarted or new node syncs
+                # before it starts voting.
+                sync = SyncService(
+                    network, chain, consensus,
+                    SyncSettings(initial_peer_wait_s=5.0 if config.p2p_bootstrap_peers else 0.0),
+                )
             node = Node(chain, mempool, consensus, key, network=network, p2p=p2p, sync=sync)
             server = RpcServer(
                 node,
@@ -215,14 +220,16 @@ async def run_node(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
                 p2p_addrs: tuple[str, ...] = ()
-                if network is not None and p2p is not None and sync is not None:
+                if network is not None and p2p is not None:
                     p2p_addrs = await nursery.start(network.run)
                     log.info("p2p listening on %s", ", ".join(p2p_addrs))
                     # Topics and handlers first, so the first signed proposal has somewhere to go.
                     await nursery.start(p2p.run)
-                    await nursery.start(sync.run)
-                await nursery.start(consensus.run)
+                # RPC before the initial sync, so ns_status can show that the node is syncing.
                 url = await nursery.start(server.serve)
+                if sync is not None:
+                    await nursery.start(sync.run)  # returns once the initial sync is done
+                await nursery.start(consensus.run)
                 task_status.started(NodeHandle(url, node, p2p_addrs))
         finally:
             chain_ref = locals().get("chain")
