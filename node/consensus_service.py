@@ -24,11 +24,21 @@ votes are restored and the sign-state refuses anything conflicting (``node/conse
   worker thread) by this task and delivered as ``ProposalReceived(valid=...)``. Proposals for the
   next height wait (bounded) until that height starts; votes for it are buffered by the engine.
   Stale, duplicate and far-ahead messages are dropped before they reach the WAL;
+* ``deliver_evidence``: duplicate-vote evidence from the evidence topic (form and signatures
+  checked by the caller). It joins the queue too; this task checks it against the committed state
+  (``ChainService.check_evidence``, worker thread) and adds it to its ``EvidencePool``, and the
+  caller relays only what the pool newly accepted;
 * ``commit_from_peer``: the minimal catch-up. A block at the next height with a commit from a
   peer is committed with ``ChainService.commit`` (which checks the commit against the validator
   set) and the next height starts at once;
 * read-only views for the catch-up protocol: ``state``, ``validators_for``, ``block``,
   ``own_proposals``.
+
+**Evidence** (DESIGN §5): the engine's ``RecordEvidence`` is checked the same way, pooled and
+published (``ConsensusPublisher.publish_evidence``); a proposer puts ``EvidencePool.pending`` into
+its block (and drops what the build rejected); after every commit the pool forgets what the block
+included and what aged out, and the mempool re-checks its transactions if the votable parameters
+changed.
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ import trio
 from node import crypto
 from node.chain import ChainService
 from node.consensus import engine as eng
-from node.consensus.blocks import Block, Commit, SignedProposal, SignedVote
+from node.consensus.blocks import Block, Commit, DuplicateVoteEvidence, SignedProposal, SignedVote
+from node.consensus.evidence import EvidencePool
 from node.consensus.mempool import Mempool
 from node.consensus.signstate import SignState, sign_proposal_guarded, sign_vote_guarded
 from node.consensus.transition import BlockResult
@@ -59,7 +70,7 @@ from node.consensus.wal import (
     events_of,
     height_of,
 )
-from node.errors import InvalidBlock, NeuroSeedError
+from node.errors import InvalidBlock, InvalidEvidence, NeuroSeedError
 from node.types import Address, Hash32, Height, Round
 
 log = logging.getLogger(__name__)
@@ -72,12 +83,14 @@ MAX_NEXT_HEIGHT_PROPOSALS = 16  # proposals (with blocks) kept for height + 1
 
 
 class ConsensusPublisher(Protocol):
-    """Where the service sends what it signs (the gossip service). Both calls must return at
-    once (queue the work): they run inside the consensus loop."""
+    """Where the service sends what it signs, and the evidence it found (the gossip service).
+    The calls must return at once (queue the work): they run inside the consensus loop."""
 
     def publish_proposal(self, signed: SignedProposal, block: Block) -> None: ...
 
     def publish_vote(self, signed: SignedVote) -> None: ...
+
+    def publish_evidence(self, evidence: DuplicateVoteEvidence) -> None: ...
 
 
 def wall_clock_ms() -> int:
@@ -104,6 +117,16 @@ class _PeerVotes:
     """Votes from peers with their recovered signers."""
 
     votes: tuple[tuple[SignedVote, Address], ...]
+
+
+@dataclass(slots=True)
+class _PeerEvidence:
+    """Evidence from peers (form and signatures checked by the caller); ``accepted`` is what
+    the pool newly took, set before ``done``."""
+
+    evidence: tuple[DuplicateVoteEvidence, ...]
+    done: trio.Event = field(default_factory=trio.Event)
+    accepted: list[DuplicateVoteEvidence] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -157,6 +180,9 @@ class ConsensusService:
         self.publisher = publisher
         self._next_proposals: dict[bytes, _PeerProposal] = {}
         self._next_validators: tuple[int, ValidatorSet] | None = None
+        # Evidence waiting for a block (DESIGN §5); owned by this task.
+        self.evidence = EvidencePool(chain.chain.evidence_max_age)
+        self._params = chain.params  # to notice votable parameter changes after a commit
 
     # --- public ------------------------------------------------------------------------------
 
@@ -201,6 +227,22 @@ class ConsensusService:
         """Queue votes from peers, each with the signer its signature recovers."""
         fresh = tuple((v, signer) for v, signer in votes if not self.knows_vote(v, signer))
         return bool(fresh) and self._offer(_PeerVotes(fresh))
+
+    async def deliver_evidence(
+        self, items: Sequence[DuplicateVoteEvidence]
+    ) -> list[DuplicateVoteEvidence] | None:
+        """Queue evidence from peers (form and signatures checked by the caller) and wait until
+        this task has checked it against the committed state and offered it to the pool: the
+        items the pool newly accepted (the ones to relay), [] if none; None if it was dropped
+        unchecked (the queue is full)."""
+        fresh = tuple(ev for ev in items if ev not in self.evidence)
+        if not fresh:
+            return []
+        item = _PeerEvidence(fresh)
+        if not self._offer(item):
+            return None
+        await item.done.wait()
+        return item.accepted
 
     async def commit_from_peer(self, block: Block, commit: Commit) -> bool:
         """Commit ``block`` (the next height) with ``commit`` received from a peer and start the
@@ -359,6 +401,12 @@ class ConsensusService:
         if isinstance(event, _PeerCommit):
             await self._on_peer_commit(event)
             return
+        if isinstance(event, _PeerEvidence):
+            try:
+                event.accepted = await self._add_evidence(event.evidence)
+            finally:
+                event.done.set()
+            return
         await self._deliver(event)  # type: ignore[arg-type]
 
     async def _on_peer_proposal(self, item: _PeerProposal) -> None:
@@ -440,6 +488,31 @@ class ConsensusService:
                 "duplicate vote evidence: validator 0x%s, height %d, round %d, type %d",
                 vote.validator.hex(), vote.height, vote.round, vote.vote_type,
             )
+            for ev in await self._add_evidence((action.evidence,)):
+                if self.publisher is not None:
+                    self.publisher.publish_evidence(ev)
+
+    async def _add_evidence(
+        self, items: Sequence[DuplicateVoteEvidence]
+    ) -> list[DuplicateVoteEvidence]:
+        """Check ``items`` against the committed state (worker thread) and pool the valid ones:
+        those the pool newly accepted."""
+        todo = [ev for ev in items if ev not in self.evidence]
+        if not todo:
+            return []
+        errors = await trio.to_thread.run_sync(_check_evidence, self.chain, todo)
+        accepted = []
+        head = self.chain.head_height
+        for ev, error in zip(todo, errors, strict=True):
+            if error is None:
+                try:
+                    if self.evidence.add(ev, head_height=head):
+                        accepted.append(ev)
+                except InvalidEvidence as exc:
+                    error = exc
+            if error is not None:
+                log.info("evidence not kept: %s", error.message)
+        return accepted
 
     async def _timer(self, action: eng.ScheduleTimeout) -> None:
         await trio.sleep(action.duration_ms / 1000)
@@ -450,12 +523,24 @@ class ConsensusService:
         assert self._wal is not None and self.key is not None
         params = self.chain.params
         candidates = self.mempool.select(params.max_block_txs, params.max_block_bytes)
+        evidence = self.evidence.pending(
+            self.chain.authority.max_block_evidence, head_height=self.chain.head_height
+        )
         built = await trio.to_thread.run_sync(
-            self.chain.build, int(action.round), self.key.address, self._last_commit, candidates
+            self.chain.build,
+            int(action.round),
+            self.key.address,
+            self._last_commit,
+            candidates,
+            evidence,
         )
         for raw, exc in built.rejected:
             log.debug("left out of the block: %s", exc.message)
             self.mempool.remove(crypto.sha256(raw))
+        if built.rejected_evidence:
+            for _, error in built.rejected_evidence:
+                log.info("evidence left out of the block: %s", error.message)
+            self.evidence.mark_done([e for e, _ in built.rejected_evidence])
         block = built.block
         block_hash = block.hash()
         self._blocks[block_hash] = block
@@ -554,6 +639,15 @@ class ConsensusService:
             if attr.key == "payer"
         ]
         self.mempool.on_block_committed(tx_ids, self.chain.state_view(), senders=senders)
+        self.evidence.update(block.evidence, self.chain.head_height)
+        params = self.chain.params
+        if params != self._params:
+            self._params = params
+            dropped = self.mempool.on_params_changed(self.chain.state_view(), params)
+            log.info(
+                "votable parameters changed at height %d; %d transactions dropped",
+                self.chain.head_height, len(dropped),
+            )
         if self.on_commit is not None:
             self.on_commit(block)
         self._wake_waiters()
@@ -575,3 +669,18 @@ class ConsensusService:
             else:
                 keep.append((height, event))
         self._height_waiters = keep
+
+
+def _check_evidence(
+    chain: ChainService, items: Sequence[DuplicateVoteEvidence]
+) -> list[InvalidEvidence | None]:
+    """``ChainService.check_evidence`` of each item (worker thread): None where it is valid."""
+    out: list[InvalidEvidence | None] = []
+    for ev in items:
+        try:
+            chain.check_evidence(ev)
+        except InvalidEvidence as exc:
+            out.append(exc)
+        else:
+            out.append(None)
+    return out

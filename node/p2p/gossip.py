@@ -1,18 +1,25 @@
 """The gossip service: connects a ``Network`` to the consensus service and the mempool (DESIGN §6).
 
-Topics per chain id (``api.topic_name``): transactions, proposals (a header plus block parts) and
-votes. Every message is size-limited and decoded strictly (``messages.decode_gossip``), then
+Topics per chain id (``api.topic_name``): transactions, proposals (a header plus block parts),
+votes and evidence. Every message is size-limited and decoded strictly (``messages.decode_gossip``), then
 validated **before** it is delivered or re-gossiped, by the topic validators here:
 
 * ``REJECT`` (the network scores the forwarder down and drops it past a threshold): undecodable
   data, a signature that does not recover the claimed signer, a proposal not signed by the
   proposer of its (height, round), a block part whose proof fails, a transaction that does not
-  decode or verify;
+  decode or verify, evidence that is no equivocation or whose votes do not recover their
+  validator;
 * ``IGNORE``: stale heights, duplicates, messages for heights this node cannot check yet,
-  anything already known;
+  anything already known, expired evidence;
 * ``ACCEPT``: the message told this node something new; it was handed on (and is forwarded).
 
 Signatures are recovered in worker threads (``trio.to_thread.run_sync``), one call per message.
+
+Evidence (DESIGN §5): an ``EvidenceMessage`` whose items are well formed and signed (worker
+thread) goes to the consensus service (``deliver_evidence``), which checks the rest against the
+committed state (validator of its height, not processed) and pools it. The message is forwarded
+only if the pool newly accepted every item; if it took some, those are published again by this
+node instead. Evidence this node's engine found is published through ``publish_evidence``.
 
 Outgoing: the consensus service hands over what it signs (``ConsensusPublisher``). A proposal is
 cut into parts of ≤ 256 KiB (``parts.make_part_set``) and published as a ``ProposalMessage`` and
@@ -44,12 +51,31 @@ import trio
 
 from node import crypto
 from node.chain import ChainService
-from node.consensus.blocks import Block, Header, SignedProposal, SignedVote, proposal_signer
+from node.consensus.blocks import (
+    Block,
+    DuplicateVoteEvidence,
+    Header,
+    SignedProposal,
+    SignedVote,
+    proposal_signer,
+)
 from node.consensus.blocks import vote_signer as _vote_signer
+from node.consensus.evidence import (
+    check_evidence_form,
+    check_evidence_signatures,
+    evidence_height,
+    evidence_key,
+)
 from node.consensus.mempool import Mempool
 from node.consensus.txs import MAX_TX_BYTES_HARD, VerifiedTransaction, verify_transaction
 from node.consensus_service import ConsensusService
-from node.errors import DecodeError, InvalidSignature, InvalidTransaction, NeuroSeedError
+from node.errors import (
+    DecodeError,
+    InvalidEvidence,
+    InvalidSignature,
+    InvalidTransaction,
+    NeuroSeedError,
+)
 from node.p2p.api import (
     GossipMessage,
     HostStopped,
@@ -62,9 +88,11 @@ from node.p2p.api import (
 )
 from node.p2p.messages import (
     MAX_ANNOUNCE_IDS,
+    MAX_EVIDENCE_BATCH,
     MAX_TX_BATCH_BYTES,
     MAX_VOTE_BATCH,
     BlockPart,
+    EvidenceMessage,
     PartSetHeader,
     ProposalMessage,
     TxAnnounce,
@@ -98,6 +126,10 @@ class GossipSettings:
     max_wanted_txs: int = 4_096  # announced transactions waiting to be pulled
     seen_txs: int = 100_000  # ids remembered to skip re-verifying gossiped transactions
     seen_votes_per_height: int = 50_000
+    seen_evidence: int = 10_000  # offences remembered to skip re-checking gossiped evidence
+    max_pending_evidence: int = 1_000  # own evidence waiting to be published
+    # How long an evidence validator waits for the consensus service to check and pool it.
+    evidence_wait_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -134,6 +166,19 @@ def _recover_proposal(chain_id: int, signed: SignedProposal) -> Address | None:
         return proposal_signer(chain_id, signed)
     except InvalidSignature:
         return None
+
+
+def check_evidence_items(
+    chain_id: int, items: Sequence[DuplicateVoteEvidence]
+) -> InvalidEvidence | None:
+    """Form and signatures of each item (worker thread): the first problem, None if none."""
+    for ev in items:
+        try:
+            check_evidence_form(ev)
+            check_evidence_signatures(chain_id, ev)
+        except InvalidEvidence as exc:
+            return exc
+    return None
 
 
 def verify_txs(raws: Sequence[bytes]) -> list[VerifiedTransaction] | None:
@@ -190,6 +235,9 @@ class GossipService:
         self._seen_votes: dict[int, set[bytes]] = {}
         self._seen_txs: OrderedDict[Hash32, None] = OrderedDict()
         self._wanted_txs: dict[Hash32, list[PeerId]] = {}
+        self._evidence_pending: list[DuplicateVoteEvidence] = []
+        self._evidence_ready = trio.Event()
+        self._seen_evidence: OrderedDict[Hash32, None] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self.stats: dict[str, int] = {}
         consensus.attach_publisher(self)
@@ -201,12 +249,14 @@ class GossipService:
         await self.network.subscribe(self.topics[Topic.TXS], self._validate_txs)
         await self.network.subscribe(self.topics[Topic.PROPOSALS], self._validate_proposals)
         await self.network.subscribe(self.topics[Topic.VOTES], self._validate_votes)
+        await self.network.subscribe(self.topics[Topic.EVIDENCE], self._validate_evidence)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._drain)
             nursery.start_soon(self._proposal_publisher)
             nursery.start_soon(self._vote_publisher)
             nursery.start_soon(self._tx_publisher)
+            nursery.start_soon(self._evidence_publisher)
             nursery.start_soon(self._republisher)
             task_status.started()
 
@@ -221,6 +271,14 @@ class GossipService:
     def publish_vote(self, signed: SignedVote) -> None:
         self._votes_pending.append(signed)
         self._votes_ready.set()
+
+    def publish_evidence(self, evidence: DuplicateVoteEvidence) -> None:
+        if len(self._evidence_pending) >= self.settings.max_pending_evidence:
+            self._count("own_evidence_dropped")
+            return
+        self._remember_evidence(evidence_key(evidence))
+        self._evidence_pending.append(evidence)
+        self._evidence_ready.set()
 
     # --- transactions from this node -----------------------------------------------------------
 
@@ -316,6 +374,15 @@ class GossipService:
                 await self._publish(Topic.TXS, batch.encode())
             for announce in announces:
                 await self._publish(Topic.TXS, announce.encode())
+
+    async def _evidence_publisher(self) -> None:
+        while True:
+            await self._evidence_ready.wait()
+            self._evidence_ready = trio.Event()
+            pending, self._evidence_pending = self._evidence_pending, []
+            for i in range(0, len(pending), MAX_EVIDENCE_BATCH):
+                batch = EvidenceMessage(tuple(pending[i : i + MAX_EVIDENCE_BATCH]))
+                await self._publish(Topic.EVIDENCE, batch.encode())
 
     async def _drain(self) -> None:
         """Accepted messages were handled by the validators; empty the delivery queue."""
@@ -535,6 +602,59 @@ class GossipService:
         self._count("blocks_assembled")
         for signed in ps.proposals:
             self.consensus.deliver_proposal(signed, block)
+
+    # --- evidence --------------------------------------------------------------------------------
+
+    async def _validate_evidence(self, msg: GossipMessage) -> Verdict:
+        try:
+            m = decode_gossip(Topic.EVIDENCE, msg.data)
+        except DecodeError:
+            return self._verdict(Verdict.REJECT, "evidence_undecodable")
+        assert isinstance(m, EvidenceMessage)
+        fresh: list[DuplicateVoteEvidence] = []
+        keys: list[Hash32] = []
+        for ev in m.evidence:
+            key = evidence_key(ev)
+            if key in self._seen_evidence or key in keys or ev in self.consensus.evidence:
+                continue
+            fresh.append(ev)
+            keys.append(key)
+        if not fresh:
+            return self._verdict(Verdict.IGNORE, "evidence_known")
+        error = await trio.to_thread.run_sync(check_evidence_items, self.chain_id, fresh)
+        if error is not None:
+            log.debug("invalid evidence from %s: %s", msg.sender, error.message)
+            return self._verdict(Verdict.REJECT, "evidence_invalid")
+        # Evidence that can no longer go into the next block is not the sender's fault (it may
+        # lag behind); evidence of a later height cannot be checked against its set yet.
+        next_height = self.chain.head_height + 1
+        max_age = self.chain.chain.evidence_max_age
+        due = [ev for ev in fresh if 0 <= next_height - evidence_height(ev) <= max_age]
+        if not due:
+            early = any(evidence_height(ev) > next_height for ev in fresh)
+            return self._verdict(Verdict.IGNORE, "evidence_early" if early else "evidence_expired")
+        accepted: list[DuplicateVoteEvidence] | None = None
+        with trio.move_on_after(self.settings.evidence_wait_s):
+            accepted = await self.consensus.deliver_evidence(due)
+        if accepted is None:  # dropped unchecked (a busy consensus service): may come again
+            return self._verdict(Verdict.IGNORE, "evidence_dropped")
+        for ev in due:
+            self._remember_evidence(evidence_key(ev))
+        if not accepted:
+            return self._verdict(Verdict.IGNORE, "evidence_unusable")
+        self._count("evidence_pooled", len(accepted))
+        if len(accepted) == len(m.evidence):
+            return self._verdict(Verdict.ACCEPT, "evidence")
+        # Only what the pool newly took travels on: as this node's own message.
+        for ev in accepted:
+            self.publish_evidence(ev)
+        return self._verdict(Verdict.IGNORE, "evidence_partly_new")
+
+    def _remember_evidence(self, key: Hash32) -> None:
+        self._seen_evidence[key] = None
+        self._seen_evidence.move_to_end(key)
+        while len(self._seen_evidence) > self.settings.seen_evidence:
+            self._seen_evidence.popitem(last=False)
 
     # --- transactions ----------------------------------------------------------------------------
 

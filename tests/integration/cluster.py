@@ -12,14 +12,17 @@ Invariants checked as they happen:
 * **no double signing by honest members** — ``SignatureLedger`` watches every sign-state guarded
   signature of the consensus service: one message per (validator, height, round, step).
 
+``double_signer(heights)`` makes a byzantine member: at those heights it signs (bypassing its
+sign-state guard) and publishes a second, conflicting vote for every vote it signs.
+
 Tests must use the ``threads`` fixture (worker-thread work inline: deterministic on the mock
 clock) and ``autojump_clock``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,8 @@ import trio
 import node.consensus_service as cs
 from node import crypto
 from node.chain import ChainService
-from node.consensus.blocks import Block, Proposal, SignedProposal, SignedVote, Vote
+from node.consensus import engine as eng
+from node.consensus.blocks import Block, Proposal, SignedProposal, SignedVote, Vote, sign_vote
 from node.consensus.mempool import Mempool
 from node.consensus.signstate import SignState, Step, step_of_vote
 from node.consensus_service import ConsensusService
@@ -95,6 +99,32 @@ class SignatureLedger:
 
         monkeypatch.setattr(cs, "sign_vote_guarded", sign_vote)
         monkeypatch.setattr(cs, "sign_proposal_guarded", sign_proposal)
+
+
+def double_signer(heights: Collection[int]) -> type[ConsensusService]:
+    """A consensus service that equivocates at ``heights``: for every prevote and precommit it
+    signs there, it also signs (with no sign-state guard) and publishes one for the other value
+    of the same (height, round) — nil for a block, a made-up block hash for nil. The conflicting
+    votes are kept in ``double_signed``."""
+    chosen = frozenset(heights)
+
+    class DoubleSigner(ConsensusService):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.double_signed: list[SignedVote] = []
+
+        async def _sign_vote(self, action: eng.SignVote) -> None:
+            await super()._sign_vote(action)
+            vote = action.vote
+            if vote.height not in chosen:
+                return
+            assert self.key is not None and self.publisher is not None
+            value = None if vote.block_hash is not None else Hash32(b"\x66" * 32)
+            other = sign_vote(self.key, self.chain.chain.chain_id, replace(vote, block_hash=value))
+            self.double_signed.append(other)
+            self.publisher.publish_vote(other)
+
+    return DoubleSigner
 
 
 # Fast repair for tests: mock time is free, and shorter loops keep the runs short.

@@ -272,7 +272,8 @@ def cli_json(*args: str, timeout: float = CLI_TIMEOUT_S) -> Any:
 def fast_genesis(path: Path, **overrides: int) -> Path:
     """The repository's genesis with ``FAST_TIMEOUTS`` (and ``overrides``) written to ``path``."""
     genesis = load_genesis(REPO / "genesis.json")
-    params = dataclasses.replace(genesis.votable_params, **{**FAST_TIMEOUTS, **overrides})
+    changes: dict[str, Any] = {**FAST_TIMEOUTS, **overrides}
+    params = dataclasses.replace(genesis.votable_params, **changes)
     path.write_text(genesis_to_json(dataclasses.replace(genesis, votable_params=params)))
     return path
 

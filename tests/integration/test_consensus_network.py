@@ -7,7 +7,8 @@ delayed past the timeouts; a byzantine proposer sending two proposals; an equivo
 validator; a validator crashing while locked and restarting from its WAL; a validator stopped for
 several heights and restarted (it catches up through the commit fetch); a 2+2 partition that
 halts and resumes after the heal; transactions submitted at one node and finalized by all,
-including ones too large for a gossip batch (announced and pulled). A hypothesis property test
+including ones too large for a gossip batch (announced and pulled); a parameter change voted in
+by the validators, after which every pool drops what no longer pays. A hypothesis property test
 draws seeds, fault rates and a silent faulty validator.
 
 Every run checks **agreement** as it goes (``Cluster.record_commit``: never two different blocks
@@ -30,14 +31,23 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from node import crypto
 from node.consensus import engine as eng
 from node.consensus.blocks import Block, Proposal, SignedProposal, Vote, sign_proposal, sign_vote
 from node.consensus.signstate import Step
 from node.consensus.wal import ConsensusWAL
 from node.consensus_service import ConsensusService
 from node.p2p.gossip import GossipSettings
-from node.types import Hash32
-from tests.helpers import CHAIN_ID, addr, make_genesis, transfer, verified
+from node.types import Amount, Hash32
+from tests.helpers import (
+    ALL_FEES,
+    CHAIN_ID,
+    addr,
+    make_genesis,
+    param_vote_tx,
+    transfer,
+    verified,
+)
 from tests.integration.cluster import Cluster, SignatureLedger, seed_scheduler
 from tests.threads import InlineThreads
 
@@ -464,6 +474,43 @@ async def test_a_block_larger_than_one_part_travels_in_parts(
     ]
     assert max(sizes) > 256 << 10  # at least one block took more than one part
     assert sum(m.p2p.gossip.stats.get("blocks_assembled", 0) for m in cluster.members) >= 3
+
+
+async def test_a_parameter_change_drops_what_no_longer_pays_from_every_pool(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Three of four validators vote a transfer base fee 100x higher; once it is in force,
+    every member's pool drops a queued transfer whose fee covered only the old cost."""
+    genesis = make_genesis(funded=4, validators=(0, 1, 2, 3), balances={0: 10**21}, fees=ALL_FEES)
+    old = genesis.votable_params
+    dearer = replace(old.fees[0], base=Amount(old.fees[0].base * 100))
+    new = replace(old, fees=(dearer, *old.fees[1:]))
+    cluster = Cluster(tmp_path, seed=43, genesis=genesis)
+    # A transfer with a nonce gap: it waits in the pools (queued), never goes into a block.
+    stuck = transfer(4, 80, 1, nonce=3)
+    stuck_id = crypto.sha256(stuck)
+
+    async def body(c: Cluster) -> None:
+        await c.wait_for(1)
+        c.members[0].submit(stuck)
+        with trio.fail_after(10):
+            while not all(stuck_id in m.mempool for m in c.members):
+                await trio.sleep(0.1)
+        for i in (0, 1, 2):
+            m = c.members[i]
+            assert m.key is not None
+            voter = m.key
+            nonce = m.chain.read_view().get_account(voter.address).nonce
+            m.submit(param_vote_tx(voter, new, nonce=nonce))
+        with trio.fail_after(30):
+            while not all(m.chain.params == new for m in c.members):
+                await trio.sleep(0.1)
+        await c.wait_for(max(c.heights()) + 1)
+
+    await cluster.run(body)
+    check_chains(cluster)
+    for m in cluster.members:
+        assert stuck_id not in m.mempool
 
 
 # --- property test ------------------------------------------------------------------------------

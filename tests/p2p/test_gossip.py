@@ -7,13 +7,14 @@ validators' dev keys, or broken on purpose), answers pulls, and sends requests. 
 check the topic validators' verdicts (``ACCEPT`` handed to consensus and forwarded, ``IGNORE``
 without penalty, ``REJECT`` scored down until the peer is disconnected), part assembly (parts
 before their proposal, pulled parts, forged part sets), transaction batches and announces, and
-each request handler. The last tests run single-validator chains: an observer joins late and
+each request handler, and the evidence topic's verdicts. The last tests run single-validator chains: an observer joins late and
 catches up with ``GetCommit``/``GetBlocks``, then follows by gossip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import trio.testing
 from node import crypto
 from node.consensus.blocks import (
     Block,
+    DuplicateVoteEvidence,
     Proposal,
     SignedVote,
     Vote,
@@ -49,6 +51,7 @@ from node.p2p.messages import (
     Bitmap,
     BlocksResponse,
     CommitResponse,
+    EvidenceMessage,
     GetBlocks,
     GetCommit,
     GetParts,
@@ -82,6 +85,7 @@ from tests.threads import InlineThreads
 TXS = topic_name(CHAIN_ID, Topic.TXS)
 PROPOSALS = topic_name(CHAIN_ID, Topic.PROPOSALS)
 VOTES = topic_name(CHAIN_ID, Topic.VOTES)
+EVIDENCE = topic_name(CHAIN_ID, Topic.EVIDENCE)
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +108,7 @@ class Peer:
             self.got.append((msg.topic, decode_gossip(topic, msg.data)))
             return Verdict.ACCEPT
 
-        for t in (TXS, PROPOSALS, VOTES):
+        for t in (TXS, PROPOSALS, VOTES, EVIDENCE):
             await self.host.subscribe(t, accept)
         self.host.set_handler(PROTOCOL_PULL, self._serve_pull)
 
@@ -587,6 +591,101 @@ async def test_sync_handlers_and_an_observer_that_catches_up(
     assert cluster.members[1].committed == {
         h: cluster.decisions[h] for h in cluster.members[1].committed
     }
+
+
+# --- evidence ------------------------------------------------------------------------------------
+
+
+def evidence_of(
+    k: crypto.PrivateKey,
+    height: int,
+    round_: int = 0,
+    vote_type: int = VoteType.PREVOTE,
+    *,
+    signer: crypto.PrivateKey | None = None,
+) -> DuplicateVoteEvidence:
+    """``k``'s nil vote and block vote for one (height, round, type), in canonical order; the
+    block vote signed by ``signer`` (default ``k``) while still naming ``k``."""
+    nil = vote_of(k, height, round_, vote_type, None)
+    block = vote_of(signer or k, height, round_, vote_type, b"\x77" * 32)
+    if signer is not None:
+        block = SignedVote(replace(block.vote, validator=k.address), block.signature)
+    first, second = sorted((nil, block), key=lambda v: v.encode())
+    return DuplicateVoteEvidence(first, second)
+
+
+async def test_evidence_verdicts(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Valid new evidence is pooled and forwarded; known, non-validator and early evidence is
+    ignored without penalty; of a message with known and new items only the new ones travel on;
+    undecodable, non-conflicting, badly ordered or badly signed evidence is rejected."""
+
+    async def body(c: Cluster, m: Member, peer: Peer) -> None:
+        k = keys_of(c)
+        gossip = m.p2p.gossip
+        relay = Peer(c.net.add_host("relay", connect=False))
+        c.net.connect(relay.host, m.host)  # reaches the peer only through the member
+        await relay.start()
+
+        def relayed() -> list[tuple[DuplicateVoteEvidence, ...]]:
+            return [e.evidence for e in relay.received(EvidenceMessage)]  # type: ignore[attr-defined]
+
+        ev1 = evidence_of(k[1], 1)
+        await peer.publish(EVIDENCE, EvidenceMessage((ev1,)))
+        assert gossip.stats["evidence_accept"] == 1
+        assert ev1 in m.service.evidence
+        assert relayed() == [(ev1,)]
+        # Again (a new message with the same item): known, not held against the peer.
+        await peer.publish(EVIDENCE, EvidenceMessage((ev1,)))
+        assert gossip.stats["evidence_known_ignore"] == 1
+        # An equivocation, validly signed, of a key that is no validator: the consensus service
+        # does not pool it.
+        outsider = evidence_of(key(9), 1)
+        await peer.publish(EVIDENCE, EvidenceMessage((outsider,)))
+        assert gossip.stats["evidence_unusable_ignore"] == 1
+        assert outsider not in m.service.evidence
+        # A height this node cannot check yet.
+        await peer.publish(EVIDENCE, EvidenceMessage((evidence_of(k[2], 5),)))
+        assert gossip.stats["evidence_early_ignore"] == 1
+        # A known item with a new one: the new one travels on as the member's own message.
+        ev3 = evidence_of(k[3], 1, 0, VoteType.PRECOMMIT)
+        await peer.publish(EVIDENCE, EvidenceMessage((ev1, ev3)))
+        assert gossip.stats["evidence_partly_new_ignore"] == 1
+        assert ev3 in m.service.evidence
+        assert relayed() == [(ev1,), (ev3,)]
+        assert peer_score(m, peer) == 0
+        assert len(m.service.evidence) == 2
+
+        # Rejected: each costs the peer a point.
+        forged = evidence_of(k[2], 1, signer=k[3])
+        await peer.publish(EVIDENCE, EvidenceMessage((forged,)))
+        assert gossip.stats["evidence_invalid_reject"] == 1
+        assert peer_score(m, peer) == -1
+        pair = evidence_of(k[2], 1, 1)
+        a, b = pair.vote_a, pair.vote_b
+        await peer.publish(EVIDENCE, EvidenceMessage((DuplicateVoteEvidence(a, a),)))
+        await peer.publish(EVIDENCE, EvidenceMessage((DuplicateVoteEvidence(b, a),)))
+        assert gossip.stats["evidence_invalid_reject"] == 3
+        await peer.publish(EVIDENCE, b"\x93\x06\x01")
+        assert gossip.stats["evidence_undecodable_reject"] == 1
+        assert peer_score(m, peer) == -4
+        assert len(m.service.evidence) == 2
+        assert len(relayed()) == 2
+
+    await run_one(tmp_path, body)
+
+
+async def test_expired_evidence_is_ignored(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def body(c: Cluster, m: Member, peer: Peer) -> None:
+        assert m.key is not None
+        await c.wait_for(4, [0])
+        await peer.publish(EVIDENCE, EvidenceMessage((evidence_of(m.key, 1),)))
+        assert m.p2p.gossip.stats["evidence_expired_ignore"] == 1
+        assert len(m.service.evidence) == 0
+        assert peer_score(m, peer) == 0
+
+    await run_one(tmp_path, body, n=1, evidence_max_age=2)
 
 
 def test_error_response_helper_is_a_remote_error() -> None:
