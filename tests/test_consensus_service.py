@@ -574,6 +574,7 @@ class Publisher:
 
     def __init__(self) -> None:
         self.proposals: list[tuple[Any, Any]] = []
+        self.evidence: list[Any] = []
         self.votes: list[Any] = []
 
     def publish_proposal(self, signed: Any, block: Any) -> None:
@@ -581,6 +582,9 @@ class Publisher:
 
     def publish_vote(self, signed: Any) -> None:
         self.votes.append(signed)
+
+    def publish_evidence(self, evidence: Any) -> None:
+        self.evidence.append(evidence)
 
 
 def peer_block(chain: ChainService, height: int) -> tuple[Any, Any]:
