@@ -41,6 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from node.config import (
+    DEV_PASSWORD_FILE,
+    DataDirLayout,
+    init_data_dir,
+    load_config,
+    render_config_toml,
+)
 from node.devkeys import DEV_PASSWORD, dev_address, dev_secret
 from node.errors import ConfigError
 from node.genesis import (
@@ -51,6 +58,8 @@ from node.genesis import (
     genesis_to_json,
     load_genesis,
 )
+from node.keystore import LIGHT_SCRYPT, Keystore
+from node.p2p.identity import load_or_create_node_key
 from node.types import Amount
 
 LOOPBACK = "127.0.0.1"
@@ -68,7 +77,6 @@ _FUNDED_SCAN = 1000  # dev keys 1.._FUNDED_SCAN-1 are checked for a genesis bala
 GENESIS_FILE = "genesis.json"
 NODE_DIR_PREFIX = "node"
 NODE_LOG = "node.log"
-DEV_PASSWORD_FILE = "validator.password"  # node.config.DEV_PASSWORD_FILE
 STOP_GRACE_S = 20.0  # after SIGTERM, before SIGKILL
 _POLL_S = 0.2
 
@@ -239,8 +247,6 @@ def _is_node_dir_name(name: str) -> bool:
 
 
 def _single_node_message(root: Path) -> str:
-    from node.config import load_config
-
     try:
         config = load_config(root)
     except ConfigError:
@@ -260,10 +266,6 @@ def _single_node_message(root: Path) -> str:
 def _init_node(
     root: Path, index: int, is_validator: bool, genesis_path: Path, rpc_port: int, p2p_port: int
 ) -> DevnetNode:
-    from node.config import DataDirLayout, init_data_dir
-    from node.keystore import LIGHT_SCRYPT, Keystore
-    from node.p2p.identity import load_or_create_node_key
-
     datadir = node_dir(root, index)
     datadir.mkdir(parents=True, exist_ok=True)
     layout = DataDirLayout(datadir)
@@ -297,8 +299,6 @@ def bootstrap_of(plan: DevnetPlan, index: int) -> tuple[str, ...]:
 
 
 def _write_node_config(plan: DevnetPlan, n: DevnetNode, rpc_host: str) -> None:
-    from node.config import load_config, render_config_toml
-
     config = dataclasses.replace(
         load_config(n.datadir),
         rpc_host=rpc_host,
