@@ -56,6 +56,10 @@ class NodeStatus:
     mempool_bytes: int
     peers: int
     syncing: bool
+    finalized_height: int = 0  # every committed block is final (BFT): equals head_height
+    consensus_height: int = 0  # the height being decided now
+    round: int = 0  # its round
+    validators: tuple[tuple[Address, int], ...] = ()  # the set of the next height: (address, power)
 
 
 class ChainReadView(Protocol):

@@ -102,6 +102,10 @@ class Node:
             mempool_bytes=self.mempool.size_bytes,
             peers=0 if self.network is None else sum(1 for p in self.network.peers() if p.connected),
             syncing=False if self.sync is None else bool(self.sync.status().syncing),
+            finalized_height=self.chain.head_height,
+            consensus_height=int(self.consensus.state.height),
+            round=int(self.consensus.state.round),
+            validators=tuple((v.address, v.power) for v in validators.validators),
         )
 
     async def pending_nonce(self, address: Address) -> int:

@@ -112,6 +112,12 @@ def _status(obj: Any) -> NodeStatus:
         mempool_bytes=_int(obj["mempoolBytes"]),
         peers=_int(obj["peers"]),
         syncing=bool(obj["syncing"]),
+        finalized_height=_int(obj.get("finalizedHeight", obj["headHeight"])),
+        consensus_height=_int(obj.get("consensusHeight", 0)),
+        round=_int(obj.get("round", 0)),
+        validators=tuple(
+            (Address(_unhex(v["address"])), _int(v["power"])) for v in obj.get("validators", ())
+        ),
     )
 
 

@@ -239,6 +239,10 @@ def status_to_json(status: NodeStatus) -> dict[str, Any]:
         "mempoolBytes": status.mempool_bytes,
         "peers": status.peers,
         "syncing": status.syncing,
+        "finalizedHeight": status.finalized_height,
+        "consensusHeight": status.consensus_height,
+        "round": status.round,
+        "validators": [{"address": to_hex(a), "power": p} for a, p in status.validators],
     }
 
 

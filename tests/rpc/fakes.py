@@ -246,6 +246,10 @@ class FakeNode:
             mempool_bytes=sum(map(len, self.submitted)),
             peers=3,
             syncing=False,
+            finalized_height=int(head.height),
+            consensus_height=int(head.height) + 1,
+            round=2,
+            validators=((VALIDATOR.address, 1),),
         )
 
     async def pending_nonce(self, address: Address) -> int:

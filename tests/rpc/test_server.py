@@ -487,6 +487,10 @@ async def test_status_and_pending_nonce(served: Served) -> None:
         "mempoolBytes": 0,
         "peers": 3,
         "syncing": False,
+        "finalizedHeight": 5,
+        "consensusHeight": 6,
+        "round": 2,
+        "validators": [{"address": status["validatorAddress"], "power": 1}],
     }
     address = _hex(ALICE.address)
     assert (await call(served.url, "ns_pendingNonce", [address]))["result"] == 5
