@@ -31,8 +31,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from node import crypto
-from node.consensus.txs import MAX_MEMO_BYTES, Transfer, make_transaction
+from node.consensus.txs import (
+    MAX_MEMO_BYTES,
+    Bond,
+    Transfer,
+    Unbond,
+    ValidatorVote,
+    VoteAction,
+    make_transaction,
+)
 from node.devkeys import DEV_PASSWORD, DEV_VALIDATOR_INDEX, dev_address, dev_key
+from node.encoding import Record
 from node.errors import NeuroSeedError, NodeUnavailable
 from node.genesis import format_timestamp, genesis_hash, load_genesis, parse_address, to_checksum
 from node.types import NSD, UINT256_MAX, Address, Amount
@@ -893,17 +902,26 @@ def _receipt_summary(receipt: dict[str, Any]) -> list[tuple[str, object]]:
     return rows
 
 
-def cmd_tx_transfer(args: argparse.Namespace) -> int:
-    # Every input is checked before anything is unlocked or sent.
-    to = _address_arg(args.to, "--to")
-    amount = parse_nsd(args.amount, what="--amount")
-    fee_arg = parse_nsd(args.fee, what="--fee", allow_zero=True) if args.fee is not None else None
-    memo = (args.memo or "").encode("utf-8")
-    if len(memo) > MAX_MEMO_BYTES:
-        raise CliError(f"--memo: at most {MAX_MEMO_BYTES} bytes of UTF-8, got {len(memo)}")
+def _fee_option(args: argparse.Namespace) -> Amount | None:
+    """``--fee`` and ``--timeout``, checked before anything is unlocked or sent."""
     if args.timeout <= 0:
         raise CliError("--timeout: expected a positive number of seconds")
-    body = Transfer(to, amount, memo)
+    return parse_nsd(args.fee, what="--fee", allow_zero=True) if args.fee is not None else None
+
+
+def _sign_send_wait(
+    args: argparse.Namespace,
+    body: Record,
+    fields: Sequence[tuple[str, str, object, object]],
+    *,
+    spend: int = 0,
+) -> int:
+    """Sign ``body`` with the sender's key (the next nonce; ``--fee`` or the estimated cost plus a
+    tip), check the balance covers ``spend`` + fee, send it and (unless ``--no-wait``) wait for
+    its receipt; print the result. ``fields`` are the kind's own ``(json key, json value, text
+    label, text value)`` shown after the sender (no text row where the label is None). Exit 1
+    if the transaction failed."""
+    fee_arg = _fee_option(args)
     with _client(args) as client:
         chain_id = client.chain_id()  # fails fast (exit 3) before a password is asked
         key = _sender_key(args)
@@ -918,11 +936,13 @@ def cmd_tx_transfer(args: argparse.Namespace) -> int:
         else:
             fee = fee_arg
         balance = client.get_account(sender).balance
-        if balance < amount + fee:
+        if balance < spend + fee:
+            parts = f"fee {format_nsd(fee)}"
+            if spend:
+                parts = f"amount {format_nsd(spend)} + {parts}"
             raise CliError(
                 f"insufficient funds: {to_checksum(sender)} has {format_nsd(balance)} NSD, "
-                f"needs {format_nsd(amount + fee)} NSD (amount {format_nsd(amount)} + fee "
-                f"{format_nsd(fee)})"
+                f"needs {format_nsd(spend + fee)} NSD ({parts})"
             )
         signed = make_transaction(key, chain_id, nonce, fee, body)
         tx_id = client.send_raw_transaction(signed.encode())
@@ -934,37 +954,73 @@ def cmd_tx_transfer(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             receipt = client.wait_for_receipt(tx_id, timeout=args.timeout)
-    result: dict[str, Any] = {
-        "txId": _hex(tx_id),
-        "from": to_checksum(sender),
-        "to": to_checksum(to),
-        "amount": str(amount),
-        "amountNSD": format_nsd(amount),
-        "fee": str(fee),
-        "nonce": nonce,
-        "receipt": receipt,
-    }
     if args.json:
-        _print_json(result)
-    elif receipt is None:
-        print(
-            _rows(
-                [
-                    ("tx id", _hex(tx_id)),
-                    ("from", to_checksum(sender)),
-                    ("to", to_checksum(to)),
-                    ("amount", f"{format_nsd(amount)} NSD"),
-                    ("fee", f"{format_nsd(fee)} NSD"),
-                    ("nonce", nonce),
-                    ("status", "sent (not waiting for finality)"),
-                ]
-            )
+        _print_json(
+            {
+                "txId": _hex(tx_id),
+                "from": to_checksum(sender),
+                **{key_: value for key_, value, _, _ in fields},
+                "fee": str(fee),
+                "nonce": nonce,
+                "receipt": receipt,
+            }
         )
+    elif receipt is None:
+        rows: list[tuple[str, object]] = [("tx id", _hex(tx_id)), ("from", to_checksum(sender))]
+        rows += [(str(label), text) for _, _, label, text in fields if label is not None]
+        rows += [
+            ("fee", f"{format_nsd(fee)} NSD"),
+            ("nonce", nonce),
+            ("status", "sent (not waiting for finality)"),
+        ]
+        print(_rows(rows))
     else:
         print(_rows(_receipt_summary(receipt)))
     if receipt is not None and not receipt.get("success"):
         raise CliError(f"transaction {_hex(tx_id)} failed: {receipt.get('error') or 'no reason'}")
     return EXIT_OK
+
+
+def _amount_fields(amount: int) -> list[tuple[str, str, object, object]]:
+    return [
+        ("amount", str(amount), "amount", f"{format_nsd(amount)} NSD"),
+        ("amountNSD", format_nsd(amount), None, None),
+    ]
+
+
+def cmd_tx_transfer(args: argparse.Namespace) -> int:
+    # Every input is checked before anything is unlocked or sent.
+    to = _address_arg(args.to, "--to")
+    amount = parse_nsd(args.amount, what="--amount")
+    _fee_option(args)
+    memo = (args.memo or "").encode("utf-8")
+    if len(memo) > MAX_MEMO_BYTES:
+        raise CliError(f"--memo: at most {MAX_MEMO_BYTES} bytes of UTF-8, got {len(memo)}")
+    fields = [("to", to_checksum(to), "to", to_checksum(to)), *_amount_fields(amount)]
+    return _sign_send_wait(args, Transfer(to, amount, memo), fields, spend=amount)
+
+
+def cmd_tx_bond(args: argparse.Namespace) -> int:
+    amount = parse_nsd(args.amount, what="--amount")
+    _fee_option(args)
+    return _sign_send_wait(args, Bond(amount), _amount_fields(amount), spend=amount)
+
+
+def cmd_tx_unbond(args: argparse.Namespace) -> int:
+    _fee_option(args)
+    return _sign_send_wait(args, Unbond(), [])
+
+
+def cmd_tx_validator_vote(args: argparse.Namespace) -> int:
+    subject = _address_arg(args.subject, "--subject")
+    _fee_option(args)
+    action = VoteAction.ADD if args.add else VoteAction.REMOVE
+    name = action.name.lower()
+    fields: list[tuple[str, str, object, object]] = [
+        ("subject", to_checksum(subject), "subject", to_checksum(subject)),
+        ("action", name, "action", name),
+    ]
+    return _sign_send_wait(args, ValidatorVote(subject, int(action)), fields)
 
 
 # --- argument parsing ------------------------------------------------------------------------------
@@ -1019,6 +1075,37 @@ def _version() -> str:
         return version("neuroseed")
     except PackageNotFoundError:
         return "(not installed)"
+
+
+def _add_sender_options(p: argparse.ArgumentParser) -> None:
+    """The options every ``tx`` kind shares: the sender's key, the fee, waiting."""
+    sender = p.add_mutually_exclusive_group()
+    sender.add_argument(
+        "--from",
+        dest="sender",
+        metavar="ADDRESS",
+        help="keystore key to send from (default: the only key in the keystore)",
+    )
+    sender.add_argument(
+        "--dev-key",
+        metavar="N",
+        type=int,
+        help="DEVNET ONLY: sign with public dev key N (node.devkeys), no keystore",
+    )
+    p.add_argument(
+        "--fee", metavar="NSD", help="fee in NSD (default: the estimated cost plus a 10%% tip)"
+    )
+    p.add_argument("--password-file", metavar="FILE", help="key password from this file")
+    p.add_argument(
+        "--no-wait", action="store_true", help="return once sent, without waiting for finality"
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=DEFAULT_TX_TIMEOUT,
+        help=f"seconds to wait for finality (default {DEFAULT_TX_TIMEOUT:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1154,34 +1241,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--amount", metavar="NSD", required=True, help="amount in NSD, up to 18 decimals (1.5)"
     )
-    sender = p.add_mutually_exclusive_group()
-    sender.add_argument(
-        "--from",
-        dest="sender",
-        metavar="ADDRESS",
-        help="keystore key to send from (default: the only key in the keystore)",
-    )
-    sender.add_argument(
-        "--dev-key",
-        metavar="N",
-        type=int,
-        help="DEVNET ONLY: sign with public dev key N (node.devkeys), no keystore",
-    )
-    p.add_argument(
-        "--fee", metavar="NSD", help="fee in NSD (default: the estimated cost plus a 10%% tip)"
-    )
     p.add_argument("--memo", metavar="TEXT", help=f"memo (at most {MAX_MEMO_BYTES} bytes)")
-    p.add_argument("--password-file", metavar="FILE", help="key password from this file")
-    p.add_argument(
-        "--no-wait", action="store_true", help="return once sent, without waiting for finality"
+    _add_sender_options(p)
+    p = command(
+        tx_commands,
+        "bond",
+        cmd_tx_bond,
+        "lock NSD as validator bond (a candidate once it reaches the minimum bond)",
     )
     p.add_argument(
-        "--timeout",
-        metavar="S",
-        type=float,
-        default=DEFAULT_TX_TIMEOUT,
-        help=f"seconds to wait for finality (default {DEFAULT_TX_TIMEOUT:g})",
+        "--amount", metavar="NSD", required=True, help="bond to add in NSD, up to 18 decimals"
     )
+    _add_sender_options(p)
+    p = command(
+        tx_commands,
+        "unbond",
+        cmd_tx_unbond,
+        "leave the validator set; the bond returns after the unbonding period",
+    )
+    _add_sender_options(p)
+    p = command(
+        tx_commands,
+        "validator-vote",
+        cmd_tx_validator_vote,
+        "as a validator, vote to add a bonded candidate to the set or remove a validator",
+    )
+    p.add_argument("--subject", metavar="ADDRESS", required=True, help="who the vote is about")
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--add", action="store_true", help="add the (bonded) candidate")
+    action.add_argument("--remove", action="store_true", help="remove the validator")
+    _add_sender_options(p)
     return parser
 
 

@@ -3,6 +3,7 @@ client commands against a real RPC server over a fake node (tests/rpc/fakes.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -14,13 +15,22 @@ import trio
 from node import cli
 from node.cli import CliError, format_nsd, main, parse_nsd
 from node.config import DEFAULT_RPC_PORT
-from node.consensus.txs import Transfer, verify_transaction
+from node.consensus.params import FeeSchedule
+from node.consensus.txs import (
+    Bond,
+    Transfer,
+    TxKind,
+    Unbond,
+    ValidatorVote,
+    VoteAction,
+    verify_transaction,
+)
 from node.crypto import PrivateKey
 from node.devkeys import DEV_PASSWORD, dev_address
 from node.errors import MempoolFull
 from node.genesis import to_checksum
 from node.keystore import LIGHT_SCRYPT, Keystore
-from node.types import NSD, UINT256_MAX, Hash32
+from node.types import NSD, UINT256_MAX, Address, Amount, Hash32
 from rpc.server import RpcLimits, RpcServer
 from tests.rpc.fakes import ALICE, BOB, CHAIN_ID, FakeNode
 
@@ -615,3 +625,102 @@ async def test_transfer_rejected_by_node(
     assert await run_cli(argv) == 1
     err = capsys.readouterr().err
     assert err == "error: the node refused: mempool is full (10000 transactions)\n"
+
+
+# --- validator-set transactions (bond, unbond, validator-vote) ---------------------------------
+
+
+def _authority_fees(node: MiningNode) -> None:
+    """Fee schedules for the validator-set kinds on the fake chain (it prices transfers only)."""
+    schedules = [
+        FeeSchedule(
+            kind=k,
+            base=Amount(2000),
+            per_byte=Amount(10),
+            per_signature=Amount(100),
+            per_new_account=Amount(5000),
+        )
+        for k in (TxKind.BOND, TxKind.UNBOND, TxKind.VALIDATOR_VOTE)
+    ]
+    node.view.params = dataclasses.replace(
+        node.view.params, fees=(*node.view.params.fees, *schedules)
+    )
+
+
+async def test_bond_unbond_and_validator_votes(
+    served: tuple[str, MiningNode],
+    alice_keystore: Path,
+    pwfile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, node = served
+    _authority_fees(node)
+    sender = ["--datadir", str(alice_keystore), "--password-file", str(pwfile), "--rpc", url]
+
+    assert await run_cli(["tx", "bond", "--amount", "1.5", *sender, "--json"]) == 0
+    result = out_json(capsys)
+    assert isinstance(result, dict)
+    assert result["from"] == to_checksum(ALICE.address) and result["nonce"] == 5
+    assert result["amount"] == str(NSD + NSD // 2) and result["receipt"]["success"] is True
+    vtx = verify_transaction(node.submitted[-1])
+    assert vtx.sender == ALICE.address and vtx.tx.kind == TxKind.BOND
+    assert vtx.body == Bond(Amount(NSD + NSD // 2))
+    # one new record (the validator entry): 2000 + 10/byte + 100/sig + 5000
+    cost = 2000 + 10 * vtx.size + 100 + 5000
+    assert vtx.tx.fee == cost + cost // 10 == int(result["fee"])
+
+    assert await run_cli(["tx", "unbond", *sender, "--no-wait"]) == 0
+    out = capsys.readouterr().out
+    assert "sent (not waiting for finality)" in out and "nonce   6" in out
+    vtx = verify_transaction(node.submitted[-1])
+    assert vtx.tx.kind == TxKind.UNBOND and vtx.body == Unbond()
+
+    subject = "0x" + "cd" * 20
+    for flag, action in (("--add", VoteAction.ADD), ("--remove", VoteAction.REMOVE)):
+        argv = ["tx", "validator-vote", "--subject", subject, flag, *sender, "--fee", "0.01"]
+        assert await run_cli([*argv, "--json"]) == 0
+        result = out_json(capsys)
+        assert isinstance(result, dict)
+        assert result["subject"] == to_checksum(bytes.fromhex("cd" * 20))
+        assert result["action"] == action.name.lower() and result["fee"] == str(NSD // 100)
+        vtx = verify_transaction(node.submitted[-1])
+        assert vtx.tx.kind == TxKind.VALIDATOR_VOTE and vtx.tx.fee == NSD // 100
+        assert vtx.body == ValidatorVote(Address(bytes.fromhex("cd" * 20)), int(action))
+    assert len(node.submitted) == 4
+
+
+async def test_authority_tx_with_dev_key_insufficient_funds(
+    served: tuple[str, MiningNode], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, node = served
+    _authority_fees(node)
+    # dev key 1 has nothing on the fake chain
+    assert await run_cli(["tx", "unbond", "--dev-key", "1", "--rpc", url]) == 1
+    err = capsys.readouterr().err
+    assert "public dev key 1" in err and "error: insufficient funds" in err
+    assert "NSD (fee 0." in err and "amount" not in err.split("needs")[1]
+    assert await run_cli(["tx", "bond", "--amount", "2", "--dev-key", "1", "--rpc", url]) == 1
+    assert "(amount 2.000000000000000000 + fee" in capsys.readouterr().err
+    assert node.submitted == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["tx", "validator-vote", "--subject", "0x" + "cd" * 20], 2, "--add --remove"),
+        (["tx", "validator-vote", "--subject", "0x" + "cd" * 20, "--add", "--remove"], 2, "not"),
+        (["tx", "validator-vote", "--add"], 2, "--subject"),
+        (["tx", "validator-vote", "--subject", "0x12", "--add"], 1, "--subject"),
+        (["tx", "bond"], 2, "--amount"),
+        (["tx", "bond", "--amount", "0"], 1, "--amount"),
+        (["tx", "bond", "--amount", "1", "--timeout", "0"], 1, "--timeout"),
+        (["tx", "unbond", "--fee", "x"], 1, "--fee"),
+        (["tx", "unbond", "--dev-key", "1", "--from", "0x" + "cd" * 20], 2, "not allowed"),
+    ],
+)
+def test_authority_tx_bad_inputs_fail_before_connecting(
+    argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # port 9 (discard) on loopback: nothing listens, so any attempt to connect would exit 3
+    assert main([*argv, "--rpc", "http://127.0.0.1:9"]) == code
+    assert message in capsys.readouterr().err
