@@ -181,6 +181,7 @@ async def run_node(
         raise ConfigError("the validator key does not match validator_address in the config")
     with data_dir_lock(layout.lock):
         kv = LevelDB(layout.chain)
+        chain: ChainService | None = None
         try:
             chain = ChainService(kv, genesis)
             chain.open()
@@ -236,9 +237,8 @@ async def run_node(
                 await nursery.start(consensus.run)
                 task_status.started(NodeHandle(url, node, p2p_addrs))
         finally:
-            chain_ref = locals().get("chain")
-            if isinstance(chain_ref, ChainService):
-                chain_ref.close()
+            if chain is not None:
+                chain.close()
             kv.close()
 
 
