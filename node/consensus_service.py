@@ -364,12 +364,14 @@ class ConsensusService:
         self._blocks.clear()
         parent = self.chain.head
         last_time = (self.chain.chain.genesis_time - 1) if parent is None else parent.time
+        sets = self.chain.validator_context(height)
         event = eng.StartHeight(
             Height(height),
-            self.chain.validator_context(height).current,
+            sets.current,
             last_time,
             self.clock_ms(),
             eng.Timeouts.from_params(self.chain.params),
+            sets.next,
         )
         await self._deliver(event)
         waiting, self._next_proposals = self._next_proposals, {}

@@ -124,6 +124,9 @@ class StartHeight(Record):
     last_block_time_ms: int  # the parent's time: a proposal's block time must be greater
     now_ms: int
     timeouts: Timeouts
+    # The set that votes at height + 1 (it may differ: set changes apply at h+2); votes for the
+    # next height are buffered from its members. None: the same as ``validator_set``.
+    next_validator_set: ValidatorSet | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +376,7 @@ class ConsensusState:
     equivocations: frozenset[tuple[Address, int, int]] = frozenset()  # (validator, round, type)
     decision: Decided | None = None
     next_height_votes: tuple[tuple[SignedVote, Address], ...] = ()  # buffered for height + 1
+    next_validators: ValidatorSet | None = None  # who votes at height + 1 (None: the same set)
 
 
 def initial_state(config: EngineConfig) -> ConsensusState:
@@ -509,6 +513,7 @@ def _on_start_height(state: ConsensusState, ev: StartHeight, out: list[Action]) 
         is_validator=own is not None and vals.is_member(own),
         timeouts=ev.timeouts,
         last_block_time_ms=ev.last_block_time_ms,
+        next_validators=ev.next_validator_set,
     )
     # Buffered messages for this height join the log first; the rules see them below.
     for signed, signer in carried:
@@ -653,9 +658,11 @@ def _add_vote(
 def _buffer_next_height(
     state: ConsensusState, vals: ValidatorSet, signed: SignedVote, signer: Address
 ) -> ConsensusState:
-    """Keep a bounded number of votes for height + 1 per current validator (consensus-notes:
-    "Buffer, don't drop"); they are counted once ``StartHeight(height + 1)`` arrives."""
-    if not vals.is_member(signer) or (signed, signer) in state.next_height_votes:
+    """Keep a bounded number of votes for height + 1 per validator of that height
+    (consensus-notes: "Buffer, don't drop"); they are counted once ``StartHeight(height + 1)``
+    arrives. A validator joining at height + 1 is a member of ``next_validators``, not ``vals``."""
+    voters = state.next_validators if state.next_validators is not None else vals
+    if not voters.is_member(signer) or (signed, signer) in state.next_height_votes:
         return state
     mine = sum(1 for _, s in state.next_height_votes if s == signer)
     if mine >= state.config.max_next_height_votes_per_validator:

@@ -564,6 +564,29 @@ def test_next_height_votes_are_buffered_and_counted_after_start_height() -> None
     ]
 
 
+def test_next_height_votes_of_a_joining_validator_are_buffered() -> None:
+    # Set changes apply at h+2: a validator joining at height 2 votes there before the others
+    # have started it. Its early votes are kept when StartHeight names it in the next set.
+    newcomer = PrivateKey(bytes([99]) * 32)
+    with_newcomer = ValidatorSet.of({**{k.address: 1 for k in KEYS}, newcomer.address: 1})
+    state = initial_state(EngineConfig(ME.address))
+    state, _ = step(
+        state, StartHeight(Height(1), VALS, LAST_TIME, NOW, TIMEOUTS, with_newcomer)
+    )
+    early = VoteReceived(
+        signed_vote(newcomer, PREVOTE, 2, 0, None, BLOCK_TIME + 1), newcomer.address, NOW
+    )
+    state, _ = step(state, early)
+    assert [s for _, s in state.next_height_votes] == [newcomer.address]
+    # Without a next set (or with one that lacks it) such a vote is dropped.
+    plain, _ = start()
+    plain, _ = step(plain, early)
+    assert plain.next_height_votes == ()
+    # Once height 2 starts with the new set, the buffered vote counts.
+    state, _ = step(state, StartHeight(Height(2), with_newcomer, BLOCK_TIME, NOW, TIMEOUTS))
+    assert state.rounds[0].prevotes.power_for(None) == 1
+
+
 def test_next_height_buffer_is_bounded_per_validator() -> None:
     state, _ = start()
     config = state.config
