@@ -120,28 +120,28 @@ _COMMIT_ATTEMPTS = 200  # cooperative mode: tries of one block while the consens
 
 
 class SyncError(P2PError):
-    code = 2120
+    code = 2140
     reason = "sync error"
 
 
 class RangeUnavailable(SyncError):
     """The requested start height is outside what the responder serves (``base..head``)."""
 
-    code = 2121
+    code = 2141
     reason = "requested heights are not served"
 
 
 class SyncBusy(SyncError):
     """The responder serves too many sync requests now; ask another peer or later."""
 
-    code = 2122
+    code = 2142
     reason = "too many sync requests"
 
 
 class BadSyncData(SyncError):
     """A peer's response failed verification (the peer is penalized and dropped)."""
 
-    code = 2123
+    code = 2143
     reason = "bad sync data"
 
 
