@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from node.storage.memory import MemoryKV
 from node.storage.smt import SmtProof, StateTree
 from node.types import Hash32
 
@@ -27,29 +27,6 @@ ZERO = b"\x00" * 32
 
 def _sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-class _DictKV:
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
-
-    def get(self, key: bytes) -> bytes | None:
-        return self.data.get(key)
-
-    def iterate(
-        self,
-        *,
-        prefix: bytes | None = None,
-        start: bytes | None = None,
-        stop: bytes | None = None,
-        reverse: bool = False,
-    ) -> Iterator[tuple[bytes, bytes]]:
-        for key in sorted(self.data, reverse=reverse):
-            if prefix is not None and not key.startswith(prefix):
-                continue
-            if (start is not None and key < start) or (stop is not None and key >= stop):
-                continue
-            yield key, self.data[key]
 
 
 def _account_key(i: int) -> bytes:
@@ -199,10 +176,12 @@ def build_vectors() -> dict[str, Any]:
     cases = []
     invalid: list[dict[str, Any]] = []
     for name, pairs, absent in _cases():
-        kv = _DictKV()
+        kv = MemoryKV()
         tree = StateTree(kv)
         update = tree.apply(0, dict(pairs))
-        kv.data.update(update.puts)
+        batch = kv.batch()
+        update.write_to(batch)
+        batch.commit()
         proofs = [_proof_entry(tree, key) for key in [*sorted(pairs), *absent]]
         cases.append(
             {
