@@ -6,22 +6,24 @@ becomes final; the balance survives a SIGTERM and a restart; blocks keep coming 
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from node.types import NSD
+from tests.integration.procs import (
+    NodeRpc,
+    Procs,
+    cli_json,
+    fast_genesis,
+    procs_in,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,121 +37,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NEUROSEED_DATADIR", None)
-    return env
-
-
-class Devnet:
-    """One ``python -m node devnet`` process; stdout read by a thread, stderr to a log file."""
-
-    def __init__(self, datadir: Path, port: int, log_path: Path) -> None:
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "node",
-                "devnet",
-                "--validators",
-                "1",
-                "--nodes",
-                "0",
-                "--datadir",
-                str(datadir),
-                "--rpc-port",
-                str(port),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
-            cwd=datadir.parent,
-            env=cli_env(),
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        assert self.proc.stdout is not None
-        self._pump_thread = threading.Thread(
-            target=self._pump, args=(self.proc.stdout,), daemon=True
-        )
-        self._pump_thread.start()
-
-    def _pump(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            self._lines.put(raw.decode("utf-8", "replace"))
-        self._lines.put(None)
-
-    def wait_for_rpc_url(self) -> str:
-        deadline = time.monotonic() + WAIT_S
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                pytest.fail(f"devnet exited ({self.proc.wait()}) before serving:\n{self.log()}")
-            if line.startswith("JSON-RPC: "):
-                return line.removeprefix("JSON-RPC: ").strip()
-        pytest.fail(f"no JSON-RPC line within {WAIT_S} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=WAIT_S)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=WAIT_S)
-        self._pump_thread.join(timeout=WAIT_S)  # EOF once the process is gone
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self._log.close()
-
-
-@pytest.fixture
-def devnets() -> Iterator[list[Devnet]]:
-    started: list[Devnet] = []
-    yield started
-    for devnet in started:
-        devnet.stop()
-
-
 def cli(*args: str) -> Any:
-    """Run ``python -m node ... --json``; return its parsed output (fails with stderr shown)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "node", *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S + 15,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stderr}"
-    return json.loads(done.stdout)
+    return cli_json(*args, timeout=WAIT_S + 15)
+
+
+def devnet_argv(datadir: Path, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "node",
+        "devnet",
+        "--validators",
+        "1",
+        "--nodes",
+        "0",
+        "--datadir",
+        str(datadir),
+        "--rpc-port",
+        str(port),
+    ]
 
 
 def wait_for_height(url: str, above: int) -> int:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        height = int(cli("status", "--rpc", url)["height"])
-        if height > above:
-            return height
-        time.sleep(0.3)
-    pytest.fail(f"no block above height {above} within {WAIT_S} s")
+    return wait_until(
+        lambda: h if (h := int(cli("status", "--rpc", url)["height"])) > above else None,
+        WAIT_S,
+        f"a block above height {above}",
+        interval=0.3,
+    )
 
 
-def test_devnet_transfer_survives_restart(tmp_path: Path, devnets: list[Devnet]) -> None:
-    datadir = tmp_path / "devnet"
+def test_devnet_transfer_survives_restart(tmp_path: Path) -> None:
+    with procs_in(tmp_path) as procs:
+        _transfer_survives_restart(procs, tmp_path / "devnet")
+
+
+def _transfer_survives_restart(procs: Procs, datadir: Path) -> None:
     port = free_port()
-
-    first = Devnet(datadir, port, tmp_path / "node1.log")
-    devnets.append(first)
-    url = first.wait_for_rpc_url()
+    first = procs.start("node1", devnet_argv(datadir, port))
+    url = first.wait_for_rpc_url(WAIT_S)
     assert url == f"http://127.0.0.1:{port}/"
 
     result = cli(
@@ -164,15 +90,14 @@ def test_devnet_transfer_survives_restart(tmp_path: Path, devnets: list[Devnet])
     assert balance["balanceNSD"] == "1.500000000000000000"
     height_before = int(cli("status", "--rpc", url)["height"])
 
-    assert first.terminate() == 0, first.log()
+    assert first.terminate(WAIT_S) == 0, first.log_tail()
 
-    second = Devnet(datadir, port, tmp_path / "node2.log")
-    devnets.append(second)
-    url = second.wait_for_rpc_url()
+    second = procs.start("node2", devnet_argv(datadir, port))
+    url = second.wait_for_rpc_url(WAIT_S)
     assert cli("balance", RECIPIENT, "--rpc", url)["balanceNSD"] == "1.500000000000000000"
     wait_for_height(url, height_before)  # the restarted validator keeps finalizing blocks
 
-    assert second.terminate() == 0, second.log()
+    assert second.terminate(WAIT_S) == 0, second.log_tail()
 
 
 def _children_of(pid: int) -> list[int]:
@@ -198,7 +123,6 @@ def test_multi_node_devnet_command(tmp_path: Path) -> None:
     """``neuroseed devnet`` with 4 validators and a full node: one process per node, one
     ``node I (role): JSON-RPC: URL`` line each; a node that dies is reported while the others go
     on; SIGTERM stops every node and the command exits 0."""
-    from tests.integration.procs import NodeRpc, Procs, fast_genesis, wait_until
 
     template = fast_genesis(tmp_path / "template.json")
     datadir = tmp_path / "devnet"

@@ -16,100 +16,48 @@ Bounded: 10 kill cycles, each wait capped; loopback only; the process is always 
 from __future__ import annotations
 
 import dataclasses
-import os
-import queue
 import random
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from node.consensus.txs import Transfer, make_transaction
 from node.devkeys import dev_key
-from node.genesis import genesis_to_json, load_genesis
+from node.genesis import load_genesis
 from node.types import NSD, Address, Amount
 from rpc.client import Client
 from rpc.errors import ClientError, RpcError
+from tests.integration.procs import Proc, fast_genesis
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 CYCLES = 10
 START_WAIT_S = 60.0
 SENDERS = (1, 2, 3)
 FEE = NSD // 100
 
 
-def fast_genesis(path: Path) -> None:
-    genesis = load_genesis(REPO / "genesis.json")
-    params = dataclasses.replace(
-        genesis.votable_params, timeout_commit_ms=150, timeout_propose_ms=1000
-    )
-    path.write_text(genesis_to_json(dataclasses.replace(genesis, votable_params=params)))
-
-
-class NodeProcess:
-    def __init__(self, datadir: Path, log: Path) -> None:
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "node",
-                "devnet",
-                "--validators",
-                "1",
-                "--nodes",
-                "0",
-                "--datadir",
-                str(datadir),
-                "--rpc-port",
-                "0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if k != "NEUROSEED_DATADIR"},
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        assert self.proc.stdout is not None
-        self._pump_thread = threading.Thread(
-            target=self._pump, args=(self.proc.stdout,), daemon=True
-        )
-        self._pump_thread.start()
-
-    def _pump(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            self._lines.put(raw.decode("utf-8", "replace"))
-        self._lines.put(None)
-
-    def wait_ready(self) -> str:
-        """Wait for the ``JSON-RPC: <url>`` line; return the URL (the port is ephemeral)."""
-        deadline = time.monotonic() + START_WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"node exited early with code {self.proc.wait()}")
-            if line.startswith("JSON-RPC:"):
-                return line.split(":", 1)[1].strip()
-        raise AssertionError("node did not start in time")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self._pump_thread.join(timeout=30)  # EOF once the process is gone
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+def start_node(datadir: Path, log: Path) -> Proc:
+    """A single-validator devnet node on an ephemeral JSON-RPC port."""
+    argv = [
+        sys.executable,
+        "-m",
+        "node",
+        "devnet",
+        "--validators",
+        "1",
+        "--nodes",
+        "0",
+        "--datadir",
+        str(datadir),
+        "--rpc-port",
+        "0",
+    ]
+    return Proc("node", argv, log)
 
 
 @dataclasses.dataclass
@@ -162,7 +110,8 @@ def test_sigkill_at_random_moments_loses_nothing_final(tmp_path: Path) -> None:
     rng = random.Random(20261126)
     datadir = tmp_path / "node"
     genesis_path = tmp_path / "genesis.json"
-    fast_genesis(genesis_path)
+    # 150 ms blocks: several blocks per kill cycle.
+    fast_genesis(genesis_path, timeout_commit_ms=150, timeout_propose_ms=1000)
     init = subprocess.run(
         [
             sys.executable,
@@ -183,9 +132,9 @@ def test_sigkill_at_random_moments_loses_nothing_final(tmp_path: Path) -> None:
     ledger = Ledger()
     last_height = 0
     for _cycle in range(CYCLES):
-        node = NodeProcess(datadir, tmp_path / "node.log")
+        node = start_node(datadir, tmp_path / "node.log")
         try:
-            client = Client(node.wait_ready(), timeout=10)
+            client = Client(node.wait_for_rpc_url(START_WAIT_S), timeout=10)
             try:
                 check_after_restart(client, ledger, last_height)
                 stop = threading.Event()
@@ -204,12 +153,12 @@ def test_sigkill_at_random_moments_loses_nothing_final(tmp_path: Path) -> None:
             finally:
                 client.close()
         finally:
-            node.kill()
+            node.close()
     assert len(ledger.final) > CYCLES, "too few transfers became final to test anything"
     # One last restart: everything is still there and blocks keep coming.
-    node = NodeProcess(datadir, tmp_path / "node.log")
+    node = start_node(datadir, tmp_path / "node.log")
     try:
-        with Client(node.wait_ready(), timeout=10) as client:
+        with Client(node.wait_for_rpc_url(START_WAIT_S), timeout=10) as client:
             check_after_restart(client, ledger, last_height)
             target = client.block_number() + 3
             deadline = time.monotonic() + 30
@@ -217,7 +166,7 @@ def test_sigkill_at_random_moments_loses_nothing_final(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "no new blocks after the restart"
                 time.sleep(0.05)
     finally:
-        node.kill()
+        node.close()
 
 
 def check_after_restart(client: Client, ledger: Ledger, last_height: int) -> None:
