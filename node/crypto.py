@@ -1,4 +1,5 @@
-"""Keys, signatures, addresses and hashes (DESIGN §3); the only module that imports coincurve.
+"""Keys, signatures, addresses and hashes (DESIGN §3): every signature of the node goes through here
+(``node.storage.encryption`` also uses coincurve, for the ECDH of key wrapping).
 
 * Signatures are 65-byte recoverable secp256k1 signatures ``r || s || v`` over
   ``sha256(domain_tag || chain_id as 8-byte big-endian || encoded unsigned record)``.
