@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgmp-dev; \
 	  else echo "GMP headers are missing: install libgmp-dev (Debian/Ubuntu) first"; exit 1; fi; \
 	fi
-	$(BIN)/pip install -q -e '.[dev,p2p]'
+	$(BIN)/pip install -q -e '.[dev,p2p,ml]'
 	@# trio-typing (a py-libp2p dependency) ships stale stubs for trio that hide trio's own types
 	@# from mypy; the runtime package stays, only the stub folders go.
 	rm -rf $(VENV)/lib/python3.11/site-packages/trio-stubs \
