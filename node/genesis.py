@@ -1,9 +1,11 @@
 """The genesis file: parsed strictly, turned into the first state, and hashed (DESIGN §4, §5, §11).
 
 ``genesis.json`` gives the chain id, the genesis time, the fixed ``ChainParams``, the initial
-votable parameters (timeouts, block limits, fee table), the fixed validator-set rules
-(``AuthorityParams``: minimum bond, vote expiry, unbonding period, per-block caps), the
-validators with their bonds, and the initial balances. Amounts are decimal strings of base units (1 NSD = 10**18): JSON numbers lose
+votable parameters (timeouts, block limits, fee table: one schedule per transaction kind, the
+economy's included), the fixed validator-set rules (``AuthorityParams``: minimum bond, vote
+expiry, unbonding period, per-block caps), the fixed economy rules (``EconomyParams``: role
+bonds, composite caps, key-delivery and dispute windows, storage-deal epochs), the validators with
+their bonds, and the initial balances. Amounts are decimal strings of base units (1 NSD = 10**18): JSON numbers lose
 precision above 2**53 in most tools. Every field is checked, and an error names the field.
 
 ``build_genesis_state`` is the state map at height 0; ``genesis_hash`` commits to everything
@@ -44,13 +46,20 @@ from node.consensus.state import (
     validator_key,
 )
 from node.consensus.state import ValidatorBond as ValidatorBond  # re-exported (moved there)
-from node.consensus.txs import MAX_TX_BYTES_HARD, TxKind
+from node.consensus.txs import KNOWN_KINDS, MAX_TX_BYTES_HARD
 from node.consensus.validators import (
     MAX_POWER,
     MAX_VALIDATORS,
     Validator,
     ValidatorSet,
     genesis_validator_state,
+)
+from node.economy.api import (
+    DEFAULT_ECONOMY_PARAMS,
+    ECONOMY_PARAMS_KEY,
+    MAX_COMPOSITE_DEPTH_HARD,
+    MAX_COMPOSITE_RANGES_HARD,
+    EconomyParams,
 )
 from node.encoding import pack
 from node.errors import ConfigError
@@ -86,6 +95,21 @@ DEFAULT_AUTHORITY_PARAMS = AuthorityParams(
     max_queue_work_per_block=64,
     max_block_evidence=50,
 )
+# "economy_params": the amounts, then the counts with their [lo, hi] ranges.
+_ECONOMY_AMOUNTS = ("supplier_bond", "provider_bond", "key_dispute_slash")
+_ECONOMY_COUNTS: dict[str, tuple[int, int]] = {
+    "max_composite_depth": (1, MAX_COMPOSITE_DEPTH_HARD),
+    "max_composite_ranges": (1, MAX_COMPOSITE_RANGES_HARD),
+    "key_post_heights": (1, UINT64_MAX // 4),
+    "dispute_window_heights": (1, UINT64_MAX // 4),
+    "deal_epoch_heights": (1, UINT64_MAX // 4),
+    "deal_challenge_window": (1, 5),  # DESIGN §9: answered within a short window (≤ 5 blocks)
+    "deal_challenge_percent": (1, 100),
+    "deal_segments_per_challenge": (1, 64),
+    "max_deal_epochs": (1, 1 << 32),
+    "min_collateral_percent": (0, 10_000),
+    "max_challenges_per_block": (1, 10_000),
+}
 _LIMIT_FIELDS = ("max_block_bytes", "max_block_txs", "max_tx_bytes")
 _FEE_FIELDS = ("base", "per_byte", "per_signature", "per_new_account")
 
@@ -124,6 +148,7 @@ class Genesis:
     validators: tuple[GenesisValidator, ...]
     balances: tuple[GenesisAccount, ...]
     authority_params: AuthorityParams = DEFAULT_AUTHORITY_PARAMS
+    economy_params: EconomyParams = DEFAULT_ECONOMY_PARAMS
 
     @property
     def chain_id(self) -> ChainId:
@@ -200,6 +225,7 @@ def parse_genesis(doc: object) -> Genesis:
             "chain_params",
             "votable_params",
             "authority_params",
+            "economy_params",
             "validators",
             "balances",
         ),
@@ -218,6 +244,7 @@ def parse_genesis(doc: object) -> Genesis:
     )
     votable_params = _parse_votable(top["votable_params"])
     authority_params = _parse_authority(top["authority_params"], chain_params)
+    economy = _parse_economy(top["economy_params"])
     validators = _parse_validators(top["validators"])
     if len(validators) < chain_params.validator_floor:
         raise ConfigError(
@@ -225,7 +252,9 @@ def parse_genesis(doc: object) -> Genesis:
             f"{len(validators)} genesis validator(s)"
         )
     balances = _parse_balances(top["balances"])
-    genesis = Genesis(chain_params, votable_params, validators, balances, authority_params)
+    genesis = Genesis(
+        chain_params, votable_params, validators, balances, authority_params, economy
+    )
     if genesis.total_supply > UINT256_MAX:
         raise ConfigError("genesis: balances + bonds exceed the uint256 range of the supply")
     return genesis
@@ -278,9 +307,27 @@ def _parse_authority(value: object, chain: ChainParams) -> AuthorityParams:
     return AuthorityParams(min_validator_bond=min_bond, **counts)
 
 
+def _parse_economy(value: object) -> EconomyParams:
+    where = "economy_params"
+    obj = _object(value, where, (*_ECONOMY_AMOUNTS, *_ECONOMY_COUNTS))
+    amounts = {f: _amount(obj[f], f"{where}.{f}") for f in _ECONOMY_AMOUNTS}
+    counts = {
+        f: _uint(obj[f], f"{where}.{f}", lo=lo, hi=hi) for f, (lo, hi) in _ECONOMY_COUNTS.items()
+    }
+    # A lost dispute burns the slash from the supplier bond: a slash above the bond could never
+    # be taken in full.
+    if amounts["key_dispute_slash"] > amounts["supplier_bond"]:
+        raise ConfigError(
+            f"genesis: {where}.key_dispute_slash: {amounts['key_dispute_slash']} exceeds "
+            f"{where}.supplier_bond ({amounts['supplier_bond']}), which it is taken from"
+        )
+    values: dict[str, Any] = {**amounts, **counts}
+    return EconomyParams(**values)
+
+
 def _parse_fees(value: object, where: str) -> tuple[FeeSchedule, ...]:
     items = _list(value, where)
-    known = {int(k) for k in TxKind}
+    known = set(KNOWN_KINDS)
     by_kind: dict[int, FeeSchedule] = {}
     for i, item in enumerate(items):
         here = f"{where}[{i}]"
@@ -346,13 +393,14 @@ def _parse_balances(value: object) -> tuple[GenesisAccount, ...]:
 
 
 def build_genesis_state(genesis: Genesis) -> dict[bytes, bytes]:
-    """The state map at height 0: accounts, votable and authority parameters, the validator set
-    (of heights 1 and 2, with its history record), bonds, supply."""
+    """The state map at height 0: accounts, votable, authority and economy parameters, the
+    validator set (of heights 1 and 2, with its history record), bonds, supply."""
     state: dict[bytes, bytes] = {}
     for a in genesis.balances:
         state[account_key(a.address)] = Account(Nonce(0), a.balance).encode()
     state[PARAMS_KEY] = genesis.votable_params.encode()
     state[AUTHORITY_PARAMS_KEY] = genesis.authority_params.encode()
+    state[ECONOMY_PARAMS_KEY] = genesis.economy_params.encode()
     # The set of heights 1 and 2 (VALIDATOR_SET_KEY, NEXT_VALIDATOR_SET_KEY) and its history.
     state.update(genesis_validator_state(genesis.validator_set()))
     for v in genesis.validators:
@@ -389,6 +437,10 @@ def genesis_to_json(genesis: Genesis) -> str:
         "authority_params": {
             "min_validator_bond": str(ap.min_validator_bond),
             **{f: getattr(ap, f) for f in _AUTHORITY_COUNTS},
+        },
+        "economy_params": {
+            **{f: str(getattr(genesis.economy_params, f)) for f in _ECONOMY_AMOUNTS},
+            **{f: getattr(genesis.economy_params, f) for f in _ECONOMY_COUNTS},
         },
         "validators": [
             {"address": to_checksum(v.address), "power": v.power, "bond": str(v.bond)}

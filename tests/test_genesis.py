@@ -28,6 +28,7 @@ from node.consensus.state import (
 )
 from node.consensus.validators import ValidatorSet, genesis_validator_state
 from node.devkeys import dev_address
+from node.economy.api import ECONOMY_PARAMS_KEY, EconomyKind, EconomyParams, economy_params
 from node.errors import ConfigError
 from node.genesis import (
     Genesis,
@@ -82,6 +83,13 @@ def test_devnet_genesis_shape(devnet: Genesis) -> None:
         NSD // 10_000,
     )
     assert devnet.chain_params.validator_floor == 1
+    # Every kind has a fee schedule, the economy's included (DESIGN §4).
+    assert {f.kind for f in vp.fees} >= {int(k) for k in EconomyKind}
+    ep = devnet.economy_params
+    # The devnet's windows are short, so a demo sees keys refunded and deals challenged quickly.
+    assert ep.deal_epoch_heights == 10
+    assert ep.key_post_heights <= 100 and ep.dispute_window_heights <= 100
+    assert ep.key_dispute_slash <= ep.supplier_bond
 
 
 def test_devnet_genesis_file_is_canonical(devnet: Genesis) -> None:
@@ -113,8 +121,11 @@ def test_devnet_genesis_state(devnet: Genesis) -> None:
         # The authority rules and the validator-set history (sets of heights 1 and 2, epoch 0).
         *genesis_validator_state(devnet.validator_set()),
         AUTHORITY_PARAMS_KEY,
+        ECONOMY_PARAMS_KEY,
     }
     assert set(state) == expected_keys
+    assert EconomyParams.decode(state[ECONOMY_PARAMS_KEY]) == devnet.economy_params
+    assert economy_params(view) == devnet.economy_params
 
 
 def test_genesis_hash_is_stable_and_sensitive(devnet: Genesis) -> None:
@@ -132,6 +143,8 @@ def test_genesis_hash_is_stable_and_sensitive(devnet: Genesis) -> None:
         lambda d: d["votable_params"].__setitem__("timeout_commit_ms", 999),
         lambda d: d["validators"][0].__setitem__("bond", "1"),
         lambda d: d["validators"][0].__setitem__("power", 2),
+        lambda d: d["economy_params"].__setitem__("key_post_heights", 31),
+        lambda d: d["economy_params"].__setitem__("supplier_bond", str(60 * NSD)),
         lambda d: d["balances"].__setitem__(to_checksum(dev_address(50)), "1"),
     ]
     for mutate in mutations:
@@ -294,6 +307,34 @@ BAD_CASES: list[tuple[str, Any, str]] = [
     ("balance_number", _set(f"balances.{_ADDR}", 5), _ADDR),
     ("balance_empty_string", _set(f"balances.{_ADDR}", ""), _ADDR),
     ("balance_whitespace", _set(f"balances.{_ADDR}", " 5"), _ADDR),
+    ("economy_missing", _delete("economy_params"), "economy_params"),
+    ("economy_unknown_field", _set("economy_params.foo", 1), "foo"),
+    ("economy_missing_field", _delete("economy_params.key_post_heights"), "key_post_heights"),
+    ("economy_bond_number", _set("economy_params.supplier_bond", 5), "supplier_bond"),
+    ("economy_depth_zero", _set("economy_params.max_composite_depth", 0), "max_composite_depth"),
+    ("economy_depth_huge", _set("economy_params.max_composite_depth", 17), "max_composite_depth"),
+    (
+        "economy_ranges_huge",
+        _set("economy_params.max_composite_ranges", 5000),
+        "max_composite_ranges",
+    ),
+    ("economy_key_window_zero", _set("economy_params.key_post_heights", 0), "key_post_heights"),
+    (
+        "economy_challenge_window_long",
+        _set("economy_params.deal_challenge_window", 6),
+        "deal_challenge_window",
+    ),
+    (
+        "economy_percent_over",
+        _set("economy_params.deal_challenge_percent", 101),
+        "deal_challenge_percent",
+    ),
+    (
+        "economy_slash_above_bond",
+        _set("economy_params.key_dispute_slash", str(10**30)),
+        "key_dispute_slash",
+    ),
+    ("fee_missing_economy_kind", lambda d: d["votable_params"]["fees"].pop(), "[43]"),
 ]
 
 

@@ -4,7 +4,9 @@
 from the kind's ``FeeSchedule`` in the votable parameters. ``records`` counts the state records
 the transaction adds: a transfer's new account; a first bond's bond record; the unbonding record
 (with its queue entry) of an exit; the vote a validator or parameter vote adds to its tally (a
-parameter proposal's own bytes are in the per-byte part). A transaction is valid only if
+parameter proposal's own bytes are in the per-byte part); for the economy's kinds, what their
+handler's ``new_records`` counts (records created, composite ranges resolved, proof segments
+verified). A transaction is valid only if
 ``fee ≥ cost(tx)``. The cost is burned; the rest of the fee (the tip) goes to the block's
 proposer. Burning the whole cost — not only the per-kind base — is what makes filling one's own
 blocks cost the proposer real NSD (see docs/adr/0002-fees-burn-cost.md).
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from node.consensus.params import VotableParams
 from node.consensus.state import StateView, account_key, validator_key
 from node.consensus.txs import Transfer, TxKind, VerifiedTransaction
+from node.economy.registry import HANDLERS as ECONOMY_HANDLERS
 from node.errors import UnknownKind
 from node.types import Amount
 
@@ -53,6 +56,9 @@ def count_new_accounts(view: StateView, vtx: VerifiedTransaction) -> int:
         return 0 if view.get(validator_key(vtx.sender)) is not None else 1
     if kind in _ONE_RECORD_KINDS:
         return 1
+    handler = ECONOMY_HANDLERS.get(kind)
+    if handler is not None:
+        return handler.new_records(view, vtx)
     return 0
 
 

@@ -13,9 +13,14 @@ A block runs in three phases on one overlay:
    offender slashed and taken out of the set being built for h+2;
 2. **transactions** in order (``apply_transaction``; transfers take a fast path);
 3. **end of block** (``end_block``): fees settled; the height-indexed queues (bond releases, vote
-   expiry, evidence keys ageing out) each advanced by at most ``max_queue_work_per_block``;
-   parameters voted in at h−1 put in force for h+1; the validator sets rotated
-   (``validators.rotate_validator_sets``).
+   expiry, evidence keys ageing out) each advanced by at most ``max_queue_work_per_block``; then
+   the economy's end-of-block work (``node.economy.registry.END_BLOCK``: purchase deadlines,
+   deal epochs, each capped the same way); parameters voted in at h−1 put in force for h+1; the
+   validator sets rotated (``validators.rotate_validator_sets``).
+
+The economy's transaction kinds (roles, datasets, purchases, deals: ``node.economy``) are
+dispatched to their ``KindHandler`` after the checks common to every kind, and their fee is split
+like any other's.
 
 **Authority** (DESIGN §5). State holds set(h+1) (``VALIDATOR_SET_KEY``, the set of the next
 block) and set(h+2) (``NEXT_VALIDATOR_SET_KEY``), plus the sets of recent heights as epochs. The
@@ -95,6 +100,7 @@ from node.consensus.state import (
     validator_tally_key,
 )
 from node.consensus.txs import (
+    KNOWN_KINDS,
     MAX_TX_BYTES_HARD,
     Bond,
     ParamVote,
@@ -112,6 +118,8 @@ from node.consensus.validators import (
     rotate_validator_sets,
     validator_set_at,
 )
+from node.economy.registry import END_BLOCK as ECONOMY_END_BLOCK
+from node.economy.registry import HANDLERS as ECONOMY_HANDLERS
 from node.encoding import pack
 from node.errors import (
     BelowValidatorFloor,
@@ -136,7 +144,7 @@ from node.errors import (
     WrongChain,
 )
 from node.merkle import merkle_root
-from node.types import Address, Amount, Hash32, Nonce, TimestampMs
+from node.types import ZERO_HASH, Address, Amount, Hash32, Nonce, TimestampMs
 
 StateRootFn = Callable[[Mapping[bytes, bytes | None]], Hash32]
 
@@ -155,6 +163,9 @@ class BlockContext:
     # Read from the state on first use when not given (they do not change during a block).
     authority: AuthorityParams | None = None
     validators: ValidatorSet | None = None  # the set of ``height`` (voters, tallies)
+    # The hash of block height−1 (the header's parent hash; zero at height 1): the seed of the
+    # storage-deal challenges of this block.
+    parent_hash: Hash32 = ZERO_HASH
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +238,11 @@ def _apply(view: Overlay, vtx: VerifiedTransaction, ctx: BlockContext) -> tuple[
         events = _apply_validator_vote(view, vtx, ctx)
     elif kind == TxKind.PARAM_VOTE:
         events = _apply_param_vote(view, vtx, ctx)
-    else:  # pragma: no cover - verify_transaction already rejects unknown kinds
-        raise UnknownKind(f"unknown transaction kind {tx.kind}")
+    else:
+        handler = ECONOMY_HANDLERS.get(kind)
+        if handler is None:  # pragma: no cover - verify_transaction already rejects them
+            raise UnknownKind(f"unknown transaction kind {tx.kind}")
+        events = handler.apply(view, vtx, ctx)
     split = split_fee(tx.fee, cost)
     ctx.burned += split.cost
     ctx.tips += split.tip
@@ -369,7 +383,7 @@ def _apply_transfer(view: Overlay, vtx: VerifiedTransaction, cost: int) -> tuple
 
 # --- the validator set and the parameters (DESIGN §5 "Authority") -------------------------------
 
-_KNOWN_KINDS = frozenset(int(k) for k in TxKind)
+_KNOWN_KINDS = KNOWN_KINDS
 _ACTION_NAMES = {VoteAction.ADD: "add", VoteAction.REMOVE: "remove"}
 
 
@@ -804,6 +818,8 @@ def end_block(view: Overlay, ctx: BlockContext) -> None:
         seen = evidence_seen_key(Hash32(key))
         if view.get(seen) is not None:
             view.delete(seen)
+    for economy_end_block in ECONOMY_END_BLOCK:
+        economy_end_block(view, ctx)
     pending_params = params_at_key(h + 1)
     raw = view.get(pending_params)
     if raw is not None:
@@ -994,7 +1010,10 @@ def execute_block(
 
     ``encoded``, if given, receives the encoding of each receipt (in order).
     """
-    ctx = BlockContext(chain, params, header.height, header.time, header.proposer)
+    ctx = BlockContext(
+        chain, params, header.height, header.time, header.proposer,
+        parent_hash=header.parent_hash,
+    )
     overlay = Overlay(view)
     process_evidence(overlay, evidence, ctx)
     receipts = []
@@ -1092,7 +1111,8 @@ def build_block(
     elif last_commit is not None:
         raise InvalidBlock("the first block carries no last commit")
     time_ms = expected_block_time(chain, parent, last_commit, validators.previous)
-    ctx = BlockContext(chain, params, height, time_ms, proposer)
+    parent_hash = ZERO_HASH if parent is None else parent.hash()
+    ctx = BlockContext(chain, params, height, time_ms, proposer, parent_hash=parent_hash)
     overlay = Overlay(view)
     included_evidence: list[DuplicateVoteEvidence] = []
     rejected_evidence: list[tuple[DuplicateVoteEvidence, InvalidEvidence]] = []
@@ -1139,7 +1159,7 @@ def build_block(
         chain_id=chain.chain_id,
         height=height,  # type: ignore[arg-type]
         round=round_,  # type: ignore[arg-type]
-        parent_hash=Hash32(b"\x00" * 32) if parent is None else parent.hash(),
+        parent_hash=parent_hash,
         time=TimestampMs(time_ms),
         proposer=proposer,
         tx_root=compute_tx_root(txs),

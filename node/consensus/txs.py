@@ -4,6 +4,9 @@
 kind's body record. The sender is recovered from the signature over
 ``sha256(b"NeuroSeed/tx/v1" || chain_id || encode(Transaction))``; the transaction id is
 ``sha256(encode(SignedTransaction))`` — unique because signatures are canonical (low-S, v ∈ {0,1}).
+
+Kinds 1–19 are defined here (``TxKind``); the economy's kinds (``node.economy.api.EconomyKind``,
+20 and up) come with their body records and stateless checks from ``node.economy.registry``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from enum import IntEnum
 
 from node import crypto
 from node.consensus.params import VotableParams
+from node.economy.registry import HANDLERS as ECONOMY_HANDLERS
 from node.encoding import Record, limit, unpack_canonical
 from node.errors import (
     DecodeError,
@@ -115,7 +119,10 @@ BODY_TYPES: dict[int, type[Record]] = {
     TxKind.UNBOND: Unbond,
     TxKind.VALIDATOR_VOTE: ValidatorVote,
     TxKind.PARAM_VOTE: ParamVote,
+    **{kind: handler.body for kind, handler in ECONOMY_HANDLERS.items()},
 }
+KNOWN_KINDS: frozenset[int] = frozenset(int(k) for k in BODY_TYPES)
+"""Every transaction kind: each needs a fee schedule in the votable parameters."""
 
 
 def hash_params(params: VotableParams) -> Hash32:
@@ -123,9 +130,13 @@ def hash_params(params: VotableParams) -> Hash32:
     return crypto.sha256(params.encode())
 
 
-def _check_body(body: Record) -> None:
+def _check_body(kind: int, body: Record) -> None:
     """Stateless rules of a decoded body beyond its encoding (InvalidBody)."""
-    if isinstance(body, Bond):
+    handler = ECONOMY_HANDLERS.get(kind)
+    if handler is not None:
+        if handler.check_body is not None:
+            handler.check_body(body)
+    elif isinstance(body, Bond):
         if body.amount == 0:
             raise InvalidBody("Bond: amount must be positive")
     elif isinstance(body, ValidatorVote):
@@ -150,7 +161,7 @@ def decode_body(tx: Transaction) -> Record:
     except DecodeError as exc:
         raise InvalidBody(f"{body_type.__name__}: {exc.message}") from exc
     if body_type is not Transfer:
-        _check_body(body)
+        _check_body(tx.kind, body)
     return body
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+from node.consensus.receipts import Event
 from node.consensus.state import (
     SUPPLY_KEY,
     Account,
@@ -23,9 +24,8 @@ from node.consensus.state import (
     get_account,
     put_account,
 )
-from node.consensus.receipts import Event
 from node.encoding import Record
-from node.errors import InsufficientFunds
+from node.errors import InsufficientFunds, InvalidTransaction
 from node.types import Address, Amount, Nonce
 
 if TYPE_CHECKING:
@@ -102,6 +102,19 @@ class EconomyParams(Record):
     max_deal_epochs: int
     min_collateral_percent: int  # collateral ≥ this % of the deal's total price
     max_challenges_per_block: int  # per-block cap on the deal queue work (DESIGN §4)
+
+
+# Hard ceilings of the genesis-fixed composite caps (genesis.json cannot go above them): a
+# composite's flattened entries live in one state record.
+MAX_COMPOSITE_DEPTH_HARD = 16
+MAX_COMPOSITE_RANGES_HARD = 1024
+
+
+class EconomyError(InvalidTransaction):
+    """Base of the economy's transaction errors (codes 2200–2299, one range per module)."""
+
+    code = 2200
+    reason = "invalid economy transaction"
 
 
 DEFAULT_ECONOMY_PARAMS = EconomyParams(

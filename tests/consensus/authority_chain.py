@@ -8,9 +8,10 @@ same) and committed with precommits of every validator of its height (dev keys).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from node.consensus.blocks import Block, Commit, DuplicateVoteEvidence, Header
-from node.consensus.params import AuthorityParams, VotableParams
+from node.consensus.params import AuthorityParams, FeeSchedule, VotableParams
 from node.consensus.state import (
     NEXT_VALIDATOR_SET_KEY,
     PARAMS_KEY,
@@ -30,7 +31,7 @@ from node.consensus.transition import (
     build_block,
     validator_context_at,
 )
-from node.consensus.txs import VerifiedTransaction, verify_transaction
+from node.consensus.txs import KNOWN_KINDS, VerifiedTransaction, verify_transaction
 from node.consensus.validators import ValidatorSet
 from node.genesis import Genesis, build_genesis_state
 from node.storage.smt import compute_root
@@ -203,6 +204,16 @@ AUTH: AuthorityParams = make_authority(
     max_queue_work_per_block=64,
     max_block_evidence=4,
 )
+def complete_fees(fees: tuple[FeeSchedule, ...]) -> tuple[FeeSchedule, ...]:
+    """``fees`` plus a schedule (priced like the first) for every known kind it lacks, sorted:
+    a parameter proposal must price every kind, the economy's included."""
+    by_kind = {f.kind: f for f in fees}
+    for kind in KNOWN_KINDS - by_kind.keys():
+        by_kind[kind] = replace(fees[0], kind=kind)
+    return tuple(by_kind[k] for k in sorted(by_kind))
+
+
+EVERY_KIND_FEES = complete_fees(ALL_FEES)
 EVIDENCE_MAX_AGE = 4  # < unbonding_heights, as genesis.json requires
 VALIDATORS4 = (0, 5, 6, 7)
 CANDIDATE = 8
@@ -215,7 +226,7 @@ def genesis4(**overrides: object) -> Genesis:
         "funded": 4,
         "validators": VALIDATORS4,
         "balances": fund(10**21),
-        "fees": ALL_FEES,
+        "fees": EVERY_KIND_FEES,
         "evidence_max_age": EVIDENCE_MAX_AGE,
         "authority": AUTH,
     }

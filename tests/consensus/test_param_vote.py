@@ -4,6 +4,7 @@ and record; more than half passes; the new values are in force from h+2."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -32,17 +33,25 @@ from node.errors import (
 from node.genesis import Genesis, build_genesis_state
 from node.storage.memory import MemoryKV
 from node.types import Amount
-from tests.consensus.authority_chain import AuthorityChain, genesis1, genesis4
+from tests.consensus.authority_chain import EVERY_KIND_FEES, AuthorityChain, genesis1, genesis4
 from tests.helpers import (
     ALL_FEES,
     GENESIS_TIME,
     addr,
     commit_next,
     open_chain,
-    param_vote_tx,
     sign_raw_tx,
     transfer,
 )
+from tests.helpers import (
+    param_vote_tx as _param_vote_tx,
+)
+
+
+def param_vote_tx(voter: int, params: VotableParams, **kw: Any) -> bytes:
+    """A parameter vote with a fee that covers a proposal pricing every kind (16 schedules)."""
+    kw.setdefault("fee", 200_000)
+    return _param_vote_tx(voter, params, **kw)
 
 
 def proposal(params: VotableParams) -> VotableParams:
@@ -113,9 +122,12 @@ def test_the_first_vote_must_carry_the_record() -> None:
         ({"max_tx_bytes": 10}, "max_tx_bytes 10 is outside"),
         ({"max_block_bytes": 2_000}, "max_block_bytes 2000 is outside"),
         ({"max_block_txs": 0}, "max_block_txs 0 is outside"),
-        ({"fees": ALL_FEES[:1]}, r"no fee schedule for transaction kind\(s\) \[10, 11, 12, 13\]"),
-        ({"fees": ALL_FEES[::-1]}, "sorted by kind"),
-        ({"fees": (*ALL_FEES, replace(ALL_FEES[0], kind=99))}, r"unknown transaction kind\(s\)"),
+        ({"fees": ALL_FEES[:1]}, r"no fee schedule for transaction kind\(s\) \[10, 11, 12, 13, 20,"),
+        ({"fees": EVERY_KIND_FEES[::-1]}, "sorted by kind"),
+        (
+            {"fees": (*EVERY_KIND_FEES, replace(ALL_FEES[0], kind=99))},
+            r"unknown transaction kind\(s\)",
+        ),
     ],
 )
 def test_invalid_parameters_are_rejected(change: dict[str, object], message: str) -> None:
