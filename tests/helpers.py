@@ -58,6 +58,7 @@ from node.consensus.txs import (
 )
 from node.consensus.validators import ValidatorSet
 from node.devkeys import dev_key
+from node.economy.api import EconomyKind
 from node.encoding import Record
 from node.genesis import (
     DEFAULT_AUTHORITY_PARAMS,
@@ -90,6 +91,7 @@ ALL_FEES = (
         replace(FEES, kind=int(k), base=Amount(2_000 + int(k)))
         for k in (TxKind.BOND, TxKind.UNBOND, TxKind.VALIDATOR_VOTE, TxKind.PARAM_VOTE)
     ),
+    *(replace(FEES, kind=int(k), base=Amount(3_000 + int(k))) for k in EconomyKind),
 )
 # Covers any transfer's cost (a transfer is < 500 bytes) with a tip left over.
 DEFAULT_FEE = 20_000
@@ -295,6 +297,8 @@ def param_vote_tx(
 ) -> bytes:
     """A vote for ``params``; ``carry=False`` names them by hash only."""
     body = ParamVote(hash_params(params), params if carry else None)
+    # A proposal carries the whole fee table (one schedule per kind): pay for its bytes.
+    kw.setdefault("fee", 100_000)
     return signed_tx(voter, body, nonce=nonce, **kw)
 
 

@@ -39,6 +39,7 @@ from node.consensus.fees import cost_of
 from node.consensus.params import VotableParams
 from node.consensus.state import Account, StateView, get_account
 from node.consensus.txs import Bond, Transfer, VerifiedTransaction
+from node.economy.registry import max_spend as economy_max_spend
 from node.errors import (
     AlreadyKnown,
     ConfigError,
@@ -131,15 +132,20 @@ def _reason_key(error: type[Exception]) -> str:
     return "rejected_" + re.sub(r"(?<!^)(?=[A-Z])", "_", error.__name__).lower()
 
 
-def compute_max_spend(vtx: VerifiedTransaction) -> int:
+def compute_max_spend(vtx: VerifiedTransaction, view: StateView | None = None) -> int:
     """What the transaction takes from the sender's balance at most: fee + any amount it moves.
 
-    A new transaction kind that moves value from the sender must be added here, or the mempool
+    A new transaction kind that moves value from the sender must be added here (economy kinds:
+    ``node.economy.registry.max_spend``, which reads ``view`` for role bonds), or the mempool
     would admit sequences the state transition rejects for insufficient funds.
     """
     body = vtx.body
     if isinstance(body, Transfer | Bond):
         return vtx.tx.fee + body.amount
+    if view is not None:
+        extra = economy_max_spend(view, vtx)
+        if extra is not None:
+            return vtx.tx.fee + extra
     # UNBOND returns the bond only after the unbonding period; votes move nothing.
     return vtx.tx.fee
 
@@ -343,7 +349,7 @@ class Mempool:
         if tx.fee < cost:
             raise FeeTooLow(f"fee {tx.fee} is below the cost {cost} of this transaction")
 
-        spend = compute_max_spend(vtx)
+        spend = compute_max_spend(vtx, view)
         before = sender.spend_before(nonce)
         if before + spend > account.balance:
             raise InsufficientFunds(
