@@ -12,6 +12,7 @@ Two halves (DESIGN §1):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,6 +79,12 @@ class ChainReadView(Protocol):
     def get_account(self, address: Address) -> Account: ...
 
     def get_state(self, key: bytes) -> bytes | None: ...
+
+    def iter_state(
+        self, prefix: bytes, *, after: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Latest state entries under ``prefix`` in key order, after key ``after`` if given."""
+        ...
 
     def get_proof(self, key: bytes, height: int | None = None) -> StateProof:
         """Raises ``HistoryPruned`` past ``state_history_blocks``, ``NotFound`` above the head."""

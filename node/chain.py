@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from node.api import StateProof, TxLocation
@@ -127,6 +127,24 @@ class ReadView:
     def get_state(self, key: bytes) -> bytes | None:
         return self._snap.get_state(key)
 
+    def iter_state(
+        self, prefix: bytes, *, after: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """State entries whose key starts with ``prefix`` (non-empty), in key order, from the key
+        just after ``after`` when given (pagination)."""
+        if not prefix:
+            raise ValueError("iter_state needs a non-empty prefix")
+        if after is None:
+            yield from self._snap.iter_state(prefix)
+            return
+        skip = len(PREFIX_STATE)
+        stop = _prefix_end(PREFIX_STATE + prefix)
+        start = PREFIX_STATE + after + b"\x00"
+        for key, value in self._kv.iterate(start=start, stop=stop):
+            if not key.startswith(PREFIX_STATE + prefix):
+                break
+            yield key[skip:], value
+
     def get_proof(self, key: bytes, height: int | None = None) -> StateProof:
         head = self.head_height
         h = head if height is None else height
@@ -143,6 +161,14 @@ class ReadView:
 
     def close(self) -> None:
         self._kv.close()
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key above every key starting with ``prefix`` (None: no such key)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -44,7 +44,7 @@ from node.devkeys import DEV_PASSWORD, DEV_VALIDATOR_INDEX, dev_address, dev_key
 from node.encoding import Record
 from node.errors import NeuroSeedError, NodeUnavailable
 from node.genesis import format_timestamp, genesis_hash, load_genesis, parse_address, to_checksum
-from node.types import NSD, UINT256_MAX, Address, Amount
+from node.types import NSD, UINT256_MAX, Address, Amount, ChainId, Hash32, TimestampMs
 from rpc.errors import ClientError, RpcError, TransportError
 
 if TYPE_CHECKING:
@@ -443,7 +443,11 @@ def _setup_logging(level: str, verbose: bool) -> None:
 
 
 def _run_until_stopped(
-    config: NodeConfig, key: crypto.PrivateKey | None, on_serving: Callable[[NodeHandle], None]
+    config: NodeConfig,
+    key: crypto.PrivateKey | None,
+    on_serving: Callable[[NodeHandle], None],
+    *,
+    operator: crypto.PrivateKey | None = None,
 ) -> int:
     """Run the node in trio until SIGTERM/SIGINT; ``on_serving(handle)`` once JSON-RPC is up."""
     import trio
@@ -452,7 +456,7 @@ def _run_until_stopped(
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            handle = await nursery.start(partial(run_node, config, key=key))
+            handle = await nursery.start(partial(run_node, config, key=key, operator=operator))
             on_serving(handle)
 
     # A Ctrl-C before the node's own signal handling started is still a clean stop.
@@ -488,6 +492,45 @@ def _unlock_validator(
     return keystore.load(address, password)
 
 
+def _unlock_operator(
+    config: NodeConfig, validator: crypto.PrivateKey | None
+) -> crypto.PrivateKey | None:
+    """The operator account's key (``[operator]`` in config.toml), or None when none is set.
+    Its password comes from ``operator.password_file``, else the environment variable named by
+    ``operator.password_env``, else a prompt on a terminal."""
+    from node.keystore import Keystore, read_password
+
+    address = config.operator_address
+    if address is None:
+        return None
+    if validator is not None and validator.address == address:
+        return validator
+    keystore = Keystore(config.layout.keystore)
+    if not keystore.has(address):
+        raise CliError(
+            f"the operator key {to_checksum(address)} is not in {keystore.directory}; "
+            "import it with `neuroseed keys import`"
+        )
+    if config.operator_password_path is not None:
+        password = read_password(config.operator_password_path, confirm=False)
+    elif config.operator_password_env is not None:
+        value = os.environ.get(config.operator_password_env)
+        if value is None:
+            raise CliError(
+                f"operator.password_env names ${config.operator_password_env}, which is not set"
+            )
+        password = value
+    elif sys.stdin.isatty():
+        print(f"unlocking operator key {to_checksum(address)}", file=sys.stderr)
+        password = _password(None, confirm=False)
+    else:
+        raise CliError(
+            "the operator key needs a password: set operator.password_file or "
+            "operator.password_env in config.toml"
+        )
+    return keystore.load(address, password)
+
+
 def _require_initialised(datadir: Path) -> None:
     from node.config import DataDirLayout
 
@@ -517,6 +560,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 config, validator_address=address, validator_password_file=None
             )
     key = _unlock_validator(config, args.password_file)
+    operator = _unlock_operator(config, key)
     _setup_logging(config.log_level, args.verbose)
 
     def on_serving(handle: NodeHandle) -> None:
@@ -526,6 +570,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "rpc": handle.rpc_url,
                     "p2p": list(handle.p2p_addrs),
                     "validator": _checksum_or_none(config.validator_address),
+                    "operator": _checksum_or_none(config.operator_address),
                 }
             )
             return
@@ -533,7 +578,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lines = [f"JSON-RPC: {handle.rpc_url}", *(f"P2P: {a}" for a in handle.p2p_addrs)]
         print("\n".join(lines), flush=True)
 
-    return _run_until_stopped(config, key, on_serving)
+    return _run_until_stopped(config, key, on_serving, operator=operator)
 
 
 def _checksum_or_none(address: Address | None) -> str | None:
@@ -915,12 +960,14 @@ def _sign_send_wait(
     fields: Sequence[tuple[str, str, object, object]],
     *,
     spend: int = 0,
+    on_nonce: Callable[[Address, int], Sequence[tuple[str, str, object, object]]] | None = None,
 ) -> int:
     """Sign ``body`` with the sender's key (the next nonce; ``--fee`` or the estimated cost plus a
     tip), check the balance covers ``spend`` + fee, send it and (unless ``--no-wait``) wait for
     its receipt; print the result. ``fields`` are the kind's own ``(json key, json value, text
     label, text value)`` shown after the sender (no text row where the label is None). Exit 1
-    if the transaction failed."""
+    if the transaction failed. ``on_nonce(sender, nonce)``, called just before sending, may keep
+    what depends on the nonce (an id) and returns more fields to show first."""
     fee_arg = _fee_option(args)
     with _client(args) as client:
         chain_id = client.chain_id()  # fails fast (exit 3) before a password is asked
@@ -945,6 +992,8 @@ def _sign_send_wait(
                 f"needs {format_nsd(spend + fee)} NSD ({parts})"
             )
         signed = make_transaction(key, chain_id, nonce, fee, body)
+        if on_nonce is not None:
+            fields = [*on_nonce(sender, nonce), *fields]
         tx_id = client.send_raw_transaction(signed.encode())
         receipt = None
         if not args.no_wait:
@@ -1021,6 +1070,803 @@ def cmd_tx_validator_vote(args: argparse.Namespace) -> int:
         ("action", name, "action", name),
     ]
     return _sign_send_wait(args, ValidatorVote(subject, int(action)), fields)
+
+
+# --- datasets and roles ----------------------------------------------------------------------------
+
+PURCHASES_DIR = "purchases"  # one-off purchase keys, under the keystore directory
+DEFAULT_GET_TIMEOUT = 3600.0
+FETCH_POLL_S = 0.2
+ACCESS_LIFETIME_MS = 3600 * 1000
+DOWNLOAD_SLICE_BYTES = 8 << 20
+_PART_RE = re.compile(r"([^:]+):([0-9]+):([0-9]+)(?::([^:]*))?", re.ASCII)
+ROLE_NAMES = (
+    "data_supplier",
+    "storage_provider",
+    "compute_provider",
+    "model_developer",
+    "attester",
+    "distributor",
+    "customer",
+)
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (only when stderr is a terminal), redrawn ≤ 10×/s."""
+
+    def __init__(self, label: str, total: int | None = None) -> None:
+        self.label = label
+        self.total = total
+        self.enabled = sys.stderr.isatty()
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self.total = total
+        if not self.enabled:
+            return
+        import time
+
+        now = time.monotonic()
+        if now - self._last < 0.1 and (self.total is None or done < self.total):
+            return
+        self._last = now
+        if self.total:
+            frac = min(1.0, done / self.total)
+            bar = "#" * int(frac * 30)
+            text = (
+                f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% "
+                f"{done / 2**20:.1f}/{self.total / 2**20:.1f} MiB"
+            )
+        else:
+            text = f"\r{self.label} {done / 2**20:.1f} MiB"
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._drawn = False
+
+
+def _sender_address(args: argparse.Namespace) -> Address:
+    """The address ``_sender_key`` will unlock, without unlocking it."""
+    if args.dev_key is not None:
+        if args.dev_key < 0:
+            raise CliError("--dev-key: expected a dev key number (1, 2, ...)")
+        return dev_address(args.dev_key)
+    if args.sender is not None:
+        return _address_arg(args.sender, "--from")
+    return _choose_key(_keystore(args))
+
+
+def _unhex(value: Any, what: str = "value") -> bytes:
+    if not isinstance(value, str) or not value.startswith("0x"):
+        raise CliError(f"the node sent a malformed {what}")
+    return bytes.fromhex(value[2:])
+
+
+def _dataset_ref(text: str) -> str:
+    """A dataset id (0x + 64 hex digits) or a root CID, as the node takes it."""
+    s = text.strip()
+    if s.startswith(("0x", "0X")):
+        body = s[2:]
+        if not re.fullmatch(r"[0-9a-fA-F]+", body or "x") or len(body) % 2:
+            raise CliError(f"{text!r} is neither a dataset id (0x…) nor a CID")
+        return "0x" + body.lower()
+    from node.errors import DecodeError
+    from node.storage.unixfs import parse_cid
+
+    try:
+        parse_cid(s)
+    except DecodeError:
+        raise CliError(f"{text!r} is neither a dataset id (0x…) nor a CID") from None
+    return s
+
+
+def _require_dataset(client: Client, ref: str) -> dict[str, Any]:
+    record = client.get_dataset(_dataset_ref(ref))
+    if record is None:
+        raise CliError(f"no dataset {ref} on chain (see `neuroseed dataset list`)")
+    return record
+
+
+def _local_dataset_header(path: Path) -> Any:
+    """The safetensors header of ``path`` and its row count (checked before uploading)."""
+    import struct
+
+    from node.models.safetensors_header import MAX_HEADER_BYTES, parse_header
+    from node.storage.format_v1 import dataset_rows
+
+    try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) != 8:
+                raise CliError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise CliError(f"{path}: its header of {n} bytes exceeds {MAX_HEADER_BYTES}")
+            raw = fh.read(n)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    header = parse_header(raw.rstrip(b" "))  # typed errors: not safetensors, bad offsets, ...
+    rows = dataset_rows(header)
+    if size != 8 + n + header.data_size:
+        raise CliError(
+            f"{path} is {size} bytes but its header implies {8 + n + header.data_size} "
+            "(truncated or padded file)"
+        )
+    return header, rows
+
+
+def _node_operator(client: Client) -> Address | None:
+    info = client.node_info()
+    op = info.get("operator")
+    return None if op is None else Address(_unhex(op, "operator"))
+
+
+def cmd_dataset_add(args: argparse.Namespace) -> int:
+    from node.economy.datasets import DatasetRegister, dataset_id
+    from node.storage.format_v1 import ArtifactProof
+
+    path = Path(args.file).expanduser()
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    price = parse_nsd(args.price, what="--price", allow_zero=True)
+    name = args.name.strip()
+    if not name:
+        raise CliError("--name: must not be empty")
+    _fee_option(args)
+    _, rows = _local_dataset_header(path)
+    with _client(args) as client:
+        client.chain_id()  # fails fast (exit 3) before anything is uploaded
+        sender = _sender_address(args)
+        if price > 0:
+            operator = _node_operator(client)
+            if operator is None:
+                raise CliError(
+                    "a priced dataset is sold through its node's key agent, and this node has no "
+                    "operator account ([operator] in config.toml); configure one and restart it"
+                )
+            if operator != sender:
+                raise CliError(
+                    f"a priced dataset must be registered by the node's operator account "
+                    f"{to_checksum(operator)} (its key agent posts the keys to buyers); sign "
+                    "with that account (--from / --dev-key)"
+                )
+        bar = _ProgressBar("upload", path.stat().st_size)
+        try:
+            up = client.upload_artifact(path, price=price, progress=bar)
+        finally:
+            bar.close()
+    root = _unhex(up["rootHex"], "root")
+    body = DatasetRegister(
+        root=root,
+        proof=ArtifactProof.decode(_unhex(up["proof"], "proof")),
+        name=name,
+        description=args.description or "",
+        license=args.license or "",
+        price=price,
+        salt=None if up.get("salt") is None else _unhex(up["salt"], "salt"),
+        key_check=None if up.get("keyCheck") is None else Hash32(_unhex(up["keyCheck"])),
+        plain_data_hash=Hash32(_unhex(up["plainDataHash"])) if price > 0 else None,
+    )
+    did = _hex(dataset_id(root))
+    fields: list[tuple[str, str, object, object]] = [
+        ("id", did, "dataset id", did),
+        ("cid", str(up["root"]), "CID", up["root"]),
+        ("rows", str(rows), "rows", rows),
+        ("price", str(price), "price", f"{format_nsd(price)} NSD"),
+    ]
+    if not args.json:
+        print(f"uploaded {path.name}: CID {up['root']}, {up['size']} bytes stored", file=sys.stderr)
+    return _sign_send_wait(args, body, fields)
+
+
+def _parse_part(text: str, client: Client) -> Any:
+    from node.economy.composite import CompositePartSpec
+
+    m = _PART_RE.fullmatch(text.strip())
+    if m is None:
+        raise CliError(f"--part {text!r}: expected SRC:START:END[:tensor1,tensor2]")
+    source = _require_dataset(client, m.group(1))
+    start, end = int(m.group(2)), int(m.group(3))
+    if not start < end:
+        raise CliError(f"--part {text!r}: START must be below END")
+    tensors = tuple(t for t in (m.group(4) or "").split(",") if t)
+    return CompositePartSpec(Hash32(_unhex(source["id"], "id")), start, end, tensors)
+
+
+def cmd_dataset_compose(args: argparse.Namespace) -> int:
+    from node.economy.composite import CompositeDefine, composite_id
+
+    price = parse_nsd(args.price, what="--price", allow_zero=True)
+    name = args.name.strip()
+    if not name:
+        raise CliError("--name: must not be empty")
+    if not args.part:
+        raise CliError("give at least one --part SRC:START:END[:tensors]")
+    _fee_option(args)
+    with _client(args) as client:
+        parts = tuple(_parse_part(p, client) for p in args.part)
+    body = CompositeDefine(
+        name=name,
+        description=args.description or "",
+        license=args.license or "",
+        price=price,
+        parts=parts,
+    )
+
+    def on_nonce(sender: Address, nonce: int) -> list[tuple[str, str, object, object]]:
+        cid = _hex(composite_id(sender, nonce))
+        return [("id", cid, "composite id", cid)]
+
+    fields = [("parts", str(len(parts)), "parts", len(parts))]
+    return _sign_send_wait(args, body, fields, on_nonce=on_nonce)
+
+
+def _purchases_dir(args: argparse.Namespace) -> Path:
+    from node.config import DataDirLayout
+
+    return DataDirLayout(_datadir(args)).keystore / PURCHASES_DIR
+
+
+def _save_purchase(directory: Path, record: dict[str, Any]) -> Path:
+    """Keep a purchase's one-off private key (mode 0600 in a 0700 directory)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    path = directory / f"{record['purchase'][2:]}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def _load_purchases(directory: Path, dataset: str) -> list[dict[str, Any]]:
+    """The purchases of ``dataset`` (0x id) kept in ``directory``, newest first."""
+    out: list[dict[str, Any]] = []
+    if not directory.is_dir():
+        return out
+    for p in directory.glob("*.json"):
+        try:
+            record = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("dataset") == dataset:
+            out.append(record)
+    out.sort(key=lambda r: r.get("createdMs", 0), reverse=True)
+    return out
+
+
+def cmd_dataset_buy(args: argparse.Namespace) -> int:
+    import time
+
+    from node.economy.purchases import Purchase, purchase_id
+    from node.storage.encryption import generate_wrap_keypair
+
+    _fee_option(args)
+    max_price = parse_nsd(args.max_price, what="--max-price") if args.max_price else None
+    directory = _purchases_dir(args)
+    with _client(args) as client:
+        record = _require_dataset(client, args.dataset)
+    price = int(record["price"])
+    if price == 0:
+        raise CliError(f"dataset {record['id']} is free: fetch it with `neuroseed dataset get`")
+    if max_price is not None and max_price < price:
+        raise CliError(
+            f"the price {format_nsd(price)} NSD is above --max-price {format_nsd(max_price)} NSD"
+        )
+    secret, pubkey = generate_wrap_keypair()
+    body = Purchase(Hash32(_unhex(record["id"], "id")), pubkey, Amount(max_price or price))
+    chain_holder: dict[str, Any] = {}
+
+    def on_nonce(sender: Address, nonce: int) -> list[tuple[str, str, object, object]]:
+        pid = _hex(purchase_id(sender, nonce))
+        # Kept before the purchase is sent: without it the key posted for it cannot be opened.
+        _save_purchase(
+            directory,
+            {
+                "purchase": pid,
+                "dataset": record["id"],
+                "buyer": _hex(sender),
+                "privateKey": _hex(secret),
+                "createdMs": int(time.time() * 1000),
+            },
+        )
+        chain_holder["purchase"] = pid
+        return [("purchase", pid, "purchase id", pid), ("dataset", record["id"], "dataset", record["id"])]
+
+    code = _sign_send_wait(args, body, [], spend=price, on_nonce=on_nonce)
+    if code == EXIT_OK and args.wait and not args.no_wait:
+        pid = chain_holder["purchase"]
+        if not args.json:
+            print("waiting for the owner(s) to post the key…", file=sys.stderr)
+        with _client(args) as client:
+            _wait_for_keys(client, pid, args.timeout)
+        if not args.json:
+            print(f"key posted for purchase {pid}; fetch with `neuroseed dataset get {record['id']}`")
+    return code
+
+
+def _wait_for_keys(client: Client, pid: str, timeout: float) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        purchase = client.get_purchase(pid)
+        if purchase is not None and all(
+            s.get("wrappedKey") not in (None, "0x") or int(s.get("state", 0)) == 3
+            for s in purchase.get("shares", [])
+        ):
+            return purchase
+        if purchase is not None and any(int(s.get("state", 0)) in (4, 5) for s in purchase["shares"]):
+            raise CliError(f"purchase {pid} was refunded: the owner did not post the key in time")
+        if time.monotonic() > deadline:
+            raise CliError(f"no key posted for purchase {pid} within {timeout:g} s; try again later")
+        time.sleep(0.5)
+
+
+# --- dataset get -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Source:
+    """One plain dataset a get reads from, with what is needed to read it."""
+
+    record: dict[str, Any]
+    root: bytes
+    header: Any  # SafetensorsHeader
+    encrypted: bool
+    key: bytes | None = None
+    access: bytes | None = None
+    leaves: set[int] | None = None  # None: the whole artifact
+
+
+def _source_of(record: dict[str, Any]) -> _Source:
+    from node.models.safetensors_header import parse_header
+
+    root = _unhex(record["root"], "root")
+    header = parse_header(_unhex(record["header"], "header"))
+    return _Source(record, root, header, record.get("salt") is not None)
+
+
+def _content_keys(
+    args: argparse.Namespace, client: Client, top: dict[str, Any], sources: list[_Source]
+) -> None:
+    """Open the content keys of the encrypted sources and sign their access requests, from the
+    purchase of ``top`` this CLI made (``dataset buy``)."""
+    import secrets
+    import time
+
+    from node.economy.purchases import key_wrap_context
+    from node.p2p.chunks import AccessTerms, sign_access
+    from node.storage.encryption import key_check, unwrap_key
+
+    encrypted = [s for s in sources if s.encrypted]
+    if not encrypted:
+        return
+    kept = _load_purchases(_purchases_dir(args), top["id"])
+    if not kept:
+        raise CliError(
+            f"dataset {top['id']} is priced and you have no purchase of it here; buy it first: "
+            f"neuroseed dataset buy {top['id']}"
+        )
+    info = client.node_info()
+    if info.get("peerId") is None:
+        raise CliError("the node has no peer-to-peer network to fetch a priced dataset with")
+    peer_id = _unhex(info["peerId"], "peer id")
+    chain_id = client.chain_id()
+    chosen: tuple[dict[str, Any], dict[str, Any]] | None = None
+    for mine in kept:
+        purchase = client.get_purchase(mine["purchase"])
+        if purchase is not None:
+            chosen = (mine, purchase)
+            break
+    if chosen is None:
+        raise CliError(
+            f"your purchase of {top['id']} is not on chain (yet); wait for it or buy again"
+        )
+    mine, purchase = chosen
+    buyer = Address(_unhex(mine["buyer"], "buyer"))
+    if args.dev_key is None and args.sender is None:
+        args.sender = to_checksum(buyer)
+    key = _sender_key(args)
+    if key.address != buyer:
+        raise CliError(f"the purchase was made by {to_checksum(buyer)}; sign with that account")
+    shares = {s["source"]: s for s in purchase.get("shares", [])}
+    secret = _unhex(mine["privateKey"], "private key")
+    for src in encrypted:
+        share = shares.get(src.record["id"])
+        if share is None:
+            raise CliError(f"purchase {mine['purchase']} does not cover dataset {src.record['id']}")
+        wrapped = share.get("wrappedKey") or "0x"
+        if wrapped == "0x":
+            raise CliError(
+                f"the owner of {src.record['id']} has not posted the key for purchase "
+                f"{mine['purchase']} yet; wait (`dataset buy --wait`) and try again"
+            )
+        context = key_wrap_context(_unhex(mine["purchase"]), _unhex(src.record["id"]))
+        content_key = unwrap_key(_unhex(wrapped), secret, context)
+        if key_check(_unhex(src.record["salt"]), content_key) != _unhex(src.record["keyCheck"]):
+            raise CliError(
+                f"the key posted for {src.record['id']} does not match its registered key check; "
+                "you may dispute it (KeyDispute) within the dispute window"
+            )
+        src.key = content_key
+        terms = AccessTerms(
+            chain_id=ChainId(chain_id),
+            root=src.root,
+            address=key.address,
+            peer_id=peer_id,
+            grant_id=Hash32(_unhex(mine["purchase"])),
+            expires_ms=TimestampMs(int(time.time() * 1000) + ACCESS_LIFETIME_MS),
+            nonce=int.from_bytes(secrets.token_bytes(8), "big"),
+        )
+        src.access = sign_access(key, terms).encode()
+
+
+def _run_fetch(client: Client, src: _Source, timeout: float, label: str) -> None:
+    """Have the node fetch ``src`` (its leaves only when set) and wait for the job."""
+    import time
+
+    leaves = None if src.leaves is None else sorted(src.leaves)
+    job = client.fetch_artifact(src.root, leaves=leaves, access=src.access)
+    bar = _ProgressBar(label)
+    deadline = time.monotonic() + timeout
+    try:
+        while job["state"] == "running":
+            bar(int(job.get("bytesFetched") or 0))
+            if time.monotonic() > deadline:
+                raise CliError(f"the fetch did not finish within {timeout:g} s; run again to resume")
+            time.sleep(FETCH_POLL_S)
+            job = client.fetch_status(job["job"])
+    finally:
+        bar.close()
+    if job["state"] != "done":
+        raise CliError(f"fetching {src.record.get('rootCid') or src.record['id']} failed: {job.get('error')}")
+
+
+class _SliceReader:
+    """Plaintext data bytes of one source, read through the node (decrypting when needed)."""
+
+    def __init__(self, client: Client, src: _Source) -> None:
+        self._client = client
+        self._src = src
+        self._chunk: tuple[int, bytes] | None = None
+
+    def _get(self, start: int, end: int) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self._client.download_artifact(self._src.root, buf, start=start, end=end)
+        data = buf.getvalue()
+        if len(data) != end - start:
+            raise CliError(f"the node sent {len(data)} of {end - start} bytes; run again")
+        return data
+
+    def read(self, begin: int, end: int) -> Iterator[bytes]:
+        from node.storage.encryption import CIPHER_CHUNK_BYTES, decrypt_range, encrypted_size
+        from node.storage.format_v1 import LEAF0_BYTES
+
+        src = self._src
+        if src.key is None:
+            pos = begin
+            while pos < end:
+                stop = min(end, pos + DOWNLOAD_SLICE_BYTES)
+                yield self._get(LEAF0_BYTES + pos, LEAF0_BYTES + stop)
+                pos = stop
+            return
+        data_size = src.header.data_size
+        stored = encrypted_size(data_size)
+
+        def get_chunk(i: int) -> bytes:
+            if self._chunk is not None and self._chunk[0] == i:
+                return self._chunk[1]
+            lo = i * CIPHER_CHUNK_BYTES
+            data = self._get(LEAF0_BYTES + lo, LEAF0_BYTES + min(stored, lo + CIPHER_CHUNK_BYTES))
+            self._chunk = (i, data)
+            return data
+
+        salt = _unhex(src.record["salt"])
+        yield from decrypt_range(src.key, salt, data_size, get_chunk, begin, end)
+
+
+def _write_atomically(out: Path, write: Callable[[Any], None]) -> None:
+    """Write ``out`` through a temp file renamed at the end (nothing half-written under
+    ``out`` on failure)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _download_whole(client: Client, src: _Source, out: Path) -> int:
+    """The stored file of ``src`` into ``out`` (decrypted when priced), resuming a partial
+    download kept in ``out.part``."""
+    from node.storage.encryption import decrypt_stream
+    from node.storage.format_v1 import LEAF0_BYTES
+
+    info = client.get_artifact(src.root)
+    size = int(info["size"])
+    part = out.with_name(out.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    bar = _ProgressBar("download", size)
+    try:
+        if have < size:
+            with open(part, "ab") as fh:
+                client.download_artifact(
+                    src.root, fh, start=have, progress=lambda n: bar(have + n)
+                )
+    finally:
+        bar.close()
+    if part.stat().st_size != size:
+        raise CliError("the download is incomplete; run the same command again to resume")
+    if src.key is None:
+        os.replace(part, out)
+        return size
+    salt = _unhex(src.record["salt"])
+    expected = _unhex(src.record["plainDataHash"]) if src.record.get("plainDataHash") else None
+    content_key = src.key
+
+    def write(fh: Any) -> None:
+        with open(part, "rb") as cipher:
+            fh.write(cipher.read(LEAF0_BYTES))
+            decrypt_stream(
+                content_key, salt, cipher, fh, src.header.data_size, expected_sha256=expected
+            )
+
+    _write_atomically(out, write)
+    part.unlink()
+    return int(LEAF0_BYTES + src.header.data_size)
+
+
+def cmd_dataset_get(args: argparse.Namespace) -> int:
+    from node.storage.format_v1 import (
+        CompositePart,
+        leaves_for_data_range,
+        row_byte_ranges,
+        write_composite,
+    )
+
+    out = Path(args.output).expanduser()
+    if args.timeout <= 0:
+        raise CliError("--timeout: expected a positive number of seconds")
+    if out.is_dir():
+        raise CliError(f"-o {out}: is a directory")
+    with _client(args) as client:
+        ref = _dataset_ref(args.dataset)
+        record = client.get_dataset(ref)
+        if record is None:
+            if ref.startswith("0x") and len(ref) == 66:
+                raise CliError(f"no dataset {ref} on chain")
+            # Not a registered dataset: an artifact by CID, fetched and written as stored.
+            root_cid = ref
+            job_src = _Source({"id": ref, "rootCid": ref}, _root_bytes(ref), None, False)
+            _run_fetch(client, job_src, args.timeout, "fetch")
+            written = _download_whole(client, job_src, out)
+            return _print_get(args, out, written, root_cid, None)
+        if record.get("isComposite"):
+            names = tuple(s["name"] for s in record["schema"])
+            sources: dict[str, _Source] = {}
+            plan: list[tuple[_Source, int, int]] = []
+            for entry in record["composite"]:
+                src = sources.get(entry["source"])
+                if src is None:
+                    leaf = client.get_dataset(entry["source"])
+                    if leaf is None:
+                        raise CliError(f"source {entry['source']} of the composite is unknown")
+                    src = sources[entry["source"]] = _source_of(leaf)
+                    src.leaves = {0}
+                plan.append((src, int(entry["start"]), int(entry["end"])))
+            for src, start, end in plan:
+                for r in row_byte_ranges(src.header, start, end, names):
+                    assert src.leaves is not None
+                    src.leaves.update(leaves_for_data_range(r.begin, r.end, encrypted=src.encrypted))
+            unique = list(sources.values())
+            _content_keys(args, client, record, unique)
+            for i, src in enumerate(unique):
+                _run_fetch(client, src, args.timeout, f"fetch {i + 1}/{len(unique)}")
+            parts = [CompositePart(src.header, start, end, names) for src, start, end in plan]
+            readers = [_SliceReader(client, src) for src, _, _ in plan]
+            written = 0
+
+            def write(fh: Any) -> None:
+                nonlocal written
+                written = write_composite(
+                    fh, parts, lambda i, begin, end: readers[i].read(begin, end)
+                )
+
+            _write_atomically(out, write)
+            blocks = sum(len(s.leaves or ()) for s in unique)
+            return _print_get(args, out, written, None, record, leaves=blocks)
+        src = _source_of(record)
+        _content_keys(args, client, record, [src])
+        _run_fetch(client, src, args.timeout, "fetch")
+        written = _download_whole(client, src, out)
+        return _print_get(args, out, written, record.get("rootCid"), record)
+
+
+def _root_bytes(ref: str) -> bytes:
+    from node.storage.unixfs import parse_cid
+
+    return bytes(parse_cid(ref))
+
+
+def _print_get(
+    args: argparse.Namespace,
+    out: Path,
+    written: int,
+    cid: str | None,
+    record: dict[str, Any] | None,
+    *,
+    leaves: int | None = None,
+) -> int:
+    result = {
+        "file": str(out),
+        "bytes": written,
+        "cid": cid,
+        "dataset": None if record is None else record["id"],
+        "composite": bool(record and record.get("isComposite")),
+        "leavesFetched": leaves,
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        rows: list[tuple[str, object]] = [("file", out), ("bytes", written)]
+        if record is not None:
+            rows.append(("dataset", record["id"]))
+        if cid is not None:
+            rows.append(("CID", cid))
+        if leaves is not None:
+            rows.append(("leaves read", leaves))
+        print(_rows(rows))
+    return EXIT_OK
+
+
+def _dataset_rows(record: dict[str, Any]) -> list[tuple[str, object]]:
+    price = int(record["price"])
+    rows: list[tuple[str, object]] = [
+        ("id", record["id"]),
+        ("name", record["name"]),
+        ("kind", "composite" if record.get("isComposite") else "dataset"),
+        ("owner", to_checksum(Address(_unhex(record["owner"], "owner")))),
+        ("rows", record["rows"]),
+        ("price", f"{format_nsd(price)} NSD" if price else "free"),
+    ]
+    if record.get("rootCid"):
+        rows.append(("CID", record["rootCid"]))
+    if record.get("license"):
+        rows.append(("license", record["license"]))
+    if record.get("description"):
+        rows.append(("description", record["description"]))
+    schema = ", ".join(
+        f"{s['name']} {s['dtype']}[{','.join(str(d) for d in s['rowShape'])}]"
+        for s in record.get("schema", [])
+    )
+    rows.append(("schema (per row)", schema or "-"))
+    rows.append(("registered at", record["height"]))
+    return rows
+
+
+def cmd_dataset_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = _require_dataset(client, args.dataset)
+    if args.json:
+        _print_json(record)
+    else:
+        print(_rows(_dataset_rows(record)))
+        for i, e in enumerate(record.get("composite") or []):
+            print(f"  part {i}: {e['source']} rows [{e['start']}, {e['end']})")
+    return EXIT_OK
+
+
+def cmd_dataset_list(args: argparse.Namespace) -> int:
+    owner = _address_arg(args.owner, "--owner") if args.owner else None
+    if not 1 <= args.limit <= 100:
+        raise CliError("--limit: expected 1 to 100")
+    with _client(args) as client:
+        page = client.list_datasets(
+            owner=owner,
+            priced=True if args.priced else False if args.free else None,
+            composite=True if args.composite else None,
+            text=args.text,
+            cursor=args.cursor,
+            limit=args.limit,
+        )
+    if args.json:
+        _print_json(page)
+        return EXIT_OK
+    datasets = page.get("datasets", [])
+    if not datasets:
+        print("no datasets", file=sys.stderr)
+    for d in datasets:
+        price = int(d["price"])
+        kind = "composite" if d.get("isComposite") else "dataset"
+        print(
+            f"{d['id']}  {kind:9}  {d['rows']:>10} rows  "
+            f"{(format_nsd(price) + ' NSD') if price else 'free':>28}  {d['name']}"
+        )
+    if page.get("nextCursor"):
+        print(f"more: --cursor {page['nextCursor']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _parse_role(text: str) -> int:
+    from node.economy.api import Role
+
+    key = text.strip().lower().replace("-", "_")
+    if key.isdigit() and int(key) in {r.value for r in Role}:
+        return int(key)
+    try:
+        return int(Role[key.upper()])
+    except KeyError:
+        raise CliError(f"unknown role {text!r}; one of {', '.join(ROLE_NAMES)}") from None
+
+
+def cmd_role_register(args: argparse.Namespace) -> int:
+    from node.economy.roles import RoleRegister
+
+    role = _parse_role(args.role)
+    metadata = (args.metadata or "").encode("utf-8")
+    if len(metadata) > 1024:
+        raise CliError("--metadata: at most 1024 bytes of UTF-8")
+    _fee_option(args)
+    name = ROLE_NAMES[role - 1]
+    with _client(args) as client:
+        bond = _role_bond(client, role)
+    fields: list[tuple[str, str, object, object]] = [("role", name, "role", name)]
+    return _sign_send_wait(args, RoleRegister(role, metadata), fields, spend=bond)
+
+
+def _role_bond(client: Client, role: int) -> int:
+    """The bond the role locks (read from the chain's economy params)."""
+    from node.economy.api import DEFAULT_ECONOMY_PARAMS, ECONOMY_PARAMS_KEY, EconomyParams
+    from node.economy.roles import required_bond
+
+    proof = client.get_proof(ECONOMY_PARAMS_KEY)
+    params = DEFAULT_ECONOMY_PARAMS if proof.value is None else EconomyParams.decode(proof.value)
+    return int(required_bond(params, role))
+
+
+def cmd_role_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.address is not None:
+            address = _address_arg(args.address, "address")
+        else:
+            address = _sender_address(args)
+        roles = client.get_roles(address)
+    if args.json:
+        _print_json(roles)
+        return EXIT_OK
+    entries = roles.get("roles", [])
+    if not entries:
+        print(f"{to_checksum(address)} holds no roles")
+    for e in entries:
+        bond = int(e["bond"])
+        print(
+            f"{e.get('name') or e['role']}: since height {e['since']}, bond "
+            f"{format_nsd(bond)} NSD, open obligations {e['obligations']}"
+        )
+    return EXIT_OK
 
 
 # --- argument parsing ------------------------------------------------------------------------------
@@ -1271,7 +2117,123 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--add", action="store_true", help="add the (bonded) candidate")
     action.add_argument("--remove", action="store_true", help="remove the validator")
     _add_sender_options(p)
+    _add_dataset_commands(commands, command)
+    from node import cli_storage
+
+    cli_storage.register(commands)
     return parser
+
+
+def _add_dataset_commands(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``dataset …`` and ``role …``."""
+    dataset = commands.add_parser("dataset", help="publish, buy and fetch datasets")
+    _add_global_options(dataset, top=False)
+    ds = dataset.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    p = command(
+        ds,
+        "add",
+        cmd_dataset_add,
+        "upload a safetensors file to the local node (converted to artifact format v1; encrypted "
+        "when priced) and register it as a dataset",
+    )
+    p.add_argument("file", metavar="FILE", help="a safetensors file whose tensors share rows")
+    p.add_argument("--name", required=True, help="the dataset's name (at most 128 bytes)")
+    p.add_argument(
+        "--price",
+        metavar="NSD",
+        required=True,
+        help="price per purchase in NSD; 0 = free (a priced dataset is registered by the "
+        "node's operator account)",
+    )
+    p.add_argument("--description", default="", help="free text (at most 4 KiB)")
+    p.add_argument("--license", default="", help="license name (at most 128 bytes)")
+    _add_sender_options(p)
+    p = command(
+        ds,
+        "get",
+        cmd_dataset_get,
+        "fetch a dataset (or a composite: only the blocks it needs) through the local node and "
+        "write it as a safetensors file; resumable",
+    )
+    p.add_argument("dataset", metavar="CID|ID", help="root CID or dataset id (0x…)")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write it")
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=DEFAULT_GET_TIMEOUT,
+        help=f"seconds to wait for the fetch (default {DEFAULT_GET_TIMEOUT:g})",
+    )
+    _add_signer_options(p, "for a priced dataset: the account that bought it")
+    p = command(
+        ds,
+        "compose",
+        cmd_dataset_compose,
+        "define a composite dataset from row ranges of existing ones (no data copied)",
+    )
+    p.add_argument(
+        "--part",
+        metavar="SRC:START:END[:t1,t2]",
+        action="append",
+        default=[],
+        help="rows [START, END) of dataset SRC (id or CID), optionally only some tensors; "
+        "repeat in order",
+    )
+    p.add_argument("--name", required=True, help="the composite's name")
+    p.add_argument("--price", metavar="NSD", required=True, help="price per purchase in NSD")
+    p.add_argument("--description", default="", help="free text")
+    p.add_argument("--license", default="", help="license name")
+    _add_sender_options(p)
+    p = command(
+        ds,
+        "buy",
+        cmd_dataset_buy,
+        "buy a priced dataset: a one-off key is kept in <datadir>/keystore/purchases/ and the "
+        "price is escrowed until the owner posts the content key",
+    )
+    p.add_argument("dataset", metavar="ID|CID", help="dataset id (0x…) or root CID")
+    p.add_argument("--max-price", metavar="NSD", help="refuse to pay more than this")
+    p.add_argument(
+        "--wait", action="store_true", help="also wait until the owner has posted the key"
+    )
+    _add_sender_options(p)
+    p = command(ds, "list", cmd_dataset_list, "list registered datasets")
+    p.add_argument("--owner", metavar="ADDRESS", help="only this owner's")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--priced", action="store_true", help="only priced ones")
+    kind.add_argument("--free", action="store_true", help="only free ones")
+    p.add_argument("--composite", action="store_true", help="only composites")
+    p.add_argument("--text", metavar="TEXT", help="name or description contains TEXT")
+    p.add_argument("--limit", metavar="N", type=int, default=20, help="at most N (max 100)")
+    p.add_argument("--cursor", metavar="HEX", help="continue after this id (from a previous page)")
+    p = command(ds, "show", cmd_dataset_show, "show one dataset or composite")
+    p.add_argument("dataset", metavar="ID|CID", help="dataset id (0x…) or root CID")
+
+    role = commands.add_parser("role", help="on-chain roles (data supplier, customer, …)")
+    _add_global_options(role, top=False)
+    rs = role.add_subparsers(dest="role_command", metavar="ACTION", required=True)
+    p = command(
+        rs, "register", cmd_role_register, "register a role for the sender (locks its bond)"
+    )
+    p.add_argument("role", metavar="ROLE", help=", ".join(ROLE_NAMES))
+    p.add_argument("--metadata", metavar="TEXT", help="public metadata (at most 1 KiB)")
+    _add_sender_options(p)
+    p = command(rs, "show", cmd_role_show, "show the roles of an address")
+    p.add_argument("address", metavar="ADDRESS", nargs="?", help="default: the sender key's")
+    _add_signer_options(p, "whose roles (default: the only keystore key)")
+
+
+def _add_signer_options(p: argparse.ArgumentParser, what: str) -> None:
+    """The key options of commands that sign but send no transaction themselves."""
+    sender = p.add_mutually_exclusive_group()
+    sender.add_argument("--from", dest="sender", metavar="ADDRESS", help=f"keystore key ({what})")
+    sender.add_argument(
+        "--dev-key",
+        metavar="N",
+        type=int,
+        help="DEVNET ONLY: public dev key N (node.devkeys), no keystore",
+    )
+    p.add_argument("--password-file", metavar="FILE", help="key password from this file")
 
 
 # --- entry point -----------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ A node's data directory holds everything it owns::
     <data_dir>/keystore/        encrypted key files (mode 0700, files 0600)
     <data_dir>/consensus.wal    the validator's consensus write-ahead log
     <data_dir>/node.lock        held while a node runs, so two processes never share the data
+    <data_dir>/blobs/           the artifact blob store (blocks + its own index; not the chain DB)
+    <data_dir>/artifact-keys/   content keys of priced datasets this node uploaded (mode 0700,
+                                files 0600; never logged)
+    <data_dir>/uploads/         uploads being received (temp files, removed on any failure)
 
 Settings come from ``config.toml`` and then from command-line flags (``overrides``); every value
 is validated and an error names the key. ``config.toml`` layout::
@@ -16,6 +20,9 @@ is validated and an error names the key. ``config.toml`` layout::
     [p2p]        listen (multiaddrs), bootstrap (multiaddrs)
     [validator]  address, password_file (relative paths are inside the data directory)
     [mempool]    max_txs, max_bytes, max_future_per_sender
+    [artifacts]  quota_bytes, upload_max_bytes, upload_remote
+    [operator]   address, password_file, password_env (the account that signs the node's own
+                 transactions: key posts, deals; without it those agents are off)
     [log]        level
 """
 
@@ -53,6 +60,9 @@ CHAIN_DIR = "chain"
 KEYSTORE_DIR = "keystore"
 WAL_FILE = "consensus.wal"
 LOCK_FILE = "node.lock"
+BLOBS_DIR = "blobs"
+ARTIFACT_KEYS_DIR = "artifact-keys"
+UPLOADS_DIR = "uploads"
 DEV_PASSWORD_FILE = "validator.password"
 
 DEFAULT_RPC_HOST = "127.0.0.1"
@@ -62,6 +72,9 @@ DEFAULT_RPC_PORT = 8645
 DEFAULT_P2P_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_CONFIG_FILE_BYTES = 1 << 20
+DEFAULT_BLOB_QUOTA_BYTES = 20 << 30
+DEFAULT_UPLOAD_MAX_BYTES = 4 << 30
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -100,6 +113,18 @@ class DataDirLayout:
     def lock(self) -> Path:
         return self.root / LOCK_FILE
 
+    @property
+    def blobs(self) -> Path:
+        return self.root / BLOBS_DIR
+
+    @property
+    def artifact_keys(self) -> Path:
+        return self.root / ARTIFACT_KEYS_DIR
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / UPLOADS_DIR
+
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
@@ -119,6 +144,14 @@ class NodeConfig:
     mempool_max_txs: int = 10_000
     mempool_max_bytes: int = 64 << 20
     mempool_max_future_per_sender: int = 64  # DESIGN §4: bounded queue of future nonces
+    # Artifacts (DESIGN §7): the blob store's quota and the local upload endpoint's limits.
+    blob_quota_bytes: int = DEFAULT_BLOB_QUOTA_BYTES
+    upload_max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
+    upload_remote: bool = False  # serve POST /artifacts (and local-only RPC) to non-loopback callers
+    # The node's operator account: signs its own transactions (key posts, storage deals).
+    operator_address: Address | None = None
+    operator_password_file: Path | None = None
+    operator_password_env: str | None = None  # name of an environment variable with the password
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -134,6 +167,13 @@ class NodeConfig:
         if self.validator_password_file is None:
             return None
         return self.data_dir / self.validator_password_file
+
+    @property
+    def operator_password_path(self) -> Path | None:
+        """The operator password file, relative paths taken inside the data directory."""
+        if self.operator_password_file is None:
+            return None
+        return self.data_dir / self.operator_password_file
 
     def with_overrides(self, overrides: Mapping[str, object]) -> NodeConfig:
         """A copy with CLI values applied; ``None`` values mean "flag not given" and are skipped."""
@@ -182,6 +222,25 @@ def _validate(c: NodeConfig) -> None:
     _check_int(
         c.mempool_max_future_per_sender, "mempool.max_future_per_sender", 0, c.mempool_max_txs
     )
+    _check_int(c.blob_quota_bytes, "artifacts.quota_bytes", 0, 1 << 50)
+    _check_int(c.upload_max_bytes, "artifacts.upload_max_bytes", 1, 1 << 44)
+    _check_bool(c.upload_remote, "artifacts.upload_remote")
+    if c.operator_address is not None and (
+        type(c.operator_address) is not bytes or len(c.operator_address) != 20
+    ):
+        raise ConfigError("operator.address: expected a 20-byte address")
+    if c.operator_password_file is not None:
+        if not isinstance(c.operator_password_file, Path):
+            raise ConfigError("operator.password_file: expected a path")
+        if c.operator_address is None:
+            raise ConfigError("operator.password_file is set but operator.address is not")
+    if c.operator_password_env is not None:
+        if not isinstance(c.operator_password_env, str) or not _ENV_NAME_RE.match(
+            c.operator_password_env
+        ):
+            raise ConfigError("operator.password_env: expected an environment variable name")
+        if c.operator_address is None:
+            raise ConfigError("operator.password_env is set but operator.address is not")
     if c.log_level not in LOG_LEVELS:
         raise ConfigError(f"log.level: expected one of {', '.join(LOG_LEVELS)}")
 
@@ -241,6 +300,12 @@ _TOML_KEYS: dict[tuple[str, str], str] = {
     ("mempool", "max_txs"): "mempool_max_txs",
     ("mempool", "max_bytes"): "mempool_max_bytes",
     ("mempool", "max_future_per_sender"): "mempool_max_future_per_sender",
+    ("artifacts", "quota_bytes"): "blob_quota_bytes",
+    ("artifacts", "upload_max_bytes"): "upload_max_bytes",
+    ("artifacts", "upload_remote"): "upload_remote",
+    ("operator", "address"): "operator_address",
+    ("operator", "password_file"): "operator_password_file",
+    ("operator", "password_env"): "operator_password_env",
     ("log", "level"): "log_level",
 }
 _SECTIONS = sorted({s for s, _ in _TOML_KEYS})
@@ -294,9 +359,9 @@ def _from_toml_value(field: str, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list of multiaddr strings")
         return tuple(value)
-    if field == "validator_address":
+    if field in ("validator_address", "operator_address"):
         return parse_address(value, where)
-    if field == "validator_password_file":
+    if field in ("validator_password_file", "operator_password_file"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: expected a file path")
         return Path(value)
@@ -309,7 +374,11 @@ def _coerce_override(field: str, value: object) -> Any:
         return tuple(value)
     if field == "validator_address" and isinstance(value, str):
         return parse_address(value, "--validator-address")
-    if field == "validator_password_file" and isinstance(value, str | Path):
+    if field == "operator_address" and isinstance(value, str):
+        return parse_address(value, "--operator")
+    if field in ("validator_password_file", "operator_password_file") and isinstance(
+        value, str | Path
+    ):
         # A path given on the command line means relative to the working directory, not to
         # the data directory as in config.toml.
         return Path(value).expanduser().absolute()
@@ -348,6 +417,13 @@ def render_config_toml(config: NodeConfig) -> str:
         f"max_bytes = {config.mempool_max_bytes}",
         f"max_future_per_sender = {config.mempool_max_future_per_sender}",
         "",
+        "[artifacts]",
+        "# the blob store's size limit; uploads to this node (POST /artifacts) are limited to",
+        "# upload_max_bytes and served to loopback callers only unless upload_remote = true",
+        f"quota_bytes = {config.blob_quota_bytes}",
+        f"upload_max_bytes = {config.upload_max_bytes}",
+        f"upload_remote = {'true' if config.upload_remote else 'false'}",
+        "",
         "[log]",
         f"level = {s(config.log_level)}",
         "",
@@ -360,6 +436,17 @@ def render_config_toml(config: NodeConfig) -> str:
         ]
         if config.validator_password_file is not None:
             lines.append(f"password_file = {s(str(config.validator_password_file))}")
+        lines.append("")
+    if config.operator_address is not None:
+        lines += [
+            "# The account that signs this node's own transactions (key posts, storage deals).",
+            "[operator]",
+            f"address = {s(to_checksum(config.operator_address))}",
+        ]
+        if config.operator_password_file is not None:
+            lines.append(f"password_file = {s(str(config.operator_password_file))}")
+        if config.operator_password_env is not None:
+            lines.append(f"password_env = {s(config.operator_password_env)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -11,6 +11,10 @@ Layout of a devnet directory ``D``::
                          dev password), the next ones full nodes (no key)
     D/node<i>/node.log   that node's log (its stderr), appended to on every start
 
+Every node also gets an **operator account**: dev key ``OPERATOR_DEV_KEY_BASE + i`` (funded in the
+genesis, in its keystore under the public dev password), which signs the node's own
+transactions — key posts for the priced datasets it sells, storage deals.
+
 Every start rewrites the ports in each node's ``config.toml``: JSON-RPC on ``rpc_port + i`` (0: an
 ephemeral port, printed when the node serves), libp2p on ``/ip4/127.0.0.1/tcp/<p2p_port + i>``
 (0: free ports picked here), and as bootstrap peers every validator's address
@@ -71,6 +75,9 @@ MAX_NODES = 32
 # Funded besides the template's accounts (dev keys 1..10 in the repository's genesis, of which
 # 1..N-1 are also validator keys on a devnet of N validators): never validators.
 EXTRA_FUNDED_DEV_KEYS = range(100, 110)
+# Node i's operator account is dev key OPERATOR_DEV_KEY_BASE + i (funded, never a validator).
+OPERATOR_DEV_KEY_BASE = 200
+OPERATOR_DEV_KEYS = range(OPERATOR_DEV_KEY_BASE, OPERATOR_DEV_KEY_BASE + 32)
 DEFAULT_FUNDING = 1_000_000 * 10**18  # when the template funds no account
 _FUNDED_SCAN = 1000  # dev keys 1.._FUNDED_SCAN-1 are checked for a genesis balance
 
@@ -132,7 +139,7 @@ def devnet_genesis(template: Genesis, validators: int) -> Genesis:
     vals = [GenesisValidator(dev_address(i), 1, Amount(bond)) for i in range(validators)]
     balances = {a.address: a for a in template.balances}
     amount = max((a.balance for a in template.balances), default=DEFAULT_FUNDING)
-    for i in EXTRA_FUNDED_DEV_KEYS:
+    for i in (*EXTRA_FUNDED_DEV_KEYS, *OPERATOR_DEV_KEYS):
         balances.setdefault(dev_address(i), GenesisAccount(dev_address(i), Amount(amount)))
     genesis = dataclasses.replace(
         template,
@@ -275,11 +282,26 @@ def _init_node(
         if not keystore.has(dev_address(index)):
             # The key and its password are public: a strong KDF would only slow every start.
             keystore.import_key(dev_secret(index), DEV_PASSWORD, kdf_params=LIGHT_SCRYPT)
-        password_file = datadir / DEV_PASSWORD_FILE
-        if not password_file.exists():
-            _write_file(password_file, DEV_PASSWORD.encode() + b"\n", mode=0o600)
+    ensure_dev_operator(datadir, index)
     peer_id = peer_id_of(load_or_create_node_key(datadir))
     return DevnetNode(index, is_validator, datadir, rpc_port, p2p_port, peer_id)
+
+
+def operator_dev_key(index: int) -> int:
+    """The dev key number of devnet node ``index``'s operator account."""
+    return OPERATOR_DEV_KEY_BASE + index
+
+
+def ensure_dev_operator(datadir: Path, index: int) -> None:
+    """Put node ``index``'s operator dev key in its keystore (public dev password, in
+    ``validator.password``, mode 0600); the config names it (``_write_node_config``)."""
+    keystore = Keystore(DataDirLayout(datadir).keystore)
+    number = operator_dev_key(index)
+    if not keystore.has(dev_address(number)):
+        keystore.import_key(dev_secret(number), DEV_PASSWORD, kdf_params=LIGHT_SCRYPT)
+    password_file = datadir / DEV_PASSWORD_FILE
+    if not password_file.exists():
+        _write_file(password_file, DEV_PASSWORD.encode() + b"\n", mode=0o600)
 
 
 def peer_id_of(secret: bytes) -> str:
@@ -307,6 +329,8 @@ def _write_node_config(plan: DevnetPlan, n: DevnetNode, rpc_host: str) -> None:
         p2p_bootstrap_peers=bootstrap_of(plan, n.index),
         validator_address=dev_address(n.index) if n.is_validator else None,
         validator_password_file=Path(DEV_PASSWORD_FILE) if n.is_validator else None,
+        operator_address=dev_address(operator_dev_key(n.index)),
+        operator_password_file=Path(DEV_PASSWORD_FILE),
     )
     _write_file(config.layout.config, render_config_toml(config).encode(), mode=0o644)
 

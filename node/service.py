@@ -4,6 +4,13 @@ DESIGN §1: one OS process per node, one ``trio.run``; the chain service is the 
 consensus service drives the engine, the RPC server runs aiohttp in its own thread and reaches the
 node through the non-blocking bridge. ``Node`` is the facade (``node.api.NodeAPI``) the RPC methods
 call.
+
+Artifacts (DESIGN §7–§9): every node has a blob store (``<datadir>/blobs``) and an
+``ArtifactService`` (chunk server with the chain policy, DHT announcements, uploads, fetch jobs).
+With an **operator account** (``[operator]`` in config.toml; a funded dev key per devnet node) the
+node also runs the owner key agent (``node.key_agent``: posts the wrapped content key for each
+purchase of its priced datasets) and the storage agent (``node.storage_agent``); without one those
+agents are off.
 """
 
 from __future__ import annotations
@@ -23,16 +30,18 @@ import trio
 
 from node import crypto
 from node.api import NodeStatus
+from node.artifact_service import ArtifactService
 from node.chain import ChainService, ReadView
 from node.config import NodeConfig
 from node.consensus.mempool import Mempool, MempoolLimits
 from node.consensus.txs import verify_transaction
 from node.consensus_service import ConsensusService
+from node.economy.api import EconomyKind
 from node.errors import ConfigError, StorageError
 from node.genesis import Genesis, load_genesis
 from node.storage.leveldb import LevelDB
 from node.types import Address, Hash32
-from rpc.server import RpcLimits, RpcServer
+from rpc.server import ArtifactHttpSettings, RpcLimits, RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ class Node:
     def __init__(
         self, chain: ChainService, mempool: Mempool, consensus: ConsensusService,
         key: crypto.PrivateKey | None, *, network: Any = None, p2p: Any = None, sync: Any = None,
+        artifacts: ArtifactService | None = None, operator: crypto.PrivateKey | None = None,
     ) -> None:
         self.chain = chain
         self.mempool = mempool
@@ -73,6 +83,10 @@ class Node:
         self.network = network
         self.p2p = p2p
         self.sync = sync
+        self.artifacts = artifacts
+        self.operator = operator  # the account that signs this node's own transactions
+        self.storage_agent: Any = None
+        self.key_agent: Any = None
 
     def read_view(self) -> ReadView:
         return self.chain.read_view()
@@ -81,6 +95,9 @@ class Node:
         params = self.chain.params
         # Signature recovery is CPU work: keep it off the event loop (DESIGN §1).
         vtx = await trio.to_thread.run_sync(verify_transaction, raw, params.max_tx_bytes)
+        if vtx.tx.kind == EconomyKind.DATASET_REGISTER and self.artifacts is not None:
+            # DESIGN §8: availability is checked at admission (here), never in consensus.
+            await self.artifacts.check_available(bytes(vtx.body.root))  # type: ignore[attr-defined]
         self.mempool.add(vtx, self.chain.state_view(), params)
         if self.p2p is not None:
             self.p2p.gossip.broadcast_transaction(raw)
@@ -163,9 +180,11 @@ async def run_node(
     *,
     key: crypto.PrivateKey | None = None,
     genesis: Genesis | None = None,
+    operator: crypto.PrivateKey | None = None,
     task_status: trio.TaskStatus[NodeHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a node until cancelled (or SIGTERM/SIGINT)."""
+    """Run a node until cancelled (or SIGTERM/SIGINT). ``operator``: the unlocked operator
+    account (its address must be the config's ``operator.address`` when that is set)."""
     layout = config.layout
     if genesis is None:
         if not layout.genesis.exists():
@@ -179,9 +198,16 @@ async def run_node(
         and key.address != config.validator_address
     ):
         raise ConfigError("the validator key does not match validator_address in the config")
+    if (
+        operator is not None
+        and config.operator_address is not None
+        and operator.address != config.operator_address
+    ):
+        raise ConfigError("the operator key does not match operator.address in the config")
     with data_dir_lock(layout.lock):
         kv = LevelDB(layout.chain)
         chain: ChainService | None = None
+        artifacts: ArtifactService | None = None
         try:
             chain = ChainService(kv, genesis)
             chain.open()
@@ -212,7 +238,13 @@ async def run_node(
                     network, chain, consensus,
                     SyncSettings(initial_peer_wait_s=5.0 if config.p2p_bootstrap_peers else 0.0),
                 )
-            node = Node(chain, mempool, consensus, key, network=network, p2p=p2p, sync=sync)
+            artifacts = ArtifactService.open(
+                layout, network, chain.read_view, quota_bytes=config.blob_quota_bytes
+            )
+            node = Node(
+                chain, mempool, consensus, key, network=network, p2p=p2p, sync=sync,
+                artifacts=artifacts, operator=operator,
+            )
             server = RpcServer(
                 node,
                 config.rpc_host,
@@ -220,6 +252,10 @@ async def run_node(
                 RpcLimits(
                     max_body_bytes=config.rpc_max_body_bytes,
                     max_batch_size=config.rpc_max_batch,
+                ),
+                artifacts=ArtifactHttpSettings(
+                    max_upload_bytes=config.upload_max_bytes,
+                    allow_remote=config.upload_remote,
                 ),
             )
             async with trio.open_nursery() as nursery:
@@ -230,6 +266,9 @@ async def run_node(
                     log.info("p2p listening on %s", ", ".join(p2p_addrs))
                     # Topics and handlers first, so the first signed proposal has somewhere to go.
                     await nursery.start(p2p.run)
+                await nursery.start(artifacts.run)
+                if operator is not None:
+                    await _start_agents(nursery, node, config, network, artifacts, operator)
                 # RPC before the initial sync, so ns_status can show that the node is syncing.
                 url = await nursery.start(server.serve)
                 if sync is not None:
@@ -237,9 +276,41 @@ async def run_node(
                 await nursery.start(consensus.run)
                 task_status.started(NodeHandle(url, node, p2p_addrs))
         finally:
+            if artifacts is not None:
+                artifacts.close()
             if chain is not None:
                 chain.close()
             kv.close()
+
+
+async def _start_agents(
+    nursery: trio.Nursery,
+    node: Node,
+    config: NodeConfig,
+    network: Any,
+    artifacts: ArtifactService,
+    operator: crypto.PrivateKey,
+) -> None:
+    """The agents that sign with the operator account: key posts and storage deals."""
+    from node.key_agent import KeyAgent
+    from node.storage_agent import StorageAgent
+
+    node.storage_agent = StorageAgent(
+        node,
+        network,
+        node.submit_transaction,
+        operator,
+        config.data_dir,
+        blobs=artifacts.store,
+        pending_nonce=node.pending_nonce,
+    )
+    await nursery.start(node.storage_agent.run)
+    # The storage agent's send_transaction: one lock orders every operator transaction's nonce.
+    node.key_agent = KeyAgent(
+        node, node.storage_agent.send_transaction, operator.address, artifacts.keys
+    )
+    await nursery.start(node.key_agent.run)
+    log.info("operator account %s: key and storage agents running", operator.address.hex())
 
 
 async def _stop_on_signals(scope: trio.CancelScope) -> None:

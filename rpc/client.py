@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, BinaryIO, Self, TypeVar
+from urllib.parse import urljoin
 
 import aiohttp
 
@@ -49,6 +52,11 @@ T = TypeVar("T")
 Params = list[Any] | dict[str, Any] | None
 
 DEFAULT_TIMEOUT = 10.0
+# Uploads and downloads of artifacts: no total limit (a GiB takes a while), but a read that sees
+# nothing for this long fails (the node converts and imports an upload before it answers).
+TRANSFER_IDLE_TIMEOUT = 1800.0
+TRANSFER_PIECE_BYTES = 1 << 20
+Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +146,40 @@ def _fee_params(
     if kind is None or size is None:
         raise TypeError("estimate_fee needs a signed transaction or both kind and size")
     return [{"kind": kind, "size": size, "newAccounts": new_accounts}]
+
+
+def _root_ref(root: bytes | str) -> str:
+    """A root for the wire: a CID string as is, binary CID bytes as 0x hex."""
+    if isinstance(root, bytes | bytearray):
+        return "0x" + bytes(root).hex()
+    if isinstance(root, str):
+        return root
+    raise TypeError(f"root must be bytes or a CID string, not {type(root).__name__}")
+
+
+def _dataset_ref(dataset: bytes | str) -> str:
+    return _root_ref(dataset)
+
+
+def _transfer_timeout() -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=DEFAULT_TIMEOUT, sock_read=TRANSFER_IDLE_TIMEOUT
+    )
+
+
+def _transfer_answer(url: str, status: int, raw: bytes) -> Any:
+    # (status 400 forces the error path: an answer that is not an error object is a transport
+    # problem)
+    """The JSON of a 200 answer of an artifact endpoint; its typed error otherwise."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise TransportError(f"HTTP {status} from {url} is not a JSON answer") from None
+    if status == 200 and not (isinstance(answer, dict) and "error" in answer):
+        return answer
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        raise error_from_json(answer["error"])
+    raise TransportError(f"HTTP {status} from {url}")
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -409,6 +451,145 @@ class AsyncClient:
         result = await self.call("ns_pendingNonce", [_hex(address, "address")])
         return _convert("ns_pendingNonce", _int, result)
 
+    # --- artifacts, datasets, roles, purchases (docs/rpc.md "Artifacts") ----------------------
+
+    async def get_dataset(self, dataset: bytes | str) -> dict[str, Any] | None:
+        """A dataset by id (32 bytes / 0x hex) or root CID (string, or binary CID bytes)."""
+        result = await self.call("ns_getDataset", [_dataset_ref(dataset)])
+        return result if result is None else dict(result)
+
+    async def list_datasets(
+        self,
+        *,
+        owner: bytes | str | None = None,
+        priced: bool | None = None,
+        composite: bool | None = None,
+        text: str | None = None,
+        cursor: bytes | str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """``{"datasets": [...], "nextCursor": hex | None}``; pass ``nextCursor`` to go on."""
+        f: dict[str, Any] = {}
+        if owner is not None:
+            f["owner"] = _hex(owner, "owner")
+        if priced is not None:
+            f["priced"] = priced
+        if composite is not None:
+            f["composite"] = composite
+        if text is not None:
+            f["text"] = text
+        if cursor is not None:
+            f["cursor"] = _hex(cursor, "cursor")
+        if limit is not None:
+            f["limit"] = limit
+        return dict(await self.call("ns_listDatasets", [f]))
+
+    async def get_roles(self, address: bytes | str) -> dict[str, Any]:
+        return dict(await self.call("ns_getRoles", [_hex(address, "address")]))
+
+    async def get_purchase(self, purchase_id: bytes | str) -> dict[str, Any] | None:
+        result = await self.call("ns_getPurchase", [_hex(purchase_id, "purchase_id")])
+        return result if result is None else dict(result)
+
+    async def get_artifact(self, root: bytes | str) -> dict[str, Any]:
+        """The node's local copy of an artifact: size, blocks present/missing, providers."""
+        return dict(await self.call("ns_getArtifact", [_root_ref(root)]))
+
+    async def fetch_artifact(
+        self,
+        root: bytes | str,
+        *,
+        leaves: list[int] | None = None,
+        access: bytes | None = None,
+    ) -> dict[str, Any]:
+        """Start (or join) a download into the node's blob store; returns the job."""
+        request: dict[str, Any] = {"root": _root_ref(root)}
+        if leaves is not None:
+            request["leaves"] = list(leaves)
+        if access is not None:
+            request["access"] = _hex(access, "access")
+        return dict(await self.call("ns_fetchArtifact", [request]))
+
+    async def fetch_status(self, job: str) -> dict[str, Any]:
+        return dict(await self.call("ns_fetchStatus", [job]))
+
+    async def node_info(self) -> dict[str, Any]:
+        return dict(await self.call("ns_nodeInfo"))
+
+    def _artifacts_url(self, suffix: str = "") -> str:
+        return urljoin(self.url, "artifacts" + suffix)
+
+    async def upload_artifact(
+        self, path: str | os.PathLike[str], *, price: int = 0, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Stream a safetensors file to the node (``POST /artifacts``); ``price`` > 0 makes the
+        node encrypt it with a fresh content key. Returns the registration material."""
+        size = Path(path).stat().st_size
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the body generator below
+
+        async def body() -> AsyncIterator[bytes]:
+            sent = 0
+            try:
+                while piece := fh.read(TRANSFER_PIECE_BYTES):
+                    sent += len(piece)
+                    yield piece
+                    if progress is not None:
+                        progress(sent)
+            finally:
+                fh.close()
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        url = self._artifacts_url(f"?price={int(price)}")
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=_transfer_timeout()) as session,
+                # Expect: 100-continue: a refusal (size, remote caller) comes before the body.
+                session.post(url, data=body(), headers=headers, expect100=True) as response,
+            ):
+                raw = await response.read()
+                status = response.status
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the upload to {url} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"upload to {url} failed: {exc}") from exc
+        finally:
+            fh.close()
+        return dict(_transfer_answer(url, status, raw))
+
+    async def download_artifact(
+        self,
+        root: bytes | str,
+        dst: BinaryIO,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Stream bytes ``[start, end)`` of a stored artifact (``GET /artifacts/<cid>``, HTTP
+        Range) into ``dst``; returns the bytes written. The node must hold those blocks."""
+        url = self._artifacts_url("/" + _root_ref(root))
+        headers = {}
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        written = 0
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=_transfer_timeout()) as session,
+                session.get(url, headers=headers) as response,
+            ):
+                if response.status not in (200, 206):
+                    _transfer_answer(url, 400, await response.read())
+                async for piece in response.content.iter_chunked(TRANSFER_PIECE_BYTES):
+                    dst.write(piece)
+                    written += len(piece)
+                    if progress is not None:
+                        progress(written)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the download from {url} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"download from {url} failed: {exc}") from exc
+        return written
+
     async def wait_for_receipt(
         self, tx_id: bytes | str, timeout: float = 30.0, *, poll_interval: float = 0.25
     ) -> dict[str, Any]:
@@ -554,3 +735,47 @@ class Client:
         self, tx_id: bytes | str, timeout: float = 30.0, *, poll_interval: float = 0.25
     ) -> dict[str, Any]:
         return self._run(self._async.wait_for_receipt(tx_id, timeout, poll_interval=poll_interval))
+
+    def get_dataset(self, dataset: bytes | str) -> dict[str, Any] | None:
+        return self._run(self._async.get_dataset(dataset))
+
+    def list_datasets(self, **filters: Any) -> dict[str, Any]:
+        return self._run(self._async.list_datasets(**filters))
+
+    def get_roles(self, address: bytes | str) -> dict[str, Any]:
+        return self._run(self._async.get_roles(address))
+
+    def get_purchase(self, purchase_id: bytes | str) -> dict[str, Any] | None:
+        return self._run(self._async.get_purchase(purchase_id))
+
+    def get_artifact(self, root: bytes | str) -> dict[str, Any]:
+        return self._run(self._async.get_artifact(root))
+
+    def fetch_artifact(
+        self, root: bytes | str, *, leaves: list[int] | None = None, access: bytes | None = None
+    ) -> dict[str, Any]:
+        return self._run(self._async.fetch_artifact(root, leaves=leaves, access=access))
+
+    def fetch_status(self, job: str) -> dict[str, Any]:
+        return self._run(self._async.fetch_status(job))
+
+    def node_info(self) -> dict[str, Any]:
+        return self._run(self._async.node_info())
+
+    def upload_artifact(
+        self, path: str | os.PathLike[str], *, price: int = 0, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        return self._run(self._async.upload_artifact(path, price=price, progress=progress))
+
+    def download_artifact(
+        self,
+        root: bytes | str,
+        dst: BinaryIO,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        return self._run(
+            self._async.download_artifact(root, dst, start=start, end=end, progress=progress)
+        )

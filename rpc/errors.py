@@ -122,10 +122,43 @@ _STANDARD: dict[int, Callable[[str, Any], RpcError]] = {
 # --- SDK side: JSON error object -> exception -----------------------------------------------------
 
 
+# Modules that declare node errors of their own (beyond ``node.errors``): imported when the SDK
+# first meets a code it does not know, so a plain CLI command does not pay for them.
+ERROR_MODULES = (
+    "node.artifact_service",
+    "node.economy.api",
+    "node.economy.roles",
+    "node.economy.datasets",
+    "node.economy.composite",
+    "node.economy.purchases",
+    "node.economy.deals",
+    "node.storage_agent",
+    "node.p2p.api",
+    "node.p2p.chunks",
+    "node.storage.blobstore",
+    "node.storage.format_v1",
+    "node.storage.encryption",
+    "node.models.safetensors_header",
+)
+
+
+def _module_vars() -> list[dict[str, Any]]:
+    import importlib
+
+    out = [vars(node_errors), globals()]
+    for name in ERROR_MODULES:
+        try:
+            out.append(vars(importlib.import_module(name)))
+        except ImportError:  # an optional part (e.g. libp2p) is not installed
+            continue
+    return out
+
+
 def _known_node_errors() -> dict[int, type[NeuroSeedError]]:
-    """Every error class of ``node.errors`` and this module, by code (unique by construction)."""
+    """Every error class of ``node.errors``, this module and ``ERROR_MODULES``, by code (unique
+    by construction)."""
     found: dict[int, type[NeuroSeedError]] = {}
-    for module_vars in (vars(node_errors), globals()):
+    for module_vars in _module_vars():
         for value in list(module_vars.values()):
             if (
                 isinstance(value, type)
@@ -146,9 +179,10 @@ def _remote_class(code: int) -> type[ApplicationError]:
     known = _known_node_errors()
     base = known.get(code)
     if base is None:
-        # A newer server's code: fall back to its family (1204 -> 1200 -> 1000).
+        # A newer server's code: fall back to its family (1204 -> 1200 -> 1000). 2000 is "node
+        # unavailable" itself, not a family: a 2xxx code of another kind must not read as it.
         for family in (code // 100 * 100, code // 1000 * 1000):
-            if family in known:
+            if family in known and not (family == NodeUnavailable.code and code != family):
                 return _remote_class(family)
         return ApplicationError
     cls = type(

@@ -10,24 +10,43 @@ and batches; notifications (no ``id``) get no response entry (a request of notif
 answered ``204 No Content``); standard error codes plus the application codes of ``rpc.errors``.
 ``GET /`` returns a small JSON description. Read methods run in this thread on the node's read
 view; writes cross ``rpc.bridge``.
+
+Artifacts (``docs/rpc.md`` "Artifact endpoints"), served to callers on this machine only unless
+``ArtifactHttpSettings.allow_remote``: ``POST /artifacts[?price=N]`` streams a safetensors file
+into a temp file (at most ``max_upload_bytes``: 413 beyond), then the node converts it to format
+v1, encrypts it when ``price`` > 0, imports and pins it, and answers the registration material as
+JSON; ``GET /artifacts/<cid>`` streams the stored bytes, with HTTP ``Range`` support. Errors are
+JSON ``{"error": {code, message, data}}`` with a 4xx/5xx status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
+import ipaddress
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import trio
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from node.api import NodeAPI
-from node.errors import ConfigError, NeuroSeedError
+from node.artifact_service import (
+    ArtifactsDisabled,
+    LocalCallersOnly,
+    RangeNotSatisfiable,
+    UnknownArtifact,
+    UploadFailed,
+    UploadTooLarge,
+)
+from node.errors import ConfigError, DecodeError, NeuroSeedError, NotFound
 from rpc.bridge import TrioBridge
 from rpc.errors import (
     PRIVATE_DETAIL_ERRORS,
@@ -44,6 +63,18 @@ log = logging.getLogger("rpc.server")
 
 JSON_CONTENT_TYPE: Final = "application/json"
 _ABSENT: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactHttpSettings:
+    """The artifact endpoints: upload size limit and whether remote callers are served."""
+
+    max_upload_bytes: int = 4 << 30
+    allow_remote: bool = False  # also opens the local-only JSON-RPC methods to remote callers
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1:
+            raise ConfigError("the upload limit must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +126,21 @@ class JsonRpcProcessor:
         self._context = context
         self._limits = limits
 
-    async def process(self, body: bytes) -> bytes | None:
-        """The response body for a request body, or ``None`` when nothing is to be returned."""
+    async def process(self, body: bytes, *, local: bool = True) -> bytes | None:
+        """The response body for a request body, or ``None`` when nothing is to be returned.
+
+        ``local``: the caller may use local-only methods (see ``rpc.methods``)."""
+        context = (
+            self._context
+            if local == self._context.local
+            else dataclasses.replace(self._context, local=local)
+        )
         try:
             payload = _DECODER.decode(body.decode())  # RFC 8259: JSON on the wire is UTF-8
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return _dumps(_error_response(None, ParseError("parse error: invalid JSON").to_json()))
         if not isinstance(payload, list):
-            response = await self._call(payload)
+            response = await self._call(payload, context)
             return None if response is None else self._encode(response)
         if not payload:
             return _dumps(_error_response(None, InvalidRequest("empty batch").to_json()))
@@ -114,11 +152,15 @@ class JsonRpcProcessor:
             )
             return _dumps(_error_response(None, error.to_json()))
         if any(self._crosses_bridge(item) for item in payload):
-            responses = await asyncio.gather(*(self._call(item) for item in payload))
+            responses = await asyncio.gather(*(self._call(item, context) for item in payload))
         else:
-            responses = [await self._call(item) for item in payload]
+            responses = [await self._call(item, context) for item in payload]
         parts = [self._encode(r) for r in responses if r is not None]
         return b"[" + b",".join(parts) + b"]" if parts else None
+
+    @property
+    def context(self) -> Context:
+        return self._context
 
     def _crosses_bridge(self, item: Any) -> bool:
         if not isinstance(item, dict) or not isinstance(item.get("method"), str):
@@ -133,7 +175,7 @@ class JsonRpcProcessor:
             log.exception("result of an RPC call is not JSON-serializable")
             return _dumps(_error_response(response.get("id"), InternalError().to_json()))
 
-    async def _call(self, item: Any) -> dict[str, Any] | None:
+    async def _call(self, item: Any, context: Context) -> dict[str, Any] | None:
         """Run one request object; ``None`` for a (valid) notification."""
         if not isinstance(item, dict):
             return _error_response(
@@ -160,10 +202,15 @@ class JsonRpcProcessor:
         try:
             if method is None:
                 raise MethodNotFound(f"method {name[:100]!r} does not exist")
+            if method.local_only and not context.local:
+                raise LocalCallersOnly(
+                    f"{name} is served only to callers on the node's machine "
+                    "(artifacts.upload_remote opens it)"
+                )
             if method.is_async:
-                result = await method.handler(self._context, params)
+                result = await method.handler(context, params)
             else:
-                result = method.handler(self._context, params)
+                result = method.handler(context, params)
         except RpcError as exc:
             error_obj = exc.to_json()
         except NeuroSeedError as exc:
@@ -190,9 +237,13 @@ def _http_error(status: int, error: RpcError) -> web.Response:
 
 
 def build_app(
-    processor: JsonRpcProcessor, methods: MethodTable, limits: RpcLimits
+    processor: JsonRpcProcessor,
+    methods: MethodTable,
+    limits: RpcLimits,
+    artifacts: ArtifactHttpSettings | None = None,
 ) -> web.Application:
-    """The aiohttp application: ``POST /`` JSON-RPC, ``GET /`` a description."""
+    """The aiohttp application: ``POST /`` JSON-RPC, ``GET /`` a description, and the artifact
+    endpoints (``POST /artifacts``, ``GET /artifacts/<cid>``) unless ``artifacts`` is None."""
     info = _dumps(
         {
             "service": "neuroseed-rpc",
@@ -203,6 +254,7 @@ def build_app(
             "methods": methods.names(),
         }
     )
+    allow_remote = artifacts is not None and artifacts.allow_remote
 
     async def on_post(request: web.Request) -> web.StreamResponse:
         if request.content_type != JSON_CONTENT_TYPE:
@@ -218,7 +270,8 @@ def build_app(
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _http_error(413, too_large)
-        response = await processor.process(body)
+        local = allow_remote or is_loopback_caller(request)
+        response = await processor.process(body, local=local)
         if response is None:
             return web.Response(status=204)
         return web.Response(body=response, content_type=JSON_CONTENT_TYPE)
@@ -229,7 +282,277 @@ def build_app(
     app = web.Application(client_max_size=limits.max_body_bytes)
     app.router.add_post("/", on_post)
     app.router.add_get("/", on_get)
+    if artifacts is not None:
+        endpoints = _ArtifactEndpoints(processor.context, artifacts)
+        app.router.add_post("/artifacts", endpoints.upload, expect_handler=endpoints.expect)
+        app.router.add_get("/artifacts/{cid}", endpoints.download)
     return app
+
+
+def is_loopback_caller(request: web.Request) -> bool:
+    """True when the HTTP peer is on this machine (a loopback address)."""
+    remote = request.remote
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+# --- artifact endpoints ------------------------------------------------------------------------
+
+UPLOAD_PIECE_BYTES = 1 << 20
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def _error_body(status: int, exc: NeuroSeedError | RpcError) -> web.Response:
+    error = exc.to_json() if isinstance(exc, RpcError) else application_error_json(exc)
+    return web.Response(
+        status=status, body=_dumps({"error": error}), content_type=JSON_CONTENT_TYPE
+    )
+
+
+def _status_of(exc: NeuroSeedError) -> int:
+    """The HTTP status for a node error on an artifact endpoint."""
+    if isinstance(exc, UploadTooLarge):
+        return 413
+    if isinstance(exc, LocalCallersOnly):
+        return 403
+    if isinstance(exc, ArtifactsDisabled):
+        return 503
+    if isinstance(exc, RangeNotSatisfiable):
+        return 416
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, DecodeError | UploadFailed):
+        return 400
+    if isinstance(exc, PRIVATE_DETAIL_ERRORS):
+        return 507 if "quota" in exc.reason else 500
+    return 400
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``Range: bytes=a-b`` (one range; ``a-``, ``-n`` too) as ``[start, end)``; None when the
+    header is absent; ``RangeNotSatisfiable`` for anything else."""
+    if header is None:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    if m is None or (not m.group(1) and not m.group(2)):
+        raise RangeNotSatisfiable(f"unsupported Range {header[:60]!r}: use one bytes=a-b range")
+    first, last = m.group(1), m.group(2)
+    if not first:  # the last n bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable("an empty suffix range")
+        return max(0, size - n), size
+    start = int(first)
+    end = size if not last else min(int(last) + 1, size)
+    if start >= size or end <= start:
+        raise RangeNotSatisfiable(f"bytes {header[6:60]} are outside the {size}-byte artifact")
+    return start, end
+
+
+class _ResponseWriter:
+    """A file-like ``write`` for a worker thread that streams into an aiohttp response on the
+    server loop (backpressure: each write waits until the loop has sent it)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        self._loop = loop
+        self._request = request
+        self._response = response
+        self.prepared = False
+
+    async def _write(self, data: bytes) -> None:
+        if not self.prepared:
+            await self._response.prepare(self._request)
+            self.prepared = True
+        await self._response.write(data)
+
+    def write(self, data: bytes) -> int:
+        asyncio.run_coroutine_threadsafe(self._write(bytes(data)), self._loop).result()
+        return len(data)
+
+
+class _ArtifactEndpoints:
+    """``POST /artifacts`` and ``GET /artifacts/<cid>`` (run on the server thread's loop)."""
+
+    def __init__(self, context: Context, settings: ArtifactHttpSettings) -> None:
+        self._context = context
+        self._settings = settings
+
+    def _service(self, request: web.Request) -> Any:
+        if not (self._settings.allow_remote or is_loopback_caller(request)):
+            raise LocalCallersOnly(
+                "the artifact endpoints are served only to callers on the node's machine "
+                "(set artifacts.upload_remote = true to open them)"
+            )
+        service = getattr(self._context.node, "artifacts", None)
+        if service is None:
+            raise ArtifactsDisabled("this node has no artifact service")
+        return service
+
+    def _too_large(self) -> UploadTooLarge:
+        limit = self._settings.max_upload_bytes
+        return UploadTooLarge(
+            f"the upload exceeds this node's limit of {limit} bytes (artifacts.upload_max_bytes)",
+            data={"limit": limit},
+        )
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """The answer refusing an upload before its body is read, or None to go on."""
+        try:
+            self._service(request)
+            _parse_price_flag(request.query.get("price", "0"))
+        except NeuroSeedError as exc:
+            return _error_body(_status_of(exc), exc)
+        except RpcError as exc:
+            return _error_body(400, exc)
+        length = request.content_length
+        if length is not None and length > self._settings.max_upload_bytes:
+            return _error_body(413, self._too_large())
+        return None
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: refuse (413, 403, ...) before the client sends the body."""
+        refusal = self._refusal(request)
+        if refusal is not None:
+            refusal.force_close()
+            return refusal
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            refusal.force_close()
+            return refusal
+        service = self._service(request)
+        encrypted = _parse_price_flag(request.query.get("price", "0"))
+        limit = self._settings.max_upload_bytes
+        too_large = self._too_large()
+        loop = asyncio.get_running_loop()
+        path = service.new_upload_path()
+        try:
+            received = await _receive(request, path, limit, loop)
+        except UploadTooLarge:
+            await _remove(loop, path)
+            return _error_body(413, too_large)
+        except (OSError, asyncio.CancelledError, ConnectionError) as exc:
+            await _remove(loop, path)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.info("upload interrupted: %s", exc)
+            return _error_body(400, UploadFailed("the upload was interrupted"))
+        except Exception as exc:
+            await _remove(loop, path)
+            log.info("upload failed while receiving: %s", exc)
+            return _error_body(400, UploadFailed("the upload was interrupted"))
+        if received == 0:
+            await _remove(loop, path)
+            return _error_body(400, UploadFailed("the upload is empty"))
+        try:
+            result = await self._context.bridge.call(
+                functools.partial(service.import_upload, path, encrypted=encrypted)
+            )
+        except NeuroSeedError as exc:
+            await _remove(loop, path)
+            if isinstance(exc, PRIVATE_DETAIL_ERRORS):
+                log.warning("upload failed: %s: %s", type(exc).__name__, exc.message)
+            return _error_body(_status_of(exc), exc)
+        from rpc.methods.artifacts import upload_to_json
+
+        return web.Response(body=_dumps(upload_to_json(result)), content_type=JSON_CONTENT_TYPE)
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        from node.storage.importer import export_file, file_size
+        from rpc.methods.artifacts import parse_root
+
+        loop = asyncio.get_running_loop()
+        try:
+            service = self._service(request)
+            root = parse_root(request.match_info["cid"], "cid")
+            store = service.store
+            if not await loop.run_in_executor(None, store.has, root):
+                raise UnknownArtifact(
+                    "this node does not store that artifact; fetch it first (ns_fetchArtifact)"
+                )
+            size = await loop.run_in_executor(None, file_size, store, root)
+            span = parse_range(request.headers.get("Range"), size)
+        except RangeNotSatisfiable as exc:
+            refused = _error_body(416, exc)
+            refused.headers["Content-Range"] = f"bytes */{size}"
+            return refused
+        except NeuroSeedError as exc:
+            return _error_body(_status_of(exc), exc)
+        except RpcError as exc:
+            return _error_body(400, exc)
+        start, end = (0, size) if span is None else span
+        response = web.StreamResponse(status=200 if span is None else 206)
+        response.content_type = "application/octet-stream"
+        response.content_length = end - start
+        response.headers["Accept-Ranges"] = "bytes"
+        if span is not None:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        writer = _ResponseWriter(loop, request, response)
+
+        def export() -> None:
+            export_file(store, root, writer, start=start, end=end)  # type: ignore[arg-type]
+
+        try:
+            if end > start:
+                await loop.run_in_executor(None, export)
+            elif not writer.prepared:
+                await response.prepare(request)
+                writer.prepared = True
+        except NeuroSeedError as exc:
+            if not writer.prepared:
+                return _error_body(_status_of(exc), exc)
+            log.info("download of %s cut short: %s", request.match_info["cid"][:80], exc.message)
+            response.force_close()
+            return response
+        await response.write_eof()
+        return response
+
+
+def _parse_price_flag(value: str) -> bool:
+    """``price`` query value: a decimal amount; > 0 means the data is encrypted."""
+    if not value.isascii() or not value.isdigit() or len(value) > 78:
+        raise InvalidRequest("price: expected a decimal amount in base units (0 = free)")
+    return int(value) > 0
+
+
+async def _receive(
+    request: web.Request, path: Any, limit: int, loop: asyncio.AbstractEventLoop
+) -> int:
+    """Stream the request body into a new file at ``path`` (mode 0600); returns its size."""
+    fd = await loop.run_in_executor(
+        None, functools.partial(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    )
+    fh: BinaryIO = os.fdopen(fd, "wb")
+    total = 0
+    try:
+        async for piece in request.content.iter_chunked(UPLOAD_PIECE_BYTES):
+            total += len(piece)
+            if total > limit:
+                raise UploadTooLarge("over the limit")
+            await loop.run_in_executor(None, fh.write, piece)
+        await loop.run_in_executor(None, fh.flush)
+    finally:
+        fh.close()
+    return total
+
+
+async def _remove(loop: asyncio.AbstractEventLoop, path: Any) -> None:
+    def unlink() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    await loop.run_in_executor(None, unlink)
 
 
 class _ServerThread:
@@ -323,8 +646,10 @@ class RpcServer:
         limits: RpcLimits | None = None,
         *,
         methods: MethodTable | None = None,
+        artifacts: ArtifactHttpSettings | None = None,
     ) -> None:
         self.node = node
+        self.artifacts = artifacts if artifacts is not None else ArtifactHttpSettings()
         self.host = host
         self.port = port
         self.limits = limits if limits is not None else RpcLimits()
@@ -343,7 +668,7 @@ class RpcServer:
                 bridge = TrioBridge.from_current(calls, max_in_flight=self.limits.max_in_flight)
                 processor = JsonRpcProcessor(self.methods, Context(self.node, bridge), self.limits)
                 thread = _ServerThread(
-                    build_app(processor, self.methods, self.limits),
+                    build_app(processor, self.methods, self.limits, self.artifacts),
                     self.host,
                     self.port,
                     self.limits,

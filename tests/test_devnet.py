@@ -12,6 +12,7 @@ from node.config import load_config
 from node.devkeys import dev_address
 from node.devnet import (
     EXTRA_FUNDED_DEV_KEYS,
+    OPERATOR_DEV_KEYS,
     devnet_genesis,
     format_ranges,
     funded_dev_keys,
@@ -33,7 +34,7 @@ def test_devnet_genesis_has_dev_validators_and_funds() -> None:
     bonds = {v.bond for v in genesis.validators}
     assert len(bonds) == 1 and bonds.pop() >= template.authority_params.min_validator_bond
     funded = funded_dev_keys(genesis)
-    assert funded == [*funded_dev_keys(template), *EXTRA_FUNDED_DEV_KEYS]
+    assert funded == [*funded_dev_keys(template), *EXTRA_FUNDED_DEV_KEYS, *OPERATOR_DEV_KEYS]
     assert genesis.votable_params == template.votable_params
     assert genesis.chain_params == template.chain_params
     assert validator_count(template) == 1

@@ -29,6 +29,10 @@ Conventions every implementation keeps (``memory.MemoryNetwork`` is the referenc
   messages of ``messages.py`` carry application errors as ``ErrorResponse`` instead.
 * ``request`` raises ``PeerUnreachable`` when the peer is not connected (or the connection is
   reset while waiting), ``RequestTimeout`` after ``timeout_s``, ``RequestFailed`` otherwise.
+* **Content routing** (DHT provider records): ``provide(key)`` announces that this node serves
+  the content ``key`` (an artifact's binary root CID) and keeps announcing it (records expire);
+  ``find_providers(key, limit)`` returns other peers that announced it (never this node), which
+  may be offline or no longer hold it: callers try them and fall back on the others.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ PROTOCOL_CATCHUP = "/neuroseed/catchup/1"
 PROTOCOL_CHUNKS = "/neuroseed/chunks/1"
 PROTOCOL_PULL = "/neuroseed/pull/1"  # missing block parts and transactions by hash
 PROTOCOL_PING = "/neuroseed/ping/1"
+
+MAX_CONTENT_KEY_BYTES = 128  # a binary CID (an artifact's root) names the content
+DEFAULT_PROVIDER_LIMIT = 20
 
 
 class Topic(StrEnum):
@@ -125,6 +132,25 @@ class HostStopped(P2PError):
     reason = "host stopped"
 
 
+class InvalidContentKey(P2PError):
+    """A provider-record key that is not a binary CIDv1 of at most ``MAX_CONTENT_KEY_BYTES``."""
+
+    code = 2169
+    reason = "invalid content key"
+
+
+def check_content_key(key: object) -> bytes:
+    """``key`` if it is a plausible binary CID (bytes, 1..``MAX_CONTENT_KEY_BYTES``, CIDv1 prefix);
+    ``InvalidContentKey`` otherwise. Implementations parse it further as they need."""
+    if type(key) is not bytes:
+        raise InvalidContentKey(f"a content key is bytes, not {type(key).__name__}")
+    if not 0 < len(key) <= MAX_CONTENT_KEY_BYTES:
+        raise InvalidContentKey(f"a content key is 1..{MAX_CONTENT_KEY_BYTES} bytes")
+    if key[0] != 0x01:
+        raise InvalidContentKey("a content key is a binary CIDv1 (first byte 0x01)")
+    return key
+
+
 class Network(Protocol):
     """One node's view of the network. All methods are called from the node's trio loop."""
 
@@ -156,4 +182,14 @@ class Network(Protocol):
 
     async def penalize(self, peer: PeerId, reason: str) -> None:
         """Score ``peer`` down for bad data; disconnects it past the threshold."""
+        ...
+
+    async def provide(self, key: bytes) -> None:
+        """Announce (and keep re-announcing) that this node provides the content ``key``, a
+        binary CID; ``InvalidContentKey`` for anything else. Returns once announced (or, with no
+        peer to tell yet, once recorded for the next announcement)."""
+        ...
+
+    async def find_providers(self, key: bytes, limit: int = DEFAULT_PROVIDER_LIMIT) -> list[PeerId]:
+        """Up to ``limit`` other peers that announced ``key``, each once; [] when none is known."""
         ...

@@ -36,6 +36,11 @@ duplicates: streams are reliable). Not connected → ``PeerUnreachable`` at once
 ``PeerUnreachable``. Other exceptions of handlers and validators are bugs: they propagate and end
 the network's nursery.
 
+**Providers.** ``provide`` adds the host to a provider table shared by the whole network (a DHT
+with perfect reach); ``find_providers`` lists the other hosts that announced a key, in
+announcement order. Records outlive a host's crash and restart, as DHT records held by other
+nodes do; a stopped host cannot announce or look up.
+
 **Faults.** ``partition([{a, b}, {c, d}])`` silently cuts every link between groups (hosts not
 named are cut from all): connections still look up (as a silent partition does to libp2p), and
 messages, requests and responses crossing it — sent or in flight — are lost; ``heal()`` ends it.
@@ -61,6 +66,7 @@ import trio
 
 from node.errors import NeuroSeedError
 from node.p2p.api import (
+    DEFAULT_PROVIDER_LIMIT,
     MAX_GOSSIP_BYTES,
     MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
@@ -75,6 +81,7 @@ from node.p2p.api import (
     RequestTimeout,
     TopicValidator,
     Verdict,
+    check_content_key,
 )
 
 DEFAULT_BAN_THRESHOLD = 5
@@ -263,6 +270,19 @@ class MemoryHost:
             self._net._penalize(self, other, reason)
         await trio.lowlevel.checkpoint()
 
+    async def provide(self, key: bytes) -> None:
+        self._check_running()
+        providers = self._net._providers.setdefault(check_content_key(key), {})
+        providers[self.name] = None
+        await trio.lowlevel.checkpoint()
+
+    async def find_providers(self, key: bytes, limit: int = DEFAULT_PROVIDER_LIMIT) -> list[PeerId]:
+        self._check_running()
+        names = self._net._providers.get(check_content_key(key), {})
+        await trio.lowlevel.checkpoint()
+        found = [self._net._hosts[n].peer_id for n in names if n != self.name]
+        return found[: max(0, limit)]
+
     # --- extras for tests ------------------------------------------------------------------
 
     def score(self, peer: MemoryHost) -> int:
@@ -363,6 +383,7 @@ class MemoryNetwork:
         self._hosts_by_id: dict[bytes, MemoryHost] = {}
         self._links: set[frozenset[str]] = set()
         self._known: dict[str, set[str]] = {}
+        self._providers: dict[bytes, dict[str, None]] = {}  # content key -> hosts, in order
         self._groups: dict[str, int] | None = None
         self._heap: list[tuple[float, tuple[Any, ...], int, _Arrival]] = []
         self._counter = 0

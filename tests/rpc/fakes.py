@@ -11,6 +11,7 @@ bytes are placeholders, which the RPC layer only carries. Error injection:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -124,6 +125,13 @@ class FakeReadView:
 
     def get_state(self, key: bytes) -> bytes | None:
         return self.state.get(key)
+
+    def iter_state(
+        self, prefix: bytes, *, after: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        for k in sorted(self.state):
+            if k.startswith(prefix) and (after is None or k > after):
+                yield k, self.state[k]
 
     def get_proof(self, key: bytes, height: int | None = None) -> StateProof:
         head = 0 if self.head is None else int(self.head.height)
