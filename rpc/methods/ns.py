@@ -26,6 +26,7 @@ from node.consensus.txs import (
     recover_sender,
     verify_transaction,
 )
+from node.economy.api import EconomyKind
 from node.encoding import Record
 from node.errors import InvalidTransaction
 from node.types import NSD, UINT64_MAX, Address, Amount
@@ -100,10 +101,12 @@ def record_to_json(record: Record) -> dict[str, Any]:
 
 
 def _kind_name(kind: int) -> str | None:
-    try:
-        return TxKind(kind).name.lower()
-    except ValueError:
-        return None
+    for kinds in (TxKind, EconomyKind):
+        try:
+            return kinds(kind).name.lower()
+        except ValueError:
+            continue
+    return None
 
 
 class Located(Protocol):
