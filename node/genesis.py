@@ -109,6 +109,7 @@ _ECONOMY_COUNTS: dict[str, tuple[int, int]] = {
     "max_deal_epochs": (1, 1 << 32),
     "min_collateral_percent": (0, 10_000),
     "max_challenges_per_block": (1, 10_000),
+    "leaf_dispute_heights": (1, UINT64_MAX // 4),
 }
 _LIMIT_FIELDS = ("max_block_bytes", "max_block_txs", "max_tx_bytes")
 _FEE_FIELDS = ("base", "per_byte", "per_signature", "per_new_account")

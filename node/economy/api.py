@@ -45,6 +45,8 @@ class EconomyKind(IntEnum):
     PURCHASE = 30
     KEY_POST = 31
     KEY_DISPUTE = 32
+    LEAF_DISPUTE_OPEN = 33  # a dispute over one full ciphertext leaf, posted in parts
+    LEAF_DISPUTE_PART = 34
     # storage providers and deals (node/economy/deals.py)
     STORAGE_OFFER = 40
     OFFER_WITHDRAW = 41
@@ -77,6 +79,7 @@ NS_OFFER = b"\x26\x01"  # deals.py
 NS_DEAL = b"\x27\x01"  # deals.py
 QUEUE_DEAL = b"\x28\x01"  # deals.py: epochs, challenge windows
 NS_DEAL_AUX = b"\x29\x01"  # deals.py
+NS_LEAF_DISPUTE = b"\x2a\x01"  # purchases.py: open leaf disputes and their posted parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,8 @@ class EconomyParams(Record):
     max_deal_epochs: int
     min_collateral_percent: int  # collateral ≥ this % of the deal's total price
     max_challenges_per_block: int  # per-block cap on the deal queue work (DESIGN §4)
+    # an open leaf dispute takes its parts until the dispute window's end + this many heights
+    leaf_dispute_heights: int
 
 
 # Hard ceilings of the genesis-fixed composite caps (genesis.json cannot go above them): a
@@ -132,6 +137,7 @@ DEFAULT_ECONOMY_PARAMS = EconomyParams(
     max_deal_epochs=100_000,
     min_collateral_percent=100,
     max_challenges_per_block=64,
+    leaf_dispute_heights=100,
 )
 
 

@@ -25,8 +25,18 @@ from node.consensus.txs import VerifiedTransaction, make_transaction
 from node.consensus.txs import verify_transaction as verify
 from node.economy.api import DEFAULT_ECONOMY_PARAMS, NS_PURCHASE, NS_ROLES, EconomyParams, Role
 from node.economy.datasets import DatasetRegister, dataset_id
-from node.economy.purchases import PurchaseRecord, ShareState
-from node.economy.roles import RoleRegister, RoleSet
+from node.economy.purchases import (
+    DisputeChunk,
+    KeyDispute,
+    KeyPost,
+    Purchase,
+    PurchaseRecord,
+    ShareState,
+    get_purchase,
+    key_wrap_context,
+    purchase_id,
+)
+from node.economy.roles import RoleRegister, RoleSet, get_role
 from node.encoding import Record
 from node.errors import InvalidTransaction
 from node.genesis import Genesis
@@ -49,6 +59,7 @@ PROVIDER_BOND = 2_000_000
 SLASH = 400_000
 KEY_POST_HEIGHTS = 4
 DISPUTE_WINDOW = 3
+LEAF_DISPUTE_HEIGHTS = 4
 
 ECONOMY = replace(
     DEFAULT_ECONOMY_PARAMS,
@@ -59,6 +70,7 @@ ECONOMY = replace(
     max_composite_ranges=6,
     key_post_heights=KEY_POST_HEIGHTS,
     dispute_window_heights=DISPUTE_WINDOW,
+    leaf_dispute_heights=LEAF_DISPUTE_HEIGHTS,
 )
 
 # Dev keys: 0 the validator; suppliers, a distributor and customers.
@@ -70,12 +82,14 @@ BUYER2 = 5
 NOBODY = 6
 
 
-def economy_genesis(economy: EconomyParams = ECONOMY, queue_work: int = 64) -> Genesis:
+def economy_genesis(
+    economy: EconomyParams = ECONOMY, queue_work: int = 64, max_tx_bytes: int = 1 << 20
+) -> Genesis:
     genesis = make_genesis(
         funded=8,
         validators=(0,),
         fees=EVERY_KIND_FEES,
-        max_tx_bytes=1 << 20,  # a dispute carries a ciphertext leaf
+        max_tx_bytes=max_tx_bytes,  # by default 1 MiB: a KeyDispute carries a ciphertext leaf
         max_block_bytes=8 << 20,
         authority=make_authority(max_queue_work_per_block=queue_work),
     )
@@ -293,7 +307,8 @@ class EconomyChain(AuthorityChain):
                 total += sum(
                     s.amount
                     for s in PurchaseRecord.decode(v).shares
-                    if s.state in (ShareState.AWAITING_KEY, ShareState.KEY_POSTED)
+                    if s.state
+                    in (ShareState.AWAITING_KEY, ShareState.KEY_POSTED, ShareState.LEAF_DISPUTE)
                 )
         return total
 
@@ -307,6 +322,91 @@ class EconomyChain(AuthorityChain):
         )
 
 
+# --- a market -------------------------------------------------------------------------------------
+
+PRICE = 1_000
+
+
+def fixed_rng(seed: int) -> encryption.Rng:
+    """A deterministic ``Rng``: ``n`` bytes of ``seed``."""
+
+    def draw(n: int) -> bytes:
+        return bytes([seed]) * n
+
+    return draw
+
+
+BUYER_PRIV, BUYER_PUB = encryption.generate_wrap_keypair(fixed_rng(7))
+
+
+class Market:
+    """SUPPLIER sells P (priced, 8 rows) and gives A (free, 10 rows); BUYER and BUYER2 are
+    customers; SUPPLIER2 is a supplier too."""
+
+    def __init__(
+        self, queue_work: int = 64, p: Artifact | None = None, max_tx_bytes: int = 1 << 20
+    ) -> None:
+        self.c = EconomyChain(economy_genesis(queue_work=queue_work, max_tx_bytes=max_tx_bytes))
+        self.c.register_roles(
+            (SUPPLIER, Role.DATA_SUPPLIER),
+            (SUPPLIER2, Role.DATA_SUPPLIER),
+            (DISTRIBUTOR, Role.DISTRIBUTOR),
+            (BUYER, Role.CUSTOMER),
+            (BUYER2, Role.CUSTOMER),
+        )
+        self.p = p or priced_dataset(8, seed=3)
+        self.a = rows_dataset(10, seed=1)
+        self.c.run(
+            self.c.tx(SUPPLIER, register_body(self.p, name="P", price=PRICE)),
+            self.c.tx(SUPPLIER, register_body(self.a, name="A")),
+        )
+
+    def buy(
+        self, who: int, dataset: bytes, max_price: int = 10**6, pub: bytes = BUYER_PUB
+    ) -> Hash32:
+        pid = purchase_id(addr(who), self.c.nonce(who))
+        self.c.run(self.c.tx(who, Purchase(Hash32(dataset), pub, Amount(max_price))))
+        return pid
+
+    def wrapped(self, pid: bytes, source: Artifact, key: bytes | None = None) -> bytes:
+        content = key if key is not None else source.key
+        assert content is not None
+        return encryption.wrap_key(
+            content, BUYER_PUB, key_wrap_context(pid, source.id), rng=fixed_rng(9)
+        )
+
+    def post(
+        self, pid: bytes, source: Artifact, wrapped: bytes | None = None, who: int = SUPPLIER
+    ) -> None:
+        body = KeyPost(Hash32(pid), source.id, wrapped or self.wrapped(pid, source))
+        self.c.run(self.c.tx(who, body))
+
+    def dispute(
+        self, pid: bytes, source: Artifact, leaf: int | None = None, priv: bytes = BUYER_PRIV
+    ) -> KeyDispute:
+        chunk = None
+        if leaf is not None:
+            data, path = source.leaf(leaf)
+            chunk = DisputeChunk(leaf, data, path)
+        return KeyDispute(Hash32(pid), source.id, priv, chunk)
+
+    def share(self, pid: bytes, index: int = 0) -> tuple[int, int]:
+        record = get_purchase(self.c.view(), pid)
+        assert record is not None
+        s = record.shares[index]
+        return s.state, s.amount
+
+    def obligations(self, who: int) -> int:
+        entry = get_role(self.c.view(), addr(who), Role.DATA_SUPPLIER)
+        assert entry is not None
+        return entry.obligations
+
+    def bond(self, who: int) -> int:
+        entry = get_role(self.c.view(), addr(who), Role.DATA_SUPPLIER)
+        assert entry is not None
+        return entry.bond
+
+
 def verified(raw: bytes) -> VerifiedTransaction:
     return verify(raw)
 
@@ -314,17 +414,23 @@ def verified(raw: bytes) -> VerifiedTransaction:
 __all__ = [
     "BUYER",
     "BUYER2",
+    "BUYER_PRIV",
+    "BUYER_PUB",
     "DISTRIBUTOR",
     "ECONOMY",
     "FEE",
+    "LEAF_DISPUTE_HEIGHTS",
     "NOBODY",
+    "PRICE",
     "SUPPLIER",
     "SUPPLIER2",
     "Artifact",
     "EconomyChain",
+    "Market",
     "addr",
     "build_artifact",
     "economy_genesis",
+    "fixed_rng",
     "header_json",
     "priced_dataset",
     "raw_header",

@@ -53,7 +53,6 @@ from node.economy.roles import (
     MissingRole,
     RoleHasObligations,
     RoleResign,
-    get_role,
 )
 from node.storage import encryption
 from node.storage.unixfs import UnixfsBuilder, raw_cid
@@ -61,104 +60,26 @@ from node.types import Address, Amount, Hash32
 from tests.economy.econ import (
     BUYER,
     BUYER2,
+    BUYER_PRIV,
+    BUYER_PUB,
     DISPUTE_WINDOW,
     DISTRIBUTOR,
     KEY_POST_HEIGHTS,
+    PRICE,
     SLASH,
     SUPPLIER,
     SUPPLIER2,
     SUPPLIER_BOND,
-    Artifact,
-    EconomyChain,
+    Market,
     addr,
     build_artifact,
-    economy_genesis,
+    fixed_rng,
     header_json,
     leaf_with_path,
     priced_dataset,
     register_body,
-    rows_dataset,
     tx,
 )
-
-PRICE = 1_000
-
-
-def _rng(seed: int):  # type: ignore[no-untyped-def]
-    def draw(n: int) -> bytes:
-        return bytes([seed]) * n
-
-    return draw
-
-
-BUYER_PRIV, BUYER_PUB = encryption.generate_wrap_keypair(_rng(7))
-
-
-class Market:
-    """SUPPLIER sells P (priced, 8 rows) and gives A (free, 10 rows); BUYER and BUYER2 are
-    customers; SUPPLIER2 is a supplier too."""
-
-    def __init__(self, queue_work: int = 64, p: Artifact | None = None) -> None:
-        self.c = EconomyChain(economy_genesis(queue_work=queue_work))
-        self.c.register_roles(
-            (SUPPLIER, Role.DATA_SUPPLIER),
-            (SUPPLIER2, Role.DATA_SUPPLIER),
-            (DISTRIBUTOR, Role.DISTRIBUTOR),
-            (BUYER, Role.CUSTOMER),
-            (BUYER2, Role.CUSTOMER),
-        )
-        self.p = p or priced_dataset(8, seed=3)
-        self.a = rows_dataset(10, seed=1)
-        self.c.run(
-            self.c.tx(SUPPLIER, register_body(self.p, name="P", price=PRICE)),
-            self.c.tx(SUPPLIER, register_body(self.a, name="A")),
-        )
-
-    def buy(
-        self, who: int, dataset: bytes, max_price: int = 10**6, pub: bytes = BUYER_PUB
-    ) -> Hash32:
-        pid = purchase_id(addr(who), self.c.nonce(who))
-        self.c.run(self.c.tx(who, Purchase(Hash32(dataset), pub, Amount(max_price))))
-        return pid
-
-    def wrapped(self, pid: bytes, source: Artifact, key: bytes | None = None) -> bytes:
-        content = key if key is not None else source.key
-        assert content is not None
-        return encryption.wrap_key(
-            content, BUYER_PUB, key_wrap_context(pid, source.id), rng=_rng(9)
-        )
-
-    def post(
-        self, pid: bytes, source: Artifact, wrapped: bytes | None = None, who: int = SUPPLIER
-    ) -> None:
-        body = KeyPost(Hash32(pid), source.id, wrapped or self.wrapped(pid, source))
-        self.c.run(self.c.tx(who, body))
-
-    def dispute(
-        self, pid: bytes, source: Artifact, leaf: int | None = None, priv: bytes = BUYER_PRIV
-    ) -> KeyDispute:
-        chunk = None
-        if leaf is not None:
-            data, path = source.leaf(leaf)
-            chunk = DisputeChunk(leaf, data, path)
-        return KeyDispute(Hash32(pid), source.id, priv, chunk)
-
-    def share(self, pid: bytes, index: int = 0) -> tuple[int, int]:
-        record = get_purchase(self.c.view(), pid)
-        assert record is not None
-        s = record.shares[index]
-        return s.state, s.amount
-
-    def obligations(self, who: int) -> int:
-        entry = get_role(self.c.view(), addr(who), Role.DATA_SUPPLIER)
-        assert entry is not None
-        return entry.obligations
-
-    def bond(self, who: int) -> int:
-        entry = get_role(self.c.view(), addr(who), Role.DATA_SUPPLIER)
-        assert entry is not None
-        return entry.bond
-
 
 # --- the happy path and the deadline ---------------------------------------------------------------
 
@@ -280,7 +201,7 @@ def test_an_honest_key_makes_the_dispute_invalid() -> None:
     err = m.c.reject(m.c.tx(BUYER, m.dispute(pid, m.p, leaf=1)), DisputeRejected)
     assert "decrypts the leaf" in err.message
     # a private key that is not the purchase's
-    other, _ = encryption.generate_wrap_keypair(_rng(8))
+    other, _ = encryption.generate_wrap_keypair(fixed_rng(8))
     m.c.reject(m.c.tx(BUYER, m.dispute(pid, m.p, priv=other)), DisputeBadPrivateKey)
     # only the buyer disputes
     m.c.reject(m.c.tx(BUYER2, m.dispute(pid, m.p)), NotTheBuyer)
