@@ -1429,6 +1429,7 @@ class _Source:
     key: bytes | None = None
     access: bytes | None = None
     leaves: set[int] | None = None  # None: the whole artifact
+    purchase: str | None = None  # the purchase whose key opened it (0x id)
 
 
 def _source_of(record: dict[str, Any]) -> _Source:
@@ -1449,7 +1450,7 @@ def _content_keys(
 
     from node.economy.purchases import key_wrap_context
     from node.p2p.chunks import AccessTerms, sign_access
-    from node.storage.encryption import key_check, unwrap_key
+    from node.storage.encryption import KeyUnwrapFailed, key_check, unwrap_key
 
     encrypted = [s for s in sources if s.encrypted]
     if not encrypted:
@@ -1495,13 +1496,22 @@ def _content_keys(
                 f"{mine['purchase']} yet; wait (`dataset buy --wait`) and try again"
             )
         context = key_wrap_context(_unhex(mine["purchase"]), _unhex(src.record["id"]))
-        content_key = unwrap_key(_unhex(wrapped), secret, context)
+        try:
+            content_key = unwrap_key(_unhex(wrapped), secret, context)
+        except KeyUnwrapFailed:
+            raise CliError(
+                f"the key posted for {src.record['id']} does not open with your purchase's "
+                f"one-off key; nothing was written. "
+                + _dispute_remedy(mine["purchase"], share, src.record["id"], len(encrypted))
+            ) from None
         if key_check(_unhex(src.record["salt"]), content_key) != _unhex(src.record["keyCheck"]):
             raise CliError(
                 f"the key posted for {src.record['id']} does not match its registered key check; "
-                "you may dispute it (KeyDispute) within the dispute window"
+                "nothing was written. "
+                + _dispute_remedy(mine["purchase"], share, src.record["id"], len(encrypted))
             )
         src.key = content_key
+        src.purchase = mine["purchase"]
         terms = AccessTerms(
             chain_id=ChainId(chain_id),
             root=src.root,
@@ -1640,6 +1650,7 @@ def _download_whole(client: Client, src: _Source, out: Path) -> int:
 
 
 def cmd_dataset_get(args: argparse.Namespace) -> int:
+    from node.storage.encryption import DecryptionFailed
     from node.storage.format_v1 import (
         CompositePart,
         leaves_for_data_range,
@@ -1695,14 +1706,59 @@ def cmd_dataset_get(args: argparse.Namespace) -> int:
                     fh, parts, lambda i, begin, end: readers[i].read(begin, end)
                 )
 
-            _write_atomically(out, write)
+            try:
+                _write_atomically(out, write)
+            except DecryptionFailed as exc:
+                raise _undecryptable(client, out, unique, exc) from None
             blocks = sum(len(s.leaves or ()) for s in unique)
             return _print_get(args, out, written, None, record, leaves=blocks)
         src = _source_of(record)
         _content_keys(args, client, record, [src])
         _run_fetch(client, src, args.timeout, "fetch")
-        written = _download_whole(client, src, out)
+        try:
+            written = _download_whole(client, src, out)
+        except DecryptionFailed as exc:
+            raise _undecryptable(client, out, [src], exc) from None
         return _print_get(args, out, written, record.get("rootCid"), record)
+
+
+def _dispute_remedy(
+    purchase: str, share: dict[str, Any] | None, source: str | None, encrypted: int
+) -> str:
+    """What a buyer whose paid data does not open can do: ``dataset dispute``, by when."""
+    command = f"neuroseed dataset dispute {purchase}"
+    if encrypted > 1:
+        command += f" --source {source}" if source else " --source ID"
+    until = ""
+    if share is not None and int(share.get("state", 0)) == 2 and share.get("deadline") is not None:
+        until = f" by height {share['deadline']} (the end of the dispute window)"
+    return (
+        f"Dispute it{until}: `{command}` checks the posted key and every leaf and, if the "
+        "seller is at fault, gets your payment back."
+    )
+
+
+def _undecryptable(
+    client: Client, out: Path, sources: list[_Source], exc: NeuroSeedError
+) -> CliError:
+    """The error of a ``dataset get`` whose paid data does not decrypt: nothing is left behind
+    (the output was never renamed into place; the downloaded ciphertext is of no use and is
+    removed: the node keeps its copy for a dispute), and the remedy is named."""
+    with contextlib.suppress(FileNotFoundError):
+        out.with_name(out.name + ".part").unlink()
+    encrypted = [s for s in sources if s.key is not None]
+    pid = next((s.purchase for s in encrypted if s.purchase is not None), None)
+    message = f"{exc.message}: nothing was written to {out}."
+    if pid is None:  # pragma: no cover - a key is only ever opened from a kept purchase
+        return CliError(message)
+    purchase = client.get_purchase(pid)
+    shares = {s["source"]: s for s in (purchase or {}).get("shares", [])}
+    only = encrypted[0].record["id"] if len(encrypted) == 1 else None
+    share = shares.get(only) if only is not None else None
+    return CliError(
+        f"{message} The seller's data does not decrypt as registered with the key it posted. "
+        + _dispute_remedy(pid, share, only, len(encrypted))
+    )
 
 
 def _root_bytes(ref: str) -> bytes:
@@ -1740,6 +1796,382 @@ def _print_get(
             rows.append(("leaves read", leaves))
         print(_rows(rows))
     return EXIT_OK
+
+
+# --- dataset dispute ---------------------------------------------------------------------------
+
+
+def _purchase_id_arg(text: str) -> str:
+    s = text.strip().lower()
+    if not re.fullmatch(r"0x[0-9a-f]{64}", s):
+        raise CliError(f"{text!r} is not a purchase id (0x and 64 hex digits)")
+    return s
+
+
+def _kept_purchase(args: argparse.Namespace, pid: str) -> dict[str, Any]:
+    """The one-off key ``dataset buy`` kept for purchase ``pid``."""
+    directory = _purchases_dir(args)
+    path = directory / f"{pid[2:]}.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CliError(
+            f"no one-off key for purchase {pid} in {directory}: a dispute reveals the key "
+            "`neuroseed dataset buy` kept there (use the --datadir you bought with)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the purchase key file {path}: {exc}") from None
+    if (
+        not isinstance(record, dict)
+        or record.get("purchase") != pid
+        or not isinstance(record.get("privateKey"), str)
+        or not isinstance(record.get("buyer"), str)
+    ):
+        raise CliError(f"{path} is not a purchase key file written by `neuroseed dataset buy`")
+    return record
+
+
+def _state_value(client: Client, key: bytes) -> bytes | None:
+    """The chain's latest value under ``key`` (``ns_getProof``; the proof is not checked)."""
+    return client.get_proof(key).value
+
+
+class _Signer:
+    """The buyer's key, unlocked once and only when needed (a fetch's access request, the
+    transactions)."""
+
+    def __init__(self, args: argparse.Namespace, buyer: Address) -> None:
+        self._args = args
+        self._buyer = buyer
+        self._key: crypto.PrivateKey | None = None
+
+    def __call__(self) -> crypto.PrivateKey:
+        if self._key is None:
+            if self._args.dev_key is None and self._args.sender is None:
+                self._args.sender = to_checksum(self._buyer)
+            key = _sender_key(self._args)
+            if key.address != self._buyer:
+                raise CliError(
+                    f"the purchase was made by {to_checksum(self._buyer)}; sign with that account"
+                )
+            self._key = key
+        return self._key
+
+
+def _dispute_reader(
+    client: Client, source: Any, pid: str, signer: _Signer, chain_id: int
+) -> Callable[[int, int], bytes]:
+    """``read(start, end)`` of the source's stored file through the node; the first read has the
+    node fetch what it lacks (the purchase grants access while the share is disputed)."""
+    import io
+    import secrets
+    import time
+
+    from node.p2p.chunks import AccessTerms, sign_access
+    from node.storage.unixfs import parse_cid
+
+    ready = False
+    root = bytes(source.root)
+
+    def ensure() -> None:
+        nonlocal ready
+        if ready:
+            return
+        info = client.get_artifact(root)
+        if not info.get("complete"):
+            node = client.node_info()
+            if node.get("peerId") is None:
+                raise CliError(
+                    "the node lacks blocks of the dataset and has no peer-to-peer network to "
+                    "fetch them with"
+                )
+            key = signer()
+            terms = AccessTerms(
+                chain_id=ChainId(chain_id),
+                root=root,
+                address=key.address,
+                peer_id=_unhex(node["peerId"], "peer id"),
+                grant_id=Hash32(_unhex(pid)),
+                expires_ms=TimestampMs(int(time.time() * 1000) + ACCESS_LIFETIME_MS),
+                nonce=int.from_bytes(secrets.token_bytes(8), "big"),
+            )
+            src = _Source(
+                {"id": _hex(source.id), "rootCid": str(parse_cid(root))},
+                root,
+                None,
+                True,
+                access=sign_access(key, terms).encode(),
+            )
+            _run_fetch(client, src, DEFAULT_GET_TIMEOUT, "fetch")
+        ready = True
+
+    def read(start: int, end: int) -> bytes:
+        ensure()
+        buf = io.BytesIO()
+        client.download_artifact(root, buf, start=start, end=end)
+        return buf.getvalue()
+
+    return read
+
+
+def _fee_for(client: Client, raw: bytes, cache: dict[tuple[int, int], int]) -> int:
+    """The estimated cost plus the tip; parts of one size cost the same, so it is asked once."""
+    from node.consensus.txs import decode_transaction
+
+    kind = decode_transaction(raw).tx.kind
+    cost = cache.get((kind, len(raw)))
+    if cost is None:
+        cost = cache[(kind, len(raw))] = int(client.estimate_fee(raw))
+    return cost + cost // TIP_DIVISOR
+
+
+def _send_dispute(
+    args: argparse.Namespace,
+    client: Client,
+    key: crypto.PrivateKey,
+    chain_id: int,
+    bodies: Sequence[Record],
+) -> list[dict[str, Any]]:
+    """Sign ``bodies`` with consecutive nonces, check the balance covers every fee, send them in
+    nonce order and (unless ``--no-wait``) wait for each receipt in turn."""
+    from node.dispute_client import body_kind
+
+    fee_arg = _fee_option(args)
+    nonce = client.pending_nonce(key.address)
+    cache: dict[tuple[int, int], int] = {}
+    signed = []
+    for i, body in enumerate(bodies):
+        if fee_arg is None:
+            fee = _fee_for(
+                client, make_transaction(key, chain_id, nonce + i, 0, body).encode(), cache
+            )
+        else:
+            fee = fee_arg
+        signed.append((make_transaction(key, chain_id, nonce + i, fee, body), fee, body))
+    total = sum(fee for _, fee, _ in signed)
+    balance = client.get_account(key.address).balance
+    if balance < total:
+        raise CliError(
+            f"insufficient funds: {to_checksum(key.address)} has {format_nsd(balance)} NSD, the "
+            f"dispute's {len(signed)} transaction(s) cost {format_nsd(total)} NSD in fees"
+        )
+    sent: list[dict[str, Any]] = []
+    for i, (tx, fee, body) in enumerate(signed):
+        try:
+            tx_id = client.send_raw_transaction(tx.encode())
+        except (NeuroSeedError, ClientError) as exc:
+            if not sent:
+                raise
+            raise CliError(
+                f"sending transaction {i + 1} of {len(signed)} failed ({exc}); the first {i} were "
+                "sent: run the same command again to post the rest"
+            ) from None
+        sent.append(
+            {"txId": _hex(tx_id), "kind": body_kind(body), "nonce": nonce + i, "fee": str(fee)}
+        )
+    if args.no_wait:
+        return sent
+    if not args.json:
+        print(
+            f"sent {len(sent)} transaction(s); waiting until they are final "
+            f"(up to {args.timeout:g} s each)",
+            file=sys.stderr,
+        )
+    for i, item in enumerate(sent):
+        receipt = client.wait_for_receipt(item["txId"], timeout=args.timeout)
+        item["receipt"] = receipt
+        if not receipt.get("success"):
+            raise CliError(
+                f"dispute transaction {i + 1} of {len(sent)} ({item['kind']}, {item['txId']}) "
+                f"failed: {receipt.get('error') or 'no reason'}"
+            )
+    return sent
+
+
+def _event_attributes(receipt: dict[str, Any] | None, names: Sequence[str]) -> dict[str, Any]:
+    """The attributes of the receipt's first event named one of ``names``."""
+    for event in (receipt or {}).get("events", []):
+        if event.get("name") in names:
+            return {a.get("key"): a.get("value") for a in event.get("attributes", [])}
+    return {}
+
+
+def _amount_attr(value: Any) -> int | None:
+    if isinstance(value, str) and value.startswith("0x"):
+        return int(value[2:] or "0", 16)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def cmd_dataset_dispute(args: argparse.Namespace) -> int:
+    from node.consensus.params import VotableParams
+    from node.consensus.state import PARAMS_KEY
+    from node.dispute_client import (
+        RangeArtifact,
+        body_kind,
+        plan_dispute,
+        plan_resume,
+        require_disputable,
+        select_share,
+        total_leaf_bytes,
+    )
+    from node.economy.datasets import DatasetRecord, dataset_key
+    from node.economy.purchases import (
+        LeafDispute,
+        PurchaseRecord,
+        ShareState,
+        leaf_dispute_key,
+        purchase_key,
+    )
+    from node.storage.encryption import encrypted_size
+    from node.storage.format_v1 import LEAF0_BYTES
+
+    pid = _purchase_id_arg(args.purchase)
+    if args.leaf is not None and args.leaf < 1:
+        raise CliError("--leaf: data leaves start at 1 (leaf 0 is the public header)")
+    source_id: bytes | None = None
+    if args.source is not None:
+        ref = _dataset_ref(args.source)
+        if not ref.startswith("0x") or len(ref) != 66:
+            raise CliError(f"--source {args.source!r}: expected a dataset id (0x + 64 hex digits)")
+        source_id = bytes.fromhex(ref[2:])
+    if not args.dry_run:
+        _fee_option(args)
+    kept = _kept_purchase(args, pid)
+    secret = _unhex(kept["privateKey"], "private key")
+    buyer = Address(_unhex(kept["buyer"], "buyer"))
+    signer = _Signer(args, buyer)
+    with _client(args) as client:
+        chain_id = client.chain_id()  # fails fast (exit 3)
+        raw = _state_value(client, purchase_key(bytes.fromhex(pid[2:])))
+        if raw is None:
+            raise CliError(f"purchase {pid} is not on chain (yet)")
+        purchase = PurchaseRecord.decode(raw)
+        if purchase.buyer != buyer:
+            raise CliError(
+                f"purchase {pid} was made by {to_checksum(purchase.buyer)}, not by "
+                f"{to_checksum(buyer)} as the kept key file says"
+            )
+        index = select_share(purchase, source_id)
+        share = purchase.shares[index]
+        require_disputable(share, client.block_number() + 1)
+        raw = _state_value(client, dataset_key(share.source))
+        if raw is None:  # pragma: no cover - a share's source is never deleted
+            raise CliError(f"source 0x{share.source.hex()} of the purchase is not on chain")
+        source = DatasetRecord.decode(raw)
+        raw = _state_value(client, PARAMS_KEY)
+        if raw is None:  # pragma: no cover - written at genesis
+            raise CliError("the node sent no chain parameters")
+        max_tx_bytes = VotableParams.decode(raw).max_tx_bytes
+        artifact = RangeArtifact(
+            source.root,
+            LEAF0_BYTES + encrypted_size(source.data_size),
+            _dispute_reader(client, source, pid, signer, chain_id),
+        )
+        if share.state == ShareState.LEAF_DISPUTE:
+            raw = _state_value(client, leaf_dispute_key(purchase.id, index))
+            if raw is None:  # pragma: no cover - written with the LEAF_DISPUTE state
+                raise CliError("the open leaf dispute's record is missing on chain")
+            dispute = LeafDispute.decode(raw)
+            if args.leaf is not None and args.leaf != dispute.leaf_index:
+                raise CliError(
+                    f"--leaf {args.leaf}: a dispute over leaf {dispute.leaf_index} is already "
+                    "open on this share; run without --leaf to finish it"
+                )
+            plan = plan_resume(
+                purchase, index, source, dispute, artifact, max_tx_bytes=max_tx_bytes
+            )
+        else:
+            plan = plan_dispute(
+                purchase,
+                index,
+                source,
+                secret,
+                artifact,
+                max_tx_bytes=max_tx_bytes,
+                leaf=args.leaf,
+            )
+        kinds: dict[str, int] = {}
+        for body in plan.bodies:
+            kinds[body_kind(body)] = kinds.get(body_kind(body), 0) + 1
+        summary = {
+            "purchase": pid,
+            "source": _hex(plan.source),
+            "leaf": plan.leaf_index,
+            "verdict": plan.verdict.name.lower(),
+            "finding": plan.reason,
+            "refund": str(plan.refund),
+            "resumed": plan.resumed,
+            "leafBytes": total_leaf_bytes(plan.bodies),
+        }
+        if args.dry_run:
+            if args.json:
+                _print_json(
+                    {
+                        **summary,
+                        "dryRun": True,
+                        "transactions": [
+                            {"kind": body_kind(b), "bodyBytes": len(b.encode())}
+                            for b in plan.bodies
+                        ],
+                    }
+                )
+            else:
+                print(_rows(_dispute_rows(summary, kinds)))
+                print("dry run: nothing sent", file=sys.stderr)
+            return EXIT_OK
+        sent = _send_dispute(args, client, signer(), chain_id, plan.bodies)
+        final: Any = None
+        if not args.no_wait:
+            raw = _state_value(client, purchase_key(purchase.id))
+            final = None if raw is None else PurchaseRecord.decode(raw).shares[index]
+    outcome: dict[str, Any] | None = None
+    if final is not None:
+        last = sent[-1].get("receipt")
+        attrs = _event_attributes(last, ("key_dispute", "leaf_dispute"))
+        outcome = {
+            "state": ShareState(final.state).name.lower(),
+            "refunded": str(_amount_attr(attrs.get("refunded")) or 0),
+            "slashed": str(_amount_attr(attrs.get("slashed")) or 0),
+        }
+    if args.json:
+        _print_json({**summary, "dryRun": False, "transactions": sent, "outcome": outcome})
+    else:
+        rows = _dispute_rows(summary, kinds)
+        rows.append(
+            (
+                "transactions",
+                ", ".join(t["txId"] for t in sent[:2])
+                + (f", … ({len(sent)} in all)" if len(sent) > 2 else ""),
+            )
+        )
+        if outcome is None:
+            rows.append(("status", "sent (not waiting for finality)"))
+        elif outcome["state"] == "owner_fault":
+            rows.append(("verdict", "the owner was at fault"))
+            rows.append(("refunded", f"{format_nsd(int(outcome['refunded']))} NSD to you"))
+            rows.append(("owner slashed", f"{format_nsd(int(outcome['slashed']))} NSD"))
+        else:
+            rows.append(("share", outcome["state"]))
+        print(_rows(rows))
+    if outcome is not None and outcome["state"] != "owner_fault":
+        raise CliError(f"the dispute did not refund the share: it is {outcome['state']}")
+    return EXIT_OK
+
+
+def _dispute_rows(summary: dict[str, Any], kinds: dict[str, int]) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = [
+        ("purchase", summary["purchase"]),
+        ("source", summary["source"]),
+        ("finding", summary["finding"]),
+        ("expected verdict", summary["verdict"]),
+        ("refund", f"{format_nsd(int(summary['refund']))} NSD"),
+        ("to send", ", ".join(f"{n} × {k}" for k, n in kinds.items())),
+    ]
+    if summary["leafBytes"]:
+        rows.append(("leaf bytes on chain", summary["leafBytes"]))
+    return rows
 
 
 def _dataset_rows(record: dict[str, Any]) -> list[tuple[str, object]]:
@@ -2195,6 +2627,27 @@ def _add_dataset_commands(commands: Any, command: Callable[..., argparse.Argumen
     p.add_argument("--max-price", metavar="NSD", help="refuse to pay more than this")
     p.add_argument(
         "--wait", action="store_true", help="also wait until the owner has posted the key"
+    )
+    _add_sender_options(p)
+    p = command(
+        ds,
+        "dispute",
+        cmd_dataset_dispute,
+        "dispute the content key a seller posted for your purchase: checks the key and the stored "
+        "ciphertext with the purchase's one-off key and, if the seller is at fault, posts the "
+        "proof (the key, or a leaf that does not decrypt) to get the price back",
+    )
+    p.add_argument("purchase", metavar="PURCHASE_ID", help="the purchase id `dataset buy` printed")
+    p.add_argument(
+        "--source",
+        metavar="ID",
+        help="the source dataset to dispute (needed when a composite has several priced sources)",
+    )
+    p.add_argument(
+        "--leaf", metavar="N", type=int, help="check data leaf N (1, 2, ...) only, not every leaf"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="decide and show the dispute without sending it"
     )
     _add_sender_options(p)
     p = command(ds, "list", cmd_dataset_list, "list registered datasets")
