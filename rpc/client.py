@@ -590,6 +590,24 @@ class AsyncClient:
             raise TransportError(f"download from {url} failed: {exc}") from exc
         return written
 
+    async def get_block_bytes(self, cid: bytes | str) -> bytes:
+        """One stored block's raw bytes (``GET /blocks/<cid>``): a raw leaf or a dag-pb node.
+        The caller checks it against its CID (``node.storage.unixfs.verify_block``)."""
+        url = urljoin(self.url, "blocks/" + _root_ref(cid))
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=_transfer_timeout()) as session,
+                session.get(url) as response,
+            ):
+                raw = await response.read()
+                if response.status != 200:
+                    _transfer_answer(url, 400, raw)
+                return raw
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the block request to {url} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"block request to {url} failed: {exc}") from exc
+
     async def wait_for_receipt(
         self, tx_id: bytes | str, timeout: float = 30.0, *, poll_interval: float = 0.25
     ) -> dict[str, Any]:
@@ -766,6 +784,9 @@ class Client:
         self, path: str | os.PathLike[str], *, price: int = 0, progress: Progress | None = None
     ) -> dict[str, Any]:
         return self._run(self._async.upload_artifact(path, price=price, progress=progress))
+
+    def get_block_bytes(self, cid: bytes | str) -> bytes:
+        return self._run(self._async.get_block_bytes(cid))
 
     def download_artifact(
         self,

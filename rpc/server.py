@@ -286,6 +286,7 @@ def build_app(
         endpoints = _ArtifactEndpoints(processor.context, artifacts)
         app.router.add_post("/artifacts", endpoints.upload, expect_handler=endpoints.expect)
         app.router.add_get("/artifacts/{cid}", endpoints.download)
+        app.router.add_get("/blocks/{cid}", endpoints.block)
     return app
 
 
@@ -467,6 +468,27 @@ class _ArtifactEndpoints:
         from rpc.methods.artifacts import upload_to_json
 
         return web.Response(body=_dumps(upload_to_json(result)), content_type=JSON_CONTENT_TYPE)
+
+    async def block(self, request: web.Request) -> web.Response:
+        """``GET /blocks/<cid>``: one stored block's raw bytes (a raw leaf or a dag-pb node), for
+        clients that must prove something about a block (disputes) or walk a DAG themselves."""
+        from rpc.methods.artifacts import parse_root
+
+        loop = asyncio.get_running_loop()
+        try:
+            service = self._service(request)
+            cid = parse_root(request.match_info["cid"], "cid")
+            data = await loop.run_in_executor(None, service.store.get, cid)
+            if data is None:
+                raise UnknownArtifact(
+                    "this node does not store that block; fetch its artifact first "
+                    "(ns_fetchArtifact)"
+                )
+        except NeuroSeedError as exc:
+            return _error_body(_status_of(exc), exc)
+        except RpcError as exc:
+            return _error_body(400, exc)
+        return web.Response(body=data, content_type="application/octet-stream")
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         from node.storage.importer import export_file, file_size

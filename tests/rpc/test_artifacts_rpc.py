@@ -409,3 +409,23 @@ def _status(c: Client, *, job: str) -> dict[str, Any]:
 def _copy(src: Path, dst: Path) -> Path:
     dst.write_bytes(src.read_bytes())
     return dst
+
+
+async def test_raw_blocks_are_served_by_cid(served: Served) -> None:
+    from node.storage import unixfs
+
+    src = served.tmp / "b.safetensors"
+    write_safetensors(src, rows=600)  # > 1 MiB of data: a dag-pb root over several leaves
+    up = await served.sync(lambda c: c.upload_artifact(src, price=0))
+    root = bytes.fromhex(up["rootHex"][2:])
+    raw_root = await served.sync(lambda c: c.get_block_bytes(up["root"]))
+    unixfs.verify_block(unixfs.parse_cid(root), raw_root)
+    node = unixfs.decode_node(raw_root)
+    assert len(node.links) >= 2
+    leaf_cid = node.links[1].cid
+    leaf = await served.sync(lambda c: c.get_block_bytes(bytes(leaf_cid)))
+    unixfs.verify_block(leaf_cid, leaf)
+    assert leaf == served.service.store.get(bytes(leaf_cid))
+    other = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+    with pytest.raises(UnknownArtifact):
+        await served.sync(lambda c: c.get_block_bytes(other))
