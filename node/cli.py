@@ -1858,12 +1858,12 @@ class _Signer:
         return self._key
 
 
-def _dispute_reader(
+def _dispute_blocks(
     client: Client, source: Any, pid: str, signer: _Signer, chain_id: int
-) -> Callable[[int, int], bytes]:
-    """``read(start, end)`` of the source's stored file through the node; the first read has the
-    node fetch what it lacks (the purchase grants access while the share is disputed)."""
-    import io
+) -> Callable[[bytes], bytes | None]:
+    """``get(cid)`` of the source's stored blocks through the node (``GET /blocks/<cid>``; the
+    dispute client checks each against its CID); the first read has the node fetch what it lacks
+    (the purchase grants access while the share is disputed)."""
     import secrets
     import time
 
@@ -1905,13 +1905,16 @@ def _dispute_reader(
             _run_fetch(client, src, DEFAULT_GET_TIMEOUT, "fetch")
         ready = True
 
-    def read(start: int, end: int) -> bytes:
-        ensure()
-        buf = io.BytesIO()
-        client.download_artifact(root, buf, start=start, end=end)
-        return buf.getvalue()
+    from node.artifact_service import UnknownArtifact
 
-    return read
+    def get(cid: bytes) -> bytes | None:
+        ensure()
+        try:
+            return client.get_block_bytes(cid)
+        except UnknownArtifact:
+            return None
+
+    return get
 
 
 def _fee_for(client: Client, raw: bytes, cache: dict[tuple[int, int], int]) -> int:
@@ -2008,7 +2011,7 @@ def cmd_dataset_dispute(args: argparse.Namespace) -> int:
     from node.consensus.params import VotableParams
     from node.consensus.state import PARAMS_KEY
     from node.dispute_client import (
-        RangeArtifact,
+        BlockArtifact,
         body_kind,
         plan_dispute,
         plan_resume,
@@ -2024,8 +2027,6 @@ def cmd_dataset_dispute(args: argparse.Namespace) -> int:
         leaf_dispute_key,
         purchase_key,
     )
-    from node.storage.encryption import encrypted_size
-    from node.storage.format_v1 import LEAF0_BYTES
 
     pid = _purchase_id_arg(args.purchase)
     if args.leaf is not None and args.leaf < 1:
@@ -2064,10 +2065,8 @@ def cmd_dataset_dispute(args: argparse.Namespace) -> int:
         if raw is None:  # pragma: no cover - written at genesis
             raise CliError("the node sent no chain parameters")
         max_tx_bytes = VotableParams.decode(raw).max_tx_bytes
-        artifact = RangeArtifact(
-            source.root,
-            LEAF0_BYTES + encrypted_size(source.data_size),
-            _dispute_reader(client, source, pid, signer, chain_id),
+        artifact = BlockArtifact(
+            source.root, _dispute_blocks(client, source, pid, signer, chain_id)
         )
         if share.state == ShareState.LEAF_DISPUTE:
             raw = _state_value(client, leaf_dispute_key(purchase.id, index))
