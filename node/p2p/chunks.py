@@ -3,11 +3,15 @@
 An artifact is a UnixFS DAG (``node.storage.unixfs``): a root CID, dag-pb nodes, raw leaves of
 1 MiB. Blocks travel by CID over the request/response framing of ``api.Network``.
 
-**Wire.** A ``ChunkRequest`` names the artifact's root CID, 1..``MAX_BLOCKS_PER_REQUEST`` distinct
-block CIDs (CIDv1, sha2-256, raw or dag-pb) and optionally a signed ``AccessRequest``; the
-``ChunkResponse`` holds one ``BlockEntry`` per CID, in order: ``OK`` with the block's bytes, or
-``NOT_FOUND`` / ``DENIED`` with none. Eight 1 MiB blocks keep a response near 8 MiB. Both are
-canonical records (``node.encoding``), size-checked before decoding and strictly decoded.
+**Wire.** A ``ChunkRequest`` (a canonical record, ``node.encoding``) names the artifact's root
+CID, 1..``MAX_BLOCKS_PER_REQUEST`` distinct block CIDs (CIDv1, sha2-256, raw or dag-pb) and
+optionally a signed ``AccessRequest``. The response has one entry per CID, in order: ``OK`` with
+the block's bytes, or ``NOT_FOUND`` / ``DENIED`` with none; eight 1 MiB blocks keep it near
+8 MiB. It is sent as ``u32 header length || ChunkResponseHeader || block bytes``: the header is a
+canonical record of the statuses and sizes, then the blocks' bytes back to back, exactly as many
+as the sizes add up to (one byte form per response). Carrying the blocks outside msgpack saves
+the canonical-form check three passes over every byte (unpack, re-pack, compare: ~0.8 CPU s per
+GiB). Everything is size-checked before decoding and strictly decoded.
 
 **Serving** (``ChunkServer``). The server answers only for blocks it can place in the named
 root's DAG, walking the dag-pb nodes it holds (an index per root, cached once complete): a
@@ -238,14 +242,34 @@ class ChunkRequest(Record):
 
 
 @dataclass(frozen=True, slots=True)
-class BlockEntry(Record):
-    status: int
-    data: bytes = field(metadata=limit(MAX_BLOCK_BYTES))
+class ChunkResponseHeader(Record):
+    statuses: tuple[int, ...] = field(metadata=limit(MAX_BLOCKS_PER_REQUEST))
+    sizes: tuple[int, ...] = field(metadata=limit(MAX_BLOCKS_PER_REQUEST))
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkResponse(Record):
-    blocks: tuple[BlockEntry, ...] = field(metadata=limit(MAX_BLOCKS_PER_REQUEST))
+class BlockEntry:
+    status: int
+    data: bytes  # empty unless OK
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResponse:
+    """One entry per requested CID; on the wire ``u32 n || header (n bytes) || blocks``."""
+
+    blocks: tuple[BlockEntry, ...]
+
+    def encode(self) -> bytes:
+        header = ChunkResponseHeader(
+            tuple(int(e.status) for e in self.blocks), tuple(len(e.data) for e in self.blocks)
+        ).encode()
+        parts = [len(header).to_bytes(_HEADER_LENGTH_BYTES, "big"), header]
+        parts.extend(e.data for e in self.blocks if e.data)
+        return b"".join(parts)
+
+
+_HEADER_LENGTH_BYTES = 4
+MAX_RESPONSE_HEADER_BYTES = 256
 
 
 def check_block_cid(raw: bytes, what: str = "CID") -> CID:
@@ -298,18 +322,34 @@ def decode_chunk_response(data: bytes, asked: int) -> ChunkResponse:
         raise ChunkMessageTooLarge(
             f"chunk response of {len(data)} bytes exceeds {MAX_CHUNK_RESPONSE_BYTES}"
         )
+    n = int.from_bytes(data[:_HEADER_LENGTH_BYTES], "big")
+    if len(data) < _HEADER_LENGTH_BYTES or not 0 < n <= MAX_RESPONSE_HEADER_BYTES:
+        raise MalformedChunkMessage("chunk response without a valid header length")
+    end = _HEADER_LENGTH_BYTES + n
     try:
-        resp = ChunkResponse.decode(data, max_size=MAX_CHUNK_RESPONSE_BYTES)
+        header = ChunkResponseHeader.decode(
+            data[_HEADER_LENGTH_BYTES:end], max_size=MAX_RESPONSE_HEADER_BYTES
+        )
     except DecodeError as exc:
         raise MalformedChunkMessage(f"undecodable chunk response: {exc.message}") from exc
-    if len(resp.blocks) != asked:
-        raise MalformedChunkMessage(f"{len(resp.blocks)} entries for {asked} blocks asked")
-    for entry in resp.blocks:
-        if entry.status not in (BlockStatus.OK, BlockStatus.NOT_FOUND, BlockStatus.DENIED):
-            raise MalformedChunkMessage(f"unknown block status {entry.status}")
-        if entry.status != BlockStatus.OK and entry.data:
+    if len(header.statuses) != asked or len(header.sizes) != asked:
+        raise MalformedChunkMessage(
+            f"{len(header.statuses)} statuses and {len(header.sizes)} sizes for {asked} blocks"
+        )
+    if end + sum(header.sizes) != len(data):
+        raise MalformedChunkMessage("block sizes do not add up to the response's length")
+    entries: list[BlockEntry] = []
+    pos = end
+    for status, size in zip(header.statuses, header.sizes, strict=True):
+        if status not in (BlockStatus.OK, BlockStatus.NOT_FOUND, BlockStatus.DENIED):
+            raise MalformedChunkMessage(f"unknown block status {status}")
+        if status != BlockStatus.OK and size:
             raise MalformedChunkMessage("data with a NOT_FOUND or DENIED entry")
-    return resp
+        if size > MAX_BLOCK_BYTES:
+            raise MalformedChunkMessage(f"a block of {size} bytes exceeds {MAX_BLOCK_BYTES}")
+        entries.append(BlockEntry(status, data[pos : pos + size]))
+        pos += size
+    return ChunkResponse(tuple(entries))
 
 
 # --- access requests -----------------------------------------------------------------------------
@@ -698,9 +738,10 @@ class ChunkFetcher:
         root_cid = check_block_cid(root, "root")
         wanted: list[int] | None = None
         if leaves is not None:
-            wanted = sorted(set(leaves))
-            if any(type(i) is not int or i < 0 for i in wanted):
+            chosen = set(leaves)
+            if any(type(i) is not int or i < 0 for i in chosen):
                 raise LeafOutOfRange("leaf indexes are integers from 0")
+            wanted = sorted(chosen)
         if access is not None:
             t = access.terms
             if t.root != root:

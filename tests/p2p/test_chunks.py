@@ -41,6 +41,7 @@ from node.p2p.chunks import (
     ChunkMessageTooLarge,
     ChunkRequest,
     ChunkResponse,
+    ChunkResponseHeader,
     ChunksBusy,
     ChunkServer,
     FetchProgress,
@@ -293,18 +294,32 @@ def test_request_round_trip_and_strict_decoding(small_layout: None) -> None:
 
 
 def test_response_decoding_is_strict() -> None:
-    ok = ChunkResponse((BlockEntry(0, b"abc"), BlockEntry(1, b"")))
-    assert decode_chunk_response(ok.encode(), 2) == ok
-    with pytest.raises(MalformedChunkMessage, match="entries"):
-        decode_chunk_response(ok.encode(), 3)
+    ok = ChunkResponse((BlockEntry(0, b"abc"), BlockEntry(1, b""), BlockEntry(0, b"de")))
+    wire = ok.encode()
+    assert decode_chunk_response(wire, 3) == ok
+    header = ChunkResponseHeader((0, 1, 0), (3, 0, 2)).encode()
+    assert wire == len(header).to_bytes(4, "big") + header + b"abcde"  # one byte form
+    with pytest.raises(MalformedChunkMessage, match="for 4 blocks"):
+        decode_chunk_response(wire, 4)
+    for bad in (wire + b"x", wire[:-1]):  # a byte more or less than the sizes say
+        with pytest.raises(MalformedChunkMessage, match="add up"):
+            decode_chunk_response(bad, 3)
     with pytest.raises(MalformedChunkMessage, match="status"):
         decode_chunk_response(ChunkResponse((BlockEntry(9, b""),)).encode(), 1)
     with pytest.raises(MalformedChunkMessage, match="data with"):
         decode_chunk_response(ChunkResponse((BlockEntry(2, b"x"),)).encode(), 1)
     with pytest.raises(ChunkMessageTooLarge):
         decode_chunk_response(b"\x00" * (chunks.MAX_CHUNK_RESPONSE_BYTES + 1), 1)
-    with pytest.raises(MalformedChunkMessage):
-        decode_chunk_response(b"\xc1", 1)
+    for garbage in (b"", b"\xc1", b"\x00\x00\x00\x00", b"\xff\xff\xff\xff" + b"\x92" * 8):
+        with pytest.raises(MalformedChunkMessage, match="header length"):
+            decode_chunk_response(garbage, 1)
+    non_canonical = b"\x92\x91\x00\x91\xcc\x01"  # size 1 as uint8: not the minimal form
+    with pytest.raises(MalformedChunkMessage, match="undecodable"):
+        decode_chunk_response(len(non_canonical).to_bytes(4, "big") + non_canonical + b"x", 1)
+    big = ChunkResponseHeader((0,), (chunks.MAX_BLOCK_BYTES + 1,)).encode()
+    oversized = len(big).to_bytes(4, "big") + big + b"\x00" * (chunks.MAX_BLOCK_BYTES + 1)
+    with pytest.raises(MalformedChunkMessage, match="exceeds"):
+        decode_chunk_response(oversized, 1)
 
 
 # --- access requests -----------------------------------------------------------------------------
@@ -427,8 +442,9 @@ async def test_partial_fetch_takes_exactly_the_covering_blocks(
         assert stored(a.store, art.blocks) == expected
         for i in wanted:
             assert a.store.get(art.leaves[i]) == art.data[i * SMALL_CHUNK : (i + 1) * SMALL_CHUNK]
-        with pytest.raises(LeafOutOfRange):
-            await a.fetcher.fetch(art.root, [b.peer], leaves=[40])
+        for bad in ([40], [-1], ["1"], [True]):
+            with pytest.raises(LeafOutOfRange):
+                await a.fetcher.fetch(art.root, [b.peer], leaves=bad)  # type: ignore[arg-type]
         # The whole file afterwards fetches only the rest.
         full = await a.fetcher.fetch(art.root, [b.peer])
     assert full.blocks_present == 10
