@@ -4,7 +4,8 @@
 votable parameters (timeouts, block limits, fee table: one schedule per transaction kind, the
 economy's included), the fixed validator-set rules (``AuthorityParams``: minimum bond, vote
 expiry, unbonding period, per-block caps), the fixed economy rules (``EconomyParams``: role
-bonds, composite caps, key-delivery and dispute windows, storage-deal epochs), the validators with
+bonds, composite caps, key-delivery and dispute windows, storage-deal epochs, the model
+registry's parents-per-merge and parameter caps), the validators with
 their bonds, and the initial balances. Amounts are decimal strings of base units (1 NSD = 10**18): JSON numbers lose
 precision above 2**53 in most tools. Every field is checked, and an error names the field.
 
@@ -59,6 +60,7 @@ from node.economy.api import (
     ECONOMY_PARAMS_KEY,
     MAX_COMPOSITE_DEPTH_HARD,
     MAX_COMPOSITE_RANGES_HARD,
+    MAX_MERGE_PARENTS_HARD,
     EconomyParams,
 )
 from node.encoding import pack
@@ -110,6 +112,8 @@ _ECONOMY_COUNTS: dict[str, tuple[int, int]] = {
     "min_collateral_percent": (0, 10_000),
     "max_challenges_per_block": (1, 10_000),
     "leaf_dispute_heights": (1, UINT64_MAX // 4),
+    "max_merge_parents": (1, MAX_MERGE_PARENTS_HARD),
+    "max_step_parameters": (1, UINT64_MAX),
 }
 _LIMIT_FIELDS = ("max_block_bytes", "max_block_txs", "max_tx_bytes")
 _FEE_FIELDS = ("base", "per_byte", "per_signature", "per_new_account")

@@ -52,6 +52,8 @@ class EconomyKind(IntEnum):
     OFFER_WITHDRAW = 41
     DEAL_CREATE = 42
     DEAL_PROOF = 43
+    # the model registry with its lineage (node/economy/models.py)
+    MODEL_REGISTER = 50
 
 
 class Role(IntEnum):
@@ -80,6 +82,9 @@ NS_DEAL = b"\x27\x01"  # deals.py
 QUEUE_DEAL = b"\x28\x01"  # deals.py: epochs, challenge windows
 NS_DEAL_AUX = b"\x29\x01"  # deals.py
 NS_LEAF_DISPUTE = b"\x2a\x01"  # purchases.py: open leaf disputes and their posted parts
+NS_MODEL = b"\x2b\x01"  # models.py: + model id -> ModelRecord
+NS_MODEL_CHILD = b"\x2c\x01"  # models.py: + ancestor id + child id -> relation (lineage edges)
+NS_MODEL_SIG = b"\x2d\x01"  # models.py: + signature + model id -> b"" (models by signature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +112,18 @@ class EconomyParams(Record):
     max_challenges_per_block: int  # per-block cap on the deal queue work (DESIGN §4)
     # an open leaf dispute takes its parts until the dispute window's end + this many heights
     leaf_dispute_heights: int
+    # models: at most this many parents per merge step, and a parameter cap per registered model
+    # (DESIGN §8: the inverted tree; feature union would otherwise grow 4x per level)
+    max_merge_parents: int = 4
+    max_step_parameters: int = 1_000_000_000
 
 
 # Hard ceilings of the genesis-fixed composite caps (genesis.json cannot go above them): a
 # composite's flattened entries live in one state record.
 MAX_COMPOSITE_DEPTH_HARD = 16
 MAX_COMPOSITE_RANGES_HARD = 1024
+# A registration lists its parents in one record (node.merge.recipe caps a recipe at 16).
+MAX_MERGE_PARENTS_HARD = 16
 
 
 class EconomyError(InvalidTransaction):
@@ -138,6 +149,8 @@ DEFAULT_ECONOMY_PARAMS = EconomyParams(
     min_collateral_percent=100,
     max_challenges_per_block=64,
     leaf_dispute_heights=100,
+    max_merge_parents=4,
+    max_step_parameters=1_000_000_000,
 )
 
 

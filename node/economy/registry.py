@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from node.consensus.state import StateView
-from node.economy import composite, datasets, deals, purchases, roles
+from node.economy import composite, datasets, deals, models, purchases, roles
 from node.economy.api import EndBlockFn, KindHandler
 
 if TYPE_CHECKING:
@@ -30,7 +30,12 @@ def _collect(*groups: tuple[KindHandler, ...]) -> dict[int, KindHandler]:
 
 
 HANDLERS: dict[int, KindHandler] = _collect(
-    roles.HANDLERS, datasets.HANDLERS, composite.HANDLERS, purchases.HANDLERS, deals.HANDLERS
+    roles.HANDLERS,
+    datasets.HANDLERS,
+    composite.HANDLERS,
+    purchases.HANDLERS,
+    deals.HANDLERS,
+    models.HANDLERS,
 )
 """Every economy kind, by kind number (sorted)."""
 
