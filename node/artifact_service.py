@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 import trio
 
 from node.economy.datasets import get_dataset_by_root
+from node.economy.models import get_model_by_root
 from node.encoding import Record, limit
 from node.errors import MempoolRejected, NeuroSeedError, NotFound
 from node.models.safetensors_header import SafetensorsHeader
@@ -420,7 +421,8 @@ class ChainPolicy:
     ``node.p2p.chunks.AccessPolicy``.
 
     Public: every dag-pb node (they name leaves, nothing more), leaf 0 of every artifact, all
-    blocks of a free dataset and of artifacts not registered as priced. A priced dataset's other
+    blocks of a free dataset or model and of artifacts not registered as priced. A priced
+    dataset's or model's other
     blocks — and those of a priced upload this node holds the key of but has not registered yet —
     need a valid access request (the chunk server verified its signature, peer binding and
     expiry) whose grant is an on-chain purchase covering the root, by that address, or a live
@@ -442,15 +444,19 @@ class ChainPolicy:
         if known is not None:
             self._priced.move_to_end(root)
             return known
-        record = get_dataset_by_root(_StateOf(self._read_view()), root)
+        state = _StateOf(self._read_view())
+        record: Any = get_dataset_by_root(state, root)
+        if record is None:
+            record = get_model_by_root(state, root)  # priced models are encrypted the same way
         if record is None:
             # Not registered (yet): restricted only if it is a priced upload of ours.
             return self._keys is not None and self._keys.has(root)
         # A registration never changes: remember it.
-        self._priced[root] = record.is_encrypted
+        restricted = bool(record.is_encrypted)
+        self._priced[root] = restricted
         while len(self._priced) > POLICY_CACHE:
             self._priced.popitem(last=False)
-        return record.is_encrypted
+        return restricted
 
     async def authorize(
         self,

@@ -485,3 +485,24 @@ async def test_admission_of_a_registration_needs_the_artifact(
         await node.submit_transaction(raw)
         assert len(mempool) == 1
         nursery.cancel_scope.cancel()
+
+
+def test_policy_restricts_a_priced_model_like_a_priced_dataset() -> None:
+    from tests.economy.test_models import DEV, model_artifact, model_body, priced_model
+    from tests.economy.test_models import models_genesis as genesis_with_models
+
+    econ = EconomyChain(genesis_with_models())
+    econ.register_roles((DEV, Role.MODEL_DEVELOPER))
+    free, paid = model_artifact(seed=3), priced_model()
+    econ.run_signed(DEV, model_body(free))
+    econ.run_signed(DEV, model_body(paid, price=Amount(700)))
+    policy = ChainPolicy(lambda: ChainView(econ))
+    assert not policy.is_restricted(free.root)
+    assert policy.is_restricted(paid.root)
+
+    async def leaf(root: bytes, index: int) -> bool:
+        return await policy.authorize(b"peer", root, b"cid", None, leaf_index=index)
+
+    # Leaf 0 (the header) is public; a data leaf of the priced model needs a grant.
+    assert trio.run(leaf, paid.root, 0) and not trio.run(leaf, paid.root, 1)
+    assert trio.run(leaf, free.root, 1)
