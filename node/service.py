@@ -10,7 +10,8 @@ Artifacts (DESIGN §7–§9): every node has a blob store (``<datadir>/blobs``) 
 With an **operator account** (``[operator]`` in config.toml; a funded dev key per devnet node) the
 node also runs the owner key agent (``node.key_agent``: posts the wrapped content key for each
 purchase of its priced datasets) and the storage agent (``node.storage_agent``); without one those
-agents are off.
+agents are off. A ``DatasetRegister`` or ``ModelRegister`` is admitted only if this node holds
+(or can fetch) its artifact. Every node runs the model search index (``node.model_search``).
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ from node.consensus_service import ConsensusService
 from node.economy.api import EconomyKind
 from node.errors import ConfigError, StorageError
 from node.genesis import Genesis, load_genesis
+from node.model_search import ModelSearchService
 from node.storage.leveldb import LevelDB
 from node.types import Address, Hash32
 from rpc.server import ArtifactHttpSettings, RpcLimits, RpcServer
 
 log = logging.getLogger(__name__)
+
+# Registrations whose artifact must be available from this node before they are admitted.
+_REGISTERS_ARTIFACT = frozenset({EconomyKind.DATASET_REGISTER, EconomyKind.MODEL_REGISTER})
 
 NODE_VERSION = "neuroseed/0.1.0"
 
@@ -87,6 +92,7 @@ class Node:
         self.operator = operator  # the account that signs this node's own transactions
         self.storage_agent: Any = None
         self.key_agent: Any = None
+        self.model_search: ModelSearchService | None = None  # ns_searchModels' index
 
     def read_view(self) -> ReadView:
         return self.chain.read_view()
@@ -95,7 +101,7 @@ class Node:
         params = self.chain.params
         # Signature recovery is CPU work: keep it off the event loop (DESIGN §1).
         vtx = await trio.to_thread.run_sync(verify_transaction, raw, params.max_tx_bytes)
-        if vtx.tx.kind == EconomyKind.DATASET_REGISTER and self.artifacts is not None:
+        if vtx.tx.kind in _REGISTERS_ARTIFACT and self.artifacts is not None:
             # DESIGN §8: availability is checked at admission (here), never in consensus.
             await self.artifacts.check_available(bytes(vtx.body.root))  # type: ignore[attr-defined]
         self.mempool.add(vtx, self.chain.state_view(), params)
@@ -267,6 +273,8 @@ async def run_node(
                     # Topics and handlers first, so the first signed proposal has somewhere to go.
                     await nursery.start(p2p.run)
                 await nursery.start(artifacts.run)
+                node.model_search = ModelSearchService(chain.read_view)
+                await nursery.start(node.model_search.run)
                 if operator is not None:
                     await _start_agents(nursery, node, config, network, artifacts, operator)
                 # RPC before the initial sync, so ns_status can show that the node is syncing.

@@ -491,6 +491,77 @@ class AsyncClient:
         result = await self.call("ns_getPurchase", [_hex(purchase_id, "purchase_id")])
         return result if result is None else dict(result)
 
+    # --- models and model search (docs/models.md, docs/rpc.md "Models") ------------------------
+
+    async def get_model(self, model: bytes | str) -> dict[str, Any] | None:
+        """A model by id (32 bytes / 0x hex) or root CID (string, or binary CID bytes)."""
+        result = await self.call("ns_getModel", [_root_ref(model)])
+        return result if result is None else dict(result)
+
+    async def list_models(
+        self,
+        *,
+        owner: bytes | str | None = None,
+        signature: bytes | str | None = None,
+        family: str | None = None,
+        cursor: bytes | str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """``{"models": [...], "nextCursor": hex | None}``; pass ``nextCursor`` to go on."""
+        f: dict[str, Any] = {}
+        if owner is not None:
+            f["owner"] = _hex(owner, "owner")
+        if signature is not None:
+            f["signature"] = _hex(signature, "signature")
+        if family is not None:
+            f["family"] = family
+        if cursor is not None:
+            f["cursor"] = _hex(cursor, "cursor")
+        if limit is not None:
+            f["limit"] = limit
+        return dict(await self.call("ns_listModels", [f]))
+
+    async def get_lineage(
+        self,
+        model: bytes | str,
+        *,
+        direction: str = "ancestors",
+        depth: int | None = None,
+        proofs: bool = False,
+    ) -> dict[str, Any]:
+        """Ancestors or descendants of a model, with each edge's state proof when ``proofs``."""
+        q: dict[str, Any] = {"model": _root_ref(model), "direction": direction, "proofs": proofs}
+        if depth is not None:
+            q["depth"] = depth
+        return dict(await self.call("ns_getLineage", [q]))
+
+    async def search_models(
+        self,
+        *,
+        signature: bytes | str | None = None,
+        mergeable_with: bytes | str | None = None,
+        text: str | None = None,
+        family: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """``ns_searchModels``: exactly one of ``signature``, ``mergeable_with`` (a model id or
+        root CID) or ``text``; ``{"models": [...], "nextCursor", "total", "indexedHeight"}``."""
+        q: dict[str, Any] = {}
+        if signature is not None:
+            q["signature"] = _hex(signature, "signature")
+        if mergeable_with is not None:
+            q["mergeableWith"] = _root_ref(mergeable_with)
+        if text is not None:
+            q["text"] = text
+        if family is not None:
+            q["family"] = family
+        if limit is not None:
+            q["limit"] = limit
+        if cursor is not None:
+            q["cursor"] = cursor
+        return dict(await self.call("ns_searchModels", [q]))
+
     async def get_artifact(self, root: bytes | str) -> dict[str, Any]:
         """The node's local copy of an artifact: size, blocks present/missing, providers."""
         return dict(await self.call("ns_getArtifact", [_root_ref(root)]))
@@ -765,6 +836,27 @@ class Client:
 
     def get_purchase(self, purchase_id: bytes | str) -> dict[str, Any] | None:
         return self._run(self._async.get_purchase(purchase_id))
+
+    def get_model(self, model: bytes | str) -> dict[str, Any] | None:
+        return self._run(self._async.get_model(model))
+
+    def list_models(self, **filters: Any) -> dict[str, Any]:
+        return self._run(self._async.list_models(**filters))
+
+    def get_lineage(
+        self,
+        model: bytes | str,
+        *,
+        direction: str = "ancestors",
+        depth: int | None = None,
+        proofs: bool = False,
+    ) -> dict[str, Any]:
+        return self._run(
+            self._async.get_lineage(model, direction=direction, depth=depth, proofs=proofs)
+        )
+
+    def search_models(self, **query: Any) -> dict[str, Any]:
+        return self._run(self._async.search_models(**query))
 
     def get_artifact(self, root: bytes | str) -> dict[str, Any]:
         return self._run(self._async.get_artifact(root))

@@ -74,11 +74,13 @@ class MethodTable:
 def default_methods() -> MethodTable:
     """Every public method: ``ns_*`` and the read-only ``eth_*``/``net_*`` layer."""
     # Imported here: the namespace modules import Context from this one.
-    from rpc.methods import artifacts, eth, ns, storage
+    from rpc.methods import artifacts, eth, models, ns, search, storage
 
     table = MethodTable()
     ns.register(table)
     artifacts.register(table)
     storage.register(table)
+    models.register(table)
+    search.register(table)
     eth.register(table)
     return table
