@@ -17,6 +17,22 @@ Job kinds (JSON objects)::
      "val_data": path | null, "val_fraction": 0.2, "split_seed": 0,
      "config": {FinetuneConfig fields}, "output": path, "threads": 1}
 
+Compute-market job kinds (``node/compute/task_runner.py``; parameters are the task's canonical
+JSON, checked against the recipe's schema before the child starts)::
+
+    {"kind": "task", "recipe": "train" | "finetune" | "merge" | "evaluate", "params": json,
+     "task_id": hex, "data": path, "val_data": path | null, "init": path | null,
+     "spec": spec | null, "parents": [path, ...], "base": path | null, "model": path,
+     "checkpoint_dir": path | null, "output": path, ...}
+    {"kind": "task_segment", ... as "task" ..., "start": checkpoint path | null,
+     "from_step": int, "to_step": int, "output": path of the end checkpoint | ""}
+    {"kind": "evaluate", "params": json, "spec": spec, "model": path, "data": path,
+     "output": path}
+
+Every kind takes the limits ``memory_limit_bytes`` (RLIMIT_DATA, set in the child after torch
+is loaded) and ``cuda_memory_fraction``; an allocation failure in the child is reported as
+``TaskOutOfMemory`` and never touches the parent. Error codes 3160–3169 are the tasks'.
+
 Progress lines are ``{"progress": {"stage", "done", "total", ...}}`` (the first, stage
 ``start``, carries the child's ``pid``); the last line is ``{"result": {...}}`` or
 ``{"error": {"code": int, "type": str, "message": str}}``, which the parent raises again as the
@@ -28,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -83,11 +100,42 @@ class InvalidTrainingData(ComputeError):
     reason = "invalid training data or settings"
 
 
+class TaskOutOfMemory(ComputeError):
+    """The task ran out of memory inside its limit (RLIMIT_DATA, CUDA memory fraction); the
+    node goes on."""
+
+    code = 3160
+    reason = "the task ran out of memory"
+
+
+class InvalidCheckpoint(ComputeError):
+    """A checkpoint file that is not one this code wrote (names, shapes, metadata)."""
+
+    code = 3161
+    reason = "invalid checkpoint"
+
+
+class CheckpointMismatch(ComputeError):
+    """A checkpoint of another task, plan or step than the one asked for."""
+
+    code = 3162
+    reason = "the checkpoint does not belong to this task and step"
+
+
+class DistributedFailed(ComputeError):
+    """A multi-device (DDP) run whose ranks did not all finish."""
+
+    code = 3163
+    reason = "the multi-device run failed"
+
+
 MAX_JOB_BYTES = 1 << 20
 MAX_LINE_BYTES = 1 << 20
 STDERR_TAIL = 4000
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-JOB_KINDS = ("merge", "finetune")
+JOB_KINDS = ("merge", "finetune", "task", "task_segment", "evaluate")
+TASK_KINDS = frozenset({"task", "task_segment", "evaluate"})
+MIN_MEMORY_LIMIT = 64 << 20
 
 
 # --- job description checks (parent side, torch-free) -------------------------------------------
@@ -117,7 +165,15 @@ def check_job(job: Mapping[str, Any]) -> None:
     if threads is not None and not 1 <= threads <= 256:
         raise InvalidJob("threads must be in [1, 256]")
     _need(job, "output", str)
-    if kind == "merge":
+    limit = _need(job, "memory_limit_bytes", int, optional=True)
+    if limit is not None and limit < MIN_MEMORY_LIMIT:
+        raise InvalidJob(f"memory_limit_bytes must be at least {MIN_MEMORY_LIMIT}")
+    fraction = _need(job, "cuda_memory_fraction", (int, float), optional=True)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise InvalidJob("cuda_memory_fraction must be in (0, 1]")
+    if kind in TASK_KINDS:
+        _check_task_job(job)
+    elif kind == "merge":
         recipe = _need(job, "recipe", str)
         try:
             bytes.fromhex(recipe)
@@ -147,11 +203,58 @@ def check_job(job: Mapping[str, Any]) -> None:
         _need(job, "config", dict)
 
 
+def _check_task_job(job: Mapping[str, Any]) -> None:
+    """The compute-market job kinds: the recipe and its parameters are checked here, before
+    any process starts (``UnknownRecipe``, ``InvalidTaskParams``)."""
+    from node.compute.recipes import TRAINING_RECIPES, validate_task_params
+
+    kind = job["kind"]
+    recipe = "evaluate" if kind == "evaluate" else _need(job, "recipe", str)
+    params = _need(job, "params", str)
+    p = validate_task_params(recipe, params.encode())
+    _need(job, "spec", (dict, str), optional=True)
+    if kind == "evaluate" or recipe == "evaluate":
+        _need(job, "spec", (dict, str))
+        _need(job, "model", str)
+        _need(job, "data", str)
+        return
+    if recipe == "merge":
+        if kind == "task_segment":
+            raise InvalidJob("merges are re-run whole, not by segments")
+        parents = _need(job, "parents", list)
+        if len(parents) != len(p["parents"]) or not all(isinstance(x, str) for x in parents):
+            raise InvalidJob("one parent file per parent of the merge recipe")
+        _need(job, "base", str, optional=True)
+        _need(job, "data", str, optional=True)
+        _need(job, "specs", list, optional=True)
+        return
+    assert recipe in TRAINING_RECIPES
+    task_id = _need(job, "task_id", str)
+    try:
+        bytes.fromhex(task_id)
+    except ValueError as exc:
+        raise InvalidJob("task_id is hex") from exc
+    _need(job, "data", str)
+    _need(job, "val_data", str, optional=True)
+    _need(job, "init", str, optional=True)
+    _need(job, "checkpoint_dir", str, optional=True)
+    if recipe == "finetune":
+        _need(job, "spec", (dict, str))
+        _need(job, "init", str)
+    if kind == "task_segment":
+        _need(job, "start", str, optional=True)
+        start = _need(job, "from_step", int)
+        end = _need(job, "to_step", int)
+        if not 0 <= start <= end <= p["steps"]:
+            raise InvalidJob(f"a segment runs forward within [0, {p['steps']}]")
+
+
 # --- parent side -----------------------------------------------------------------------------
 
 
 def _error_classes() -> dict[int, type[NeuroSeedError]]:
     # The modules whose errors a job can raise; all torch-free.
+    import node.compute.recipes
     import node.merge.recipe
     import node.models.safetensors_header
     import node.models.specs  # noqa: F401
@@ -562,6 +665,52 @@ def _run_merge(
     return out
 
 
+def apply_limits(job: Mapping[str, Any], device: str) -> None:
+    """The job's memory limits, in this (child) process: RLIMIT_DATA (private writable memory:
+    the heap and anonymous mappings, which torch's CPU allocator uses; unlike RLIMIT_AS it does
+    not count CUDA's reserved address space) and CUDA's per-process memory fraction."""
+    import resource
+
+    limit = job.get("memory_limit_bytes")
+    if limit:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        value = int(limit) if hard == resource.RLIM_INFINITY else min(int(limit), hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (value, hard))
+    fraction = job.get("cuda_memory_fraction")
+    if fraction and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(float(fraction))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: Python's ``MemoryError``, torch's CPU allocator ("can't allocate
+    memory") or ``torch.OutOfMemoryError`` (CUDA)."""
+    if isinstance(exc, MemoryError):
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text
+        or "out of memory" in text.lower()
+        or "Cannot allocate memory" in text
+    )
+
+
+def _run_task_kind(job: Mapping[str, Any], report: _Reporter, threads: int, device: str) -> Any:
+    from node.compute import task_runner
+
+    def run_merge(merge: Mapping[str, Any]) -> dict[str, Any]:
+        return _run_merge(merge, report, threads, device)
+
+    if job["kind"] == "task":
+        return task_runner.run_task(job, report.progress, threads, device, run_merge)
+    if job["kind"] == "task_segment":
+        return task_runner.run_segment(job, report.progress, threads, device)
+    return task_runner.run_evaluate_task(job, report.progress, threads, device)
+
+
 def child_main(argv: list[str] | None = None) -> int:
     """Entry point of the child: read the job, run it, report. Returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m node.compute.worker")
@@ -584,7 +733,14 @@ def child_main(argv: list[str] | None = None) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if job["kind"] == "merge":
+        if job["kind"] in TASK_KINDS or job.get("memory_limit_bytes"):
+            # torch is loaded before the limit: the limit is on the task's own memory
+            importlib.import_module("torch")
+
+        apply_limits(job, device)
+        if job["kind"] in TASK_KINDS:
+            result = _run_task_kind(job, report, threads, device)
+        elif job["kind"] == "merge":
             result = _run_merge(job, report, threads, device)
         else:
             result = _run_finetune(job, report, threads, device)
@@ -596,6 +752,17 @@ def child_main(argv: list[str] | None = None) -> int:
         )
         return 1
     except Exception as exc:  # any other failure is reported, typed as JobFailed, with its trace
+        if is_out_of_memory(exc):
+            report.send(
+                {
+                    "error": {
+                        "code": TaskOutOfMemory.code,
+                        "type": "TaskOutOfMemory",
+                        "message": f"out of memory: {str(exc)[:500]}",
+                    }
+                }
+            )
+            return 1
         tail = "".join(traceback.format_exception(exc))[-STDERR_TAIL:]
         report.send(
             {"error": {"code": JobFailed.code, "type": type(exc).__name__, "message": tail}}
