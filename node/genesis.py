@@ -61,6 +61,7 @@ from node.economy.api import (
     MAX_COMPOSITE_DEPTH_HARD,
     MAX_COMPOSITE_RANGES_HARD,
     MAX_MERGE_PARENTS_HARD,
+    MAX_PROVIDERS_PER_CLASS_HARD,
     EconomyParams,
 )
 from node.encoding import pack
@@ -98,7 +99,13 @@ DEFAULT_AUTHORITY_PARAMS = AuthorityParams(
     max_block_evidence=50,
 )
 # "economy_params": the amounts, then the counts with their [lo, hi] ranges.
-_ECONOMY_AMOUNTS = ("supplier_bond", "provider_bond", "key_dispute_slash")
+_ECONOMY_AMOUNTS = (
+    "supplier_bond",
+    "provider_bond",
+    "key_dispute_slash",
+    "task_min_bond",
+    "challenge_slash",
+)
 _ECONOMY_COUNTS: dict[str, tuple[int, int]] = {
     "max_composite_depth": (1, MAX_COMPOSITE_DEPTH_HARD),
     "max_composite_ranges": (1, MAX_COMPOSITE_RANGES_HARD),
@@ -114,6 +121,19 @@ _ECONOMY_COUNTS: dict[str, tuple[int, int]] = {
     "leaf_dispute_heights": (1, UINT64_MAX // 4),
     "max_merge_parents": (1, MAX_MERGE_PARENTS_HARD),
     "max_step_parameters": (1, UINT64_MAX),
+    # the compute market (node/economy/tasks.py)
+    "task_bond_percent": (0, 10_000),
+    "task_miss_slash_percent": (0, 100),
+    "task_reopen_heights": (1, UINT64_MAX // 4),
+    "max_task_deadline_heights": (1, UINT64_MAX // 4),
+    "verify_commit_heights": (1, UINT64_MAX // 4),
+    "verify_reveal_heights": (1, UINT64_MAX // 4),
+    "task_challenge_heights": (1, UINT64_MAX // 4),
+    "bisect_step_heights": (1, UINT64_MAX // 4),
+    "dispute_reward_percent": (0, 100),
+    "royalty_percent": (0, 100),
+    "max_providers_per_class": (1, MAX_PROVIDERS_PER_CLASS_HARD),
+    "max_task_work_per_block": (1, 10_000),
 }
 _LIMIT_FIELDS = ("max_block_bytes", "max_block_txs", "max_tx_bytes")
 _FEE_FIELDS = ("base", "per_byte", "per_signature", "per_new_account")
@@ -325,6 +345,12 @@ def _parse_economy(value: object) -> EconomyParams:
         raise ConfigError(
             f"genesis: {where}.key_dispute_slash: {amounts['key_dispute_slash']} exceeds "
             f"{where}.supplier_bond ({amounts['supplier_bond']}), which it is taken from"
+        )
+    # A losing challenger's slash is taken from its compute-provider bond.
+    if amounts["challenge_slash"] > amounts["provider_bond"]:
+        raise ConfigError(
+            f"genesis: {where}.challenge_slash: {amounts['challenge_slash']} exceeds "
+            f"{where}.provider_bond ({amounts['provider_bond']}), which it is taken from"
         )
     values: dict[str, Any] = {**amounts, **counts}
     return EconomyParams(**values)

@@ -334,7 +334,7 @@ BAD_CASES: list[tuple[str, Any, str]] = [
         _set("economy_params.key_dispute_slash", str(10**30)),
         "key_dispute_slash",
     ),
-    ("fee_missing_economy_kind", lambda d: d["votable_params"]["fees"].pop(), "[50]"),
+    ("fee_missing_economy_kind", lambda d: d["votable_params"]["fees"].pop(), "[69]"),
 ]
 
 

@@ -54,6 +54,17 @@ class EconomyKind(IntEnum):
     DEAL_PROOF = 43
     # the model registry with its lineage (node/economy/models.py)
     MODEL_REGISTER = 50
+    # the compute market (node/economy/tasks.py)
+    PROVIDER_REGISTER = 60
+    TASK_SUBMIT = 61
+    TASK_CLAIM = 62
+    TASK_RESULT = 63
+    VERIFY_COMMIT = 64
+    VERIFY_REVEAL = 65
+    TASK_CHALLENGE = 66
+    BISECT_STEP = 67
+    TASK_CANCEL = 68
+    TASK_FAIL = 69
 
 
 class Role(IntEnum):
@@ -85,6 +96,14 @@ NS_LEAF_DISPUTE = b"\x2a\x01"  # purchases.py: open leaf disputes and their post
 NS_MODEL = b"\x2b\x01"  # models.py: + model id -> ModelRecord
 NS_MODEL_CHILD = b"\x2c\x01"  # models.py: + ancestor id + child id -> relation (lineage edges)
 NS_MODEL_SIG = b"\x2d\x01"  # models.py: + signature + model id -> b"" (models by signature)
+NS_COMPUTE_PROVIDER = b"\x2e\x01"  # tasks.py: + provider -> ComputeProvider
+NS_PROVIDER_CLASS = b"\x2f\x01"  # tasks.py: + sha256(platform class) -> ClassProviders
+NS_TASK = b"\x30\x01"  # tasks.py: + task id -> Task
+QUEUE_TASK = b"\x31\x01"  # tasks.py: deadlines, verifier draws, windows, dispute rounds
+
+
+DEFAULT_TASK_MIN_BOND = Amount(10**18)
+DEFAULT_CHALLENGE_SLASH = Amount(10 * 10**18)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +135,21 @@ class EconomyParams(Record):
     # (DESIGN §8: the inverted tree; feature union would otherwise grow 4x per level)
     max_merge_parents: int = 4
     max_step_parameters: int = 1_000_000_000
+    # the compute market (tasks.py; docs/compute-market.md)
+    task_bond_percent: int = 10  # a claim locks this % of its price as the task bond ...
+    task_min_bond: Amount = DEFAULT_TASK_MIN_BOND  # ... and at least this much
+    task_miss_slash_percent: int = 50  # of the bond burned when a claimed task misses its deadline
+    task_reopen_heights: int = 100  # a reopened task's deadline is extended (once) by this much
+    max_task_deadline_heights: int = 100_000  # a deadline at most this far above the submission
+    verify_commit_heights: int = 10  # verifiers commit within this many heights of the draw
+    verify_reveal_heights: int = 10  # then reveal within this many
+    task_challenge_heights: int = 20  # the challenge window after the verification
+    bisect_step_heights: int = 10  # each bisection round is answered within this many heights
+    challenge_slash: Amount = DEFAULT_CHALLENGE_SLASH  # from a losing challenger's provider bond
+    dispute_reward_percent: int = 50  # of the loser's slashed stake to the winner (rest burned)
+    royalty_percent: int = 5  # of the price, to the owners of the task's input datasets / models
+    max_providers_per_class: int = 256  # providers listed per platform class (verifier draws)
+    max_task_work_per_block: int = 64  # per-block cap on the task queue work (DESIGN §4)
 
 
 # Hard ceilings of the genesis-fixed composite caps (genesis.json cannot go above them): a
@@ -124,6 +158,8 @@ MAX_COMPOSITE_DEPTH_HARD = 16
 MAX_COMPOSITE_RANGES_HARD = 1024
 # A registration lists its parents in one record (node.merge.recipe caps a recipe at 16).
 MAX_MERGE_PARENTS_HARD = 16
+# The per-class provider list is one state record read by every verifier draw.
+MAX_PROVIDERS_PER_CLASS_HARD = 256
 
 
 class EconomyError(InvalidTransaction):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from node.consensus.state import StateView
-from node.economy import composite, datasets, deals, models, purchases, roles
+from node.economy import composite, datasets, deals, models, purchases, roles, tasks
 from node.economy.api import EndBlockFn, KindHandler
 
 if TYPE_CHECKING:
@@ -36,16 +36,17 @@ HANDLERS: dict[int, KindHandler] = _collect(
     purchases.HANDLERS,
     deals.HANDLERS,
     models.HANDLERS,
+    tasks.HANDLERS,
 )
 """Every economy kind, by kind number (sorted)."""
 
 # Run in this order at the end of every block, after the transition's own queues.
-END_BLOCK: tuple[EndBlockFn, ...] = (purchases.end_block, deals.end_block)
+END_BLOCK: tuple[EndBlockFn, ...] = (purchases.end_block, deals.end_block, tasks.end_block)
 
 
 def max_spend(view: StateView, vtx: VerifiedTransaction) -> int | None:
     """What an economy transaction may take from the sender's balance besides its fee (a bond,
-    a purchase's price, a deal's escrow), for the mempool's funds check; None if not economy.
+    a purchase's price, a deal's escrow, a task's escrow or bond), for the mempool's funds check; None if not economy.
 
     An upper bound read from ``view``: the transition takes at most this much.
     """
@@ -54,6 +55,10 @@ def max_spend(view: StateView, vtx: VerifiedTransaction) -> int | None:
         return roles.register_spend(view, body)
     if isinstance(body, purchases.Purchase):
         return body.max_price
+    if isinstance(body, tasks.TaskSubmit):
+        return tasks.submit_spend(view, body)  # the escrow
+    if isinstance(body, tasks.TaskClaim):
+        return tasks.claim_spend(view, body)  # the task bond
     if isinstance(body, deals.DealCreate):
         return body.terms.epochs * body.terms.price_per_epoch  # the owner's escrow
     if vtx.tx.kind in HANDLERS:

@@ -228,6 +228,8 @@ def genesis4(**overrides: object) -> Genesis:
         "balances": fund(10**21),
         "fees": EVERY_KIND_FEES,
         "evidence_max_age": EVIDENCE_MAX_AGE,
+        # A parameter proposal carries the whole fee table (one schedule per kind).
+        "max_tx_bytes": 8_192,
         "authority": AUTH,
     }
     kw.update(overrides)
