@@ -27,18 +27,21 @@ from node.consensus.state import (
     PARAMS_KEY,
     VALIDATOR_SET_KEY,
     Account,
+    Overlay,
     evidence_seen_key,
     get_account,
 )
 from node.consensus.transition import (
+    BlockContext,
     BlockResult,
     BuiltBlock,
     ValidatorContext,
     apply_block,
+    apply_transaction,
     build_block,
     check_commit,
 )
-from node.consensus.txs import VerifiedTransaction
+from node.consensus.txs import TxKind, VerifiedTransaction
 from node.consensus.validators import (
     ValidatorHistoryError,
     ValidatorSet,
@@ -259,6 +262,29 @@ class ChainService:
     def state_view(self) -> _LiveState:
         """The latest committed state (for the mempool and execution; chain thread only)."""
         return self._state
+
+    def check_admission(self, vtx: VerifiedTransaction) -> None:
+        """Run a transaction's state rules against the head state on a discardable overlay, as
+        the next block would, so its submitter gets the rule it breaks (role missing, price below
+        the offer, model already registered, …) with its error code now, instead of seeing it
+        dropped at block building. Transfers are fully checked by the mempool already; a nonce
+        other than the account's next one depends on transactions still in the pool, so it is
+        left to block building. Chain thread only (like ``state_view``)."""
+        if vtx.tx.kind == TxKind.TRANSFER:
+            return
+        state = self._state
+        if vtx.tx.nonce != get_account(state, vtx.sender).nonce:
+            return
+        head = self.head
+        ctx = BlockContext(
+            chain=self.chain,
+            params=self.params,
+            height=self.head_height + 1,
+            time_ms=self.chain.genesis_time if head is None else head.time,
+            proposer=Address(b"\x00" * 20),
+            parent_hash=Hash32(b"\x00" * 32) if head is None else head.hash(),
+        )
+        apply_transaction(Overlay(state), vtx, ctx)
 
     def read_view(self) -> ReadView:
         view = self._view

@@ -104,6 +104,8 @@ class Node:
         if vtx.tx.kind in _REGISTERS_ARTIFACT and self.artifacts is not None:
             # DESIGN §8: availability is checked at admission (here), never in consensus.
             await self.artifacts.check_available(bytes(vtx.body.root))  # type: ignore[attr-defined]
+        # The kind's state rules, now, so the submitter gets the rule it breaks (DESIGN §4).
+        self.chain.check_admission(vtx)
         self.mempool.add(vtx, self.chain.state_view(), params)
         if self.p2p is not None:
             self.p2p.gossip.broadcast_transaction(raw)

@@ -456,6 +456,13 @@ class _Chain:
     def state_view(self) -> Any:
         return self._econ.view()
 
+    def check_admission(self, vtx: Any) -> None:
+        """The real state rules on a discardable overlay, as ``ChainService`` runs them."""
+        from node.consensus.state import Overlay
+        from node.consensus.transition import apply_transaction
+
+        apply_transaction(Overlay(self._econ.view()), vtx, self._econ.ctx())
+
 
 async def test_admission_of_a_registration_needs_the_artifact(
     network: MemoryNetwork, tmp_path: Path, econ: EconomyChain

@@ -474,3 +474,36 @@ def test_every_height_in_the_history_window_verifies(history: int) -> None:
             with pytest.raises(HistoryPruned):
                 view.get_proof(key, oldest - 1)
     chain.close()
+
+
+def test_admission_runs_a_kinds_state_rules_on_the_head_state() -> None:
+    """``check_admission`` raises what the next block would (with its code) and leaves a later
+    nonce to block building."""
+    from node.economy.api import Role
+    from node.economy.roles import RoleAlreadyHeld, RoleRegister
+    from node.economy.tasks import TaskCancel, UnknownTask
+    from node.storage import MemoryKV
+    from tests.economy.econ import FEE, SUPPLIER, economy_genesis
+    from tests.helpers import commit_next, open_chain, signed_tx, verified
+
+    chain = open_chain(MemoryKV(), economy_genesis())
+    commit_next(chain)
+    root = chain.head.state_root if chain.head is not None else None
+    register = verified(
+        signed_tx(SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER), b""), nonce=0, fee=FEE)
+    )
+    chain.check_admission(register)  # valid: no error
+    # A rule of the kind's own, checked against state: cancelling a task nobody submitted.
+    cancel = verified(signed_tx(SUPPLIER, TaskCancel(b"\x07" * 32), nonce=0, fee=FEE))
+    with pytest.raises(UnknownTask):
+        chain.check_admission(cancel)
+    # A later nonce is not judged against the head state.
+    later = verified(signed_tx(SUPPLIER, TaskCancel(b"\x07" * 32), nonce=1, fee=FEE))
+    chain.check_admission(later)
+    commit_next(chain, candidates=[register])
+    assert chain.head is not None and chain.head.state_root != root
+    again = verified(
+        signed_tx(SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER), b""), nonce=1, fee=FEE)
+    )
+    with pytest.raises(RoleAlreadyHeld):
+        chain.check_admission(again)
