@@ -1024,7 +1024,9 @@ def _sign_send_wait(
         ]
         print(_rows(rows))
     else:
-        print(_rows(_receipt_summary(receipt)))
+        # The kind's own fields (ids the transaction created: dataset, purchase, deal, …) first.
+        own = [(str(label), text) for _, _, label, text in fields if label is not None]
+        print(_rows([*own, *_receipt_summary(receipt)]))
     if receipt is not None and not receipt.get("success"):
         raise CliError(f"transaction {_hex(tx_id)} failed: {receipt.get('error') or 'no reason'}")
     return EXIT_OK
