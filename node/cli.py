@@ -559,6 +559,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             config = dataclasses.replace(
                 config, validator_address=address, validator_password_file=None
             )
+    if getattr(args, "provide_compute", False):
+        config = dataclasses.replace(config, compute_enabled=True)
     key = _unlock_validator(config, args.password_file)
     operator = _unlock_operator(config, key)
     _setup_logging(config.log_level, args.verbose)
@@ -2447,6 +2449,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command(commands, "run", cmd_run, "run a node")
+    p.add_argument(
+        "--provide-compute",
+        action="store_true",
+        help="run compute-market tasks for others with the operator account ([compute] limits)",
+    )
     p.add_argument("--rpc-host", metavar="HOST", help="JSON-RPC listen host")
     p.add_argument("--rpc-port", metavar="PORT", type=int, help="JSON-RPC listen port")
     p.add_argument(

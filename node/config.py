@@ -152,6 +152,14 @@ class NodeConfig:
     operator_address: Address | None = None
     operator_password_file: Path | None = None
     operator_password_env: str | None = None  # name of an environment variable with the password
+    # The compute market (node/compute_agent.py): run tasks for others (needs an operator).
+    compute_enabled: bool = False
+    compute_max_concurrent: int = 1
+    compute_memory_bytes: int = 4 << 30
+    compute_wall_seconds: int = 3600
+    compute_device: str = "cpu"
+    compute_threads: int = 1
+    compute_price_per_device_second: int = 1
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -234,6 +242,22 @@ def _validate(c: NodeConfig) -> None:
             raise ConfigError("operator.password_file: expected a path")
         if c.operator_address is None:
             raise ConfigError("operator.password_file is set but operator.address is not")
+    if type(c.compute_enabled) is not bool:
+        raise ConfigError("compute.enabled: expected true or false")
+    for name in (
+        "compute_max_concurrent",
+        "compute_memory_bytes",
+        "compute_wall_seconds",
+        "compute_threads",
+        "compute_price_per_device_second",
+    ):
+        value = getattr(c, name)
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"compute.{name.removeprefix('compute_')}: expected an integer >= 1")
+    if c.compute_device not in ("cpu", "cuda"):
+        raise ConfigError('compute.device: expected "cpu" or "cuda"')
+    if c.compute_enabled and c.operator_address is None:
+        raise ConfigError("compute.enabled needs an operator account (operator.address)")
     if c.operator_password_env is not None:
         if not isinstance(c.operator_password_env, str) or not _ENV_NAME_RE.match(
             c.operator_password_env
@@ -306,6 +330,13 @@ _TOML_KEYS: dict[tuple[str, str], str] = {
     ("operator", "address"): "operator_address",
     ("operator", "password_file"): "operator_password_file",
     ("operator", "password_env"): "operator_password_env",
+    ("compute", "enabled"): "compute_enabled",
+    ("compute", "max_concurrent"): "compute_max_concurrent",
+    ("compute", "memory_bytes"): "compute_memory_bytes",
+    ("compute", "wall_seconds"): "compute_wall_seconds",
+    ("compute", "device"): "compute_device",
+    ("compute", "threads"): "compute_threads",
+    ("compute", "price_per_device_second"): "compute_price_per_device_second",
     ("log", "level"): "log_level",
 }
 _SECTIONS = sorted({s for s, _ in _TOML_KEYS})

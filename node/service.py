@@ -92,6 +92,7 @@ class Node:
         self.operator = operator  # the account that signs this node's own transactions
         self.storage_agent: Any = None
         self.key_agent: Any = None
+        self.compute_agent: Any = None  # node.compute_agent.ComputeAgent with [compute] enabled
         self.model_search: ModelSearchService | None = None  # ns_searchModels' index
 
     def read_view(self) -> ReadView:
@@ -321,6 +322,48 @@ async def _start_agents(
     )
     await nursery.start(node.key_agent.run)
     log.info("operator account %s: key and storage agents running", operator.address.hex())
+    if config.compute_enabled:
+        await _start_compute(nursery, node, config, artifacts, operator)
+
+
+async def _start_compute(
+    nursery: trio.Nursery,
+    node: Node,
+    config: NodeConfig,
+    artifacts: ArtifactService,
+    operator: crypto.PrivateKey,
+) -> None:
+    """The compute agent (``neuroseed run --provide-compute`` / ``[compute] enabled``)."""
+    from node.compute_agent import ComputeAgent, ComputeSettings, InputUnavailable
+
+    async def fetch(root: bytes) -> None:
+        job = artifacts.start_fetch(root)
+        await job.done.wait()
+        if job.state != "done":
+            raise InputUnavailable(job.error or "the fetch failed")
+
+    settings = ComputeSettings(
+        max_concurrent=config.compute_max_concurrent,
+        memory_bytes=config.compute_memory_bytes,
+        wall_seconds=config.compute_wall_seconds,
+        device=config.compute_device,
+        threads=config.compute_threads,
+        price_per_device_second=config.compute_price_per_device_second,
+    )
+    agent = ComputeAgent(
+        node,
+        node.submit_transaction,  # nonces from the mempool (pending_nonce)
+        operator,
+        config.data_dir,
+        settings,
+        blobs=artifacts.store,
+        fetch=fetch,
+        provide=artifacts.provide,
+        pending_nonce=node.pending_nonce,
+    )
+    node.compute_agent = agent
+    await nursery.start(agent.run)
+    log.info("compute agent running (device %s)", config.compute_device)
 
 
 async def _stop_on_signals(scope: trio.CancelScope) -> None:

@@ -74,7 +74,7 @@ class MethodTable:
 def default_methods() -> MethodTable:
     """Every public method: ``ns_*`` and the read-only ``eth_*``/``net_*`` layer."""
     # Imported here: the namespace modules import Context from this one.
-    from rpc.methods import artifacts, eth, models, ns, search, storage
+    from rpc.methods import artifacts, compute, eth, models, ns, search, storage
 
     table = MethodTable()
     ns.register(table)
@@ -82,5 +82,6 @@ def default_methods() -> MethodTable:
     storage.register(table)
     models.register(table)
     search.register(table)
+    compute.register(table)
     eth.register(table)
     return table

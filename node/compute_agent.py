@@ -1,0 +1,894 @@
+"""The compute agent: a node's side of the compute market (DESIGN §10; docs/compute-market.md).
+
+One trio service signing with the node's **operator account**. Every committed block it reads
+the block's transactions for new ``TaskSubmit``s (plus, at start, the open tasks in state) and
+looks at up to ``tasks_per_block`` watched tasks (round-robin), each a bounded state read:
+
+* **Provider.** With an offer on chain (``offer`` sends ``ProviderRegister``), an open task of
+  this node's platform class whose limits fit the local ones (memory, wall time, devices,
+  steps), whose inputs are all free and whose maximum price covers this node's ask
+  (``price_per_device_second × devices × wall seconds``) is claimed (``TaskClaim``) while a slot
+  is free. Once the claim is in a block the task runs in the background: its inputs are fetched
+  (``fetch``: the artifact service) and exported to files, the recipe runs in a child process
+  (``node.compute.worker``, the requester's limits ∩ the local ones), the checkpoints and the
+  result are imported into the blob store and provided, and ``TaskResult`` is posted. A failure
+  inside the requester's limits (OOM, the recipe's own crash, its wall time) becomes a
+  ``TaskFail`` with the checkpoints written so far; any other failure is a ``PROVIDER_FAULT``.
+  Nothing a task does can stop the node: every job error is caught and logged.
+* **Verifier / referee / dispute party.** When the draw names this node for a task, it fetches
+  the segment's start checkpoint, re-runs the segment (merge and evaluate: the whole job) in a
+  child process, commits ``verify_commitment(task, me, hash, salt)`` and reveals once the commit
+  window has closed. In a dispute where it is the provider or the challenger it replays the
+  segment from its start to each round's midpoint and posts ``BisectStep``.
+
+Progress of the tasks this node runs is kept in memory for ``ns_getTask`` (``progress``).
+Priced inputs (datasets with a price) are refused for now (``PricedInputRefused``): buying them
+is not automated yet. Error codes 3180–3199.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import secrets
+import shutil
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from node import crypto
+from node.compute import recipes
+from node.consensus import fees
+from node.consensus.txs import decode_transaction, make_transaction, verify_transaction
+from node.economy import tasks as tk
+from node.economy.api import EconomyKind
+from node.economy.datasets import get_dataset
+from node.economy.models import Metric, get_model
+from node.encoding import Record
+from node.errors import NeuroSeedError
+from node.types import Address, Amount, Hash32
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DIR = "compute"
+MAX_TRACKED = 4096  # watched tasks kept in memory
+SCAN_AT_START = 10_000  # task records read at start to find the open ones
+
+
+# --- errors (3180–3199) ------------------------------------------------------------------------
+
+
+class ComputeAgentError(NeuroSeedError):
+    code = 3180
+    reason = "compute agent error"
+
+
+class ComputeAgentDisabled(ComputeAgentError):
+    """The node runs no compute agent (no operator account, or not started)."""
+
+    code = 3181
+    reason = "the compute agent is not available"
+
+
+class PricedInputRefused(ComputeAgentError):
+    """A task input is a priced dataset: buying it is not automated, so the task is refused."""
+
+    code = 3182
+    reason = "the task needs a priced dataset, which this provider does not buy"
+
+
+class TaskOutsideLimits(ComputeAgentError):
+    """The task asks for more than this node's local limits (memory, wall time, devices)."""
+
+    code = 3183
+    reason = "the task does not fit this provider's local limits"
+
+
+class InputUnavailable(ComputeAgentError):
+    """A task input (or a checkpoint to verify from) could not be fetched."""
+
+    code = 3184
+    reason = "a task input could not be fetched"
+
+
+class NotTaskRunner(ComputeAgentError):
+    code = 3185
+    reason = "this node does not run that task"
+
+
+class UnknownTaskId(ComputeAgentError):
+    code = 3186
+    reason = "no such task"
+
+
+class NotAProvider(ComputeAgentError):
+    """The operator account holds no COMPUTE_PROVIDER offer on chain."""
+
+    code = 3187
+    reason = "this node has no compute offer on chain"
+
+
+# --- settings and collaborators ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeSettings:
+    """Node-local limits and policy (none of them is a consensus rule)."""
+
+    max_concurrent: int = 1  # tasks run at once (also the offer's max_concurrent)
+    memory_bytes: int = 4 << 30  # per task (RLIMIT_DATA of the child; device memory on GPUs)
+    wall_seconds: int = 3600  # a task's wall time at most
+    device: str = "cpu"  # "cpu" or "cuda"
+    threads: int = 1  # torch threads (part of the CPU platform class)
+    devices: int = 1  # devices offered
+    price_per_device_second: int = 1
+    platform_class: str = ""  # "" = ask the worker (node.compute.platform) once
+    provide: bool = True  # claim tasks (else only verify when drawn)
+    tasks_per_block: int = 64  # watched tasks looked at per block (bounded work)
+    poll_interval_s: float = 0.5
+    fee_tip_divisor: int = 10
+    keep_finished: int = 256  # progress records kept for ended tasks
+
+
+class ChainSource(Protocol):
+    def read_view(self) -> Any: ...
+
+
+Submit = Callable[[bytes], Awaitable[Hash32]]
+PendingNonce = Callable[[Address], Awaitable[int]]
+Fetch = Callable[[bytes], Awaitable[None]]  # make a root complete in the blob store
+Provide = Callable[[bytes], Awaitable[None]]
+RunJob = Callable[..., Awaitable[dict[str, Any]]]
+
+
+class _ViewState:
+    __slots__ = ("_view",)
+
+    def __init__(self, view: Any) -> None:
+        self._view = view
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._view.get_state(key)
+        return value
+
+
+def _head(view: Any) -> int:
+    head = view.head
+    return 0 if head is None else int(head.height)
+
+
+@dataclass
+class TaskProgress:
+    """What this node does for a task: its role, the stage and the step counts."""
+
+    role: str  # provider | verifier | referee | dispute
+    stage: str = "queued"  # queued, fetching, running, uploading, posted, failed, ...
+    done: int = 0
+    total: int = 0
+    error: str = ""
+    updated_height: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "stage": self.stage,
+            "done": self.done,
+            "total": self.total,
+            "error": self.error,
+            "updated_height": self.updated_height,
+        }
+
+
+@dataclass
+class _Local:
+    """Per task: what was already sent or started, so a block never repeats work."""
+
+    claimed_at: int = -1
+    running: bool = False
+    posted: bool = False
+    # verification: (label) -> hash computed, salt, commit / reveal sent
+    answer: dict[str, Hash32] = field(default_factory=dict)
+    computing: set[str] = field(default_factory=set)
+    salt: dict[str, Hash32] = field(default_factory=dict)
+    sent: set[str] = field(default_factory=set)
+
+
+ResultHook = Callable[[tk.Task, dict[str, Any]], dict[str, Any]]
+
+
+async def _default_run_job(
+    job: Mapping[str, Any], *, time_limit_s: float, on_progress: Any
+) -> dict[str, Any]:
+    from node.compute.worker import run_job_async
+
+    return await run_job_async(job, time_limit_s=time_limit_s, on_progress=on_progress)
+
+
+class ComputeAgent:
+    """See the module docstring. Call ``run`` in the node's nursery (``nursery.start``)."""
+
+    def __init__(
+        self,
+        chain: ChainSource,
+        submit: Submit,
+        operator_key: crypto.PrivateKey,
+        data_dir: Path,
+        settings: ComputeSettings | None = None,
+        *,
+        blobs: Any = None,
+        fetch: Fetch | None = None,
+        provide: Provide | None = None,
+        pending_nonce: PendingNonce | None = None,
+        run_job: RunJob | None = None,
+        result_hook: ResultHook | None = None,
+    ) -> None:
+        self._chain = chain
+        self._submit = submit
+        self._key = operator_key
+        self.address: Address = operator_key.address
+        self.settings = settings or ComputeSettings()
+        self._blobs = blobs
+        self._fetch = fetch
+        self._provide = provide
+        self._pending_nonce = pending_nonce
+        self._run_job: RunJob = run_job or _default_run_job
+        self._result_hook = result_hook  # tests: a cheating provider
+        self._dir = Path(data_dir) / COMPUTE_DIR
+        self._watched: dict[Hash32, None] = {}
+        self._local: dict[Hash32, _Local] = {}
+        self.progress: dict[Hash32, TaskProgress] = {}
+        self._cursor = 0
+        self._next_nonce = 0
+        self._tx_lock = trio.Lock()
+        self._head_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._platform: str | None = self.settings.platform_class or None
+        self._scanned_blocks = -1
+        self.last_head = -1
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._scan_open_tasks(self._chain.read_view())
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    view = self._chain.read_view()
+                    if _head(view) != self.last_head:
+                        try:
+                            await self.on_head(view)
+                        except NeuroSeedError as exc:
+                            log.error("compute agent: %s", exc.message)
+                    with trio.move_on_after(self.settings.poll_interval_s):
+                        await self._head_changed.wait()
+                    self._head_changed = trio.Event()
+            finally:
+                self._nursery = None
+
+    def notify_block(self) -> None:
+        self._head_changed.set()
+
+    def _scan_open_tasks(self, view: Any) -> None:
+        """At start: watch the tasks in state that have not ended (bounded read)."""
+        iterate = getattr(view, "iter_state", None)
+        self._scanned_blocks = _head(view)
+        if iterate is None:
+            return
+        for n, (_key, value) in enumerate(iterate(tk.task_key(b"")), 1):
+            t = tk.Task.decode(value)
+            if t.state != tk.TaskState.ENDED:
+                self._watch(t.id)
+            if n >= SCAN_AT_START:
+                break
+
+    def _watch(self, task_id: Hash32) -> None:
+        if task_id in self._watched:
+            return
+        if len(self._watched) >= MAX_TRACKED:
+            return
+        self._watched[task_id] = None
+
+    # --- platform ----------------------------------------------------------------------------
+
+    async def platform_info(self) -> dict[str, Any]:
+        """This machine's platform class and hardware, from a child (the node has no torch)."""
+        code = (
+            "import json,sys;from node.compute.platform import hardware,platform_class;"
+            "print(json.dumps({'class':platform_class(sys.argv[1],int(sys.argv[2])),"
+            "'hw':hardware()}))"
+        )
+        dev = self.settings.device
+        proc = await trio.run_process(
+            [sys.executable, "-c", code, dev, str(self.settings.threads)],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        info: dict[str, Any] = json.loads(proc.stdout)
+        return info
+
+    async def platform_class(self) -> str:
+        if self._platform is None:
+            self._platform = str((await self.platform_info())["class"])
+        return self._platform
+
+    # --- provider: the offer -----------------------------------------------------------------
+
+    async def offer(
+        self, price_per_device_second: int | None = None, max_concurrent: int | None = None
+    ) -> Hash32:
+        """Send (or replace) this node's ``ProviderRegister`` from its hardware and settings."""
+        s = self.settings
+        cls = await self.platform_class()
+        try:
+            info = await self.platform_info()
+            hw: dict[str, Any] = info["hw"]
+        except Exception:  # best effort: the offer still goes out with the settings
+            hw = {}
+        cuda = hw.get("cuda") or []
+        if s.device.startswith("cuda") and cuda:
+            first = cuda[0]
+            body = tk.ProviderRegister(
+                device_kind="cuda",
+                device_name=str(first["name"])[: tk.MAX_DEVICE_NAME],
+                devices=min(s.devices, len(cuda)),
+                memory_bytes=int(first["memory_bytes"]),
+                compute_capability=str(first["capability"]),
+                cpu_cores=int(hw.get("cpu_cores", 1)),
+                platform_class=cls,
+                price_per_device_second=Amount(
+                    price_per_device_second or s.price_per_device_second
+                ),
+                max_concurrent=max_concurrent or s.max_concurrent,
+            )
+        else:
+            body = tk.ProviderRegister(
+                device_kind="cpu",
+                device_name=f"{hw.get('machine', 'cpu')}-{hw.get('isa', '')}"[: tk.MAX_DEVICE_NAME],
+                devices=s.devices,
+                memory_bytes=min(s.memory_bytes, int(hw.get("memory_bytes", s.memory_bytes))),
+                compute_capability="",
+                cpu_cores=int(hw.get("cpu_cores", 1)),
+                platform_class=cls,
+                price_per_device_second=Amount(
+                    price_per_device_second or s.price_per_device_second
+                ),
+                max_concurrent=max_concurrent or s.max_concurrent,
+            )
+        return await self.send_transaction(body)
+
+    def provider_record(self, view: Any | None = None) -> tk.ComputeProvider | None:
+        view = self._chain.read_view() if view is None else view
+        return tk.get_provider(_ViewState(view), self.address)
+
+    # --- every block -------------------------------------------------------------------------
+
+    async def on_head(self, view: Any) -> None:
+        head = _head(view)
+        self.last_head = head
+        self._read_new_blocks(view, head)
+        ids = list(self._watched)
+        if not ids:
+            return
+        count = min(len(ids), max(1, self.settings.tasks_per_block))
+        start = self._cursor % len(ids)
+        batch = [ids[(start + i) % len(ids)] for i in range(count)]
+        self._cursor = (start + count) % len(ids)
+        state = _ViewState(view)
+        for tid in batch:
+            task = tk.get_task(state, tid)
+            if task is None:
+                continue
+            try:
+                await self._step(view, state, head, task)
+            except NeuroSeedError as exc:
+                log.warning("task 0x%s: %s", tid.hex()[:16], exc.message)
+            if task.state == tk.TaskState.ENDED and tid in self._watched:
+                del self._watched[tid]
+                self._local.pop(tid, None)
+                self._trim_progress()
+
+    def _read_new_blocks(self, view: Any, head: int) -> None:
+        """Watch the tasks submitted in the blocks since the last look."""
+        first = max(self._scanned_blocks + 1, 1)
+        for height in range(first, head + 1):
+            block = view.get_block(height)
+            if block is None:
+                continue
+            for raw in block.txs:
+                try:  # only submissions are verified (their sender makes the task id)
+                    if decode_transaction(bytes(raw)).tx.kind != int(EconomyKind.TASK_SUBMIT):
+                        continue
+                    vtx = verify_transaction(bytes(raw))
+                except NeuroSeedError:
+                    continue
+                self._watch(tk.task_id(vtx.sender, vtx.tx.nonce))
+        self._scanned_blocks = head
+
+    def _trim_progress(self) -> None:
+        extra = len(self.progress) - self.settings.keep_finished - len(self._watched)
+        for tid in list(self.progress)[: max(0, extra)]:
+            if tid not in self._watched:
+                del self.progress[tid]
+
+    async def _step(self, view: Any, state: Any, head: int, task: tk.Task) -> None:
+        local = self._local.setdefault(task.id, _Local())
+        me = self.address
+        st = task.state
+        if st == tk.TaskState.OPEN:
+            if self.settings.provide and local.claimed_at < 0:
+                await self._maybe_claim(view, state, head, task, local)
+            return
+        if st == tk.TaskState.CLAIMED:
+            if task.provider == me and not local.running and not local.posted:
+                local.running = True
+                self._start(self._provide_task, task, local)
+            return
+        if st == tk.TaskState.VERIFYING:
+            slot = next((s for s in task.verifier_slots if s.address == me), None)
+            if slot is not None:
+                await self._verify(view, head, task, local, slot, "verify", None)
+            return
+        if st in (tk.TaskState.DISPUTE, tk.TaskState.REFEREE) and task.dispute is not None:
+            d = task.dispute
+            if st == tk.TaskState.REFEREE and d.referee is not None and d.referee.address == me:
+                await self._verify(view, head, task, local, d.referee, "referee", d.high)
+            elif st == tk.TaskState.DISPUTE and me in (task.provider, d.challenger):
+                await self._bisect(view, head, task, local)
+
+    def _start(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        if self._nursery is None:
+            raise ComputeAgentDisabled("the compute agent is not running")
+        self._nursery.start_soon(fn, *args)
+
+    # --- provider: claim ---------------------------------------------------------------------
+
+    def ask_price(self, task: tk.Task) -> int:
+        """What this node charges for ``task``: its price for the task's devices over the
+        requester's whole wall-time limit (the worst case it commits to)."""
+        return self.settings.price_per_device_second * task.devices * task.limits.wall_seconds
+
+    def check_task(self, state: Any, task: tk.Task, record: tk.ComputeProvider) -> None:
+        """Raise why this node would not run ``task`` (local limits, priced inputs)."""
+        s = self.settings
+        if task.limits.device_memory > s.memory_bytes:
+            raise TaskOutsideLimits(
+                f"the task wants {task.limits.device_memory} bytes per device, this node gives "
+                f"{s.memory_bytes}"
+            )
+        if task.limits.wall_seconds > s.wall_seconds:
+            raise TaskOutsideLimits(
+                f"the task's wall time {task.limits.wall_seconds} s exceeds {s.wall_seconds} s"
+            )
+        if task.devices > min(s.devices, record.devices):
+            raise TaskOutsideLimits(f"the task wants {task.devices} devices")
+        for item in task.inputs:
+            if item.kind == tk.InputKind.DATASET:
+                ds = get_dataset(state, item.ref)
+                if ds is not None and ds.price > 0:
+                    raise PricedInputRefused(
+                        f"dataset 0x{item.ref.hex()[:16]} is priced ({ds.price}); buying "
+                        "inputs is not automated yet"
+                    )
+
+    async def _maybe_claim(
+        self, view: Any, state: Any, head: int, task: tk.Task, local: _Local
+    ) -> None:
+        record = tk.get_provider(state, self.address)
+        if record is None or record.platform_class != task.platform_class:
+            return
+        if record.active_tasks >= record.max_concurrent or task.requester == self.address:
+            return
+        if tk.reputation(record) < task.min_reputation or head >= task.deadline:
+            return
+        running = sum(1 for x in self._local.values() if x.running)
+        if running >= self.settings.max_concurrent:
+            return
+        price = self.ask_price(task)
+        if price > task.max_price:
+            return
+        try:
+            self.check_task(state, task, record)
+        except ComputeAgentError as exc:
+            log.info("not claiming task 0x%s: %s", task.id.hex()[:16], exc.message)
+            local.claimed_at = head  # decided: never again
+            return
+        await self.send_transaction(tk.TaskClaim(task.id, Amount(price)), view)
+        local.claimed_at = head
+        self.progress[task.id] = TaskProgress("provider", "claimed", 0, task.steps, "", head)
+
+    # --- provider: run -----------------------------------------------------------------------
+
+    def _task_dir(self, task: tk.Task) -> Path:
+        return self._dir / task.id.hex()
+
+    async def _input_file(self, root: bytes, dest: Path) -> Path:
+        """Make ``root`` complete in the blob store (fetching it) and export it to ``dest``."""
+        from node.storage.importer import export_file, missing_blocks
+
+        if self._blobs is None:
+            raise InputUnavailable("this node has no blob store")
+        blobs = self._blobs
+        complete = blobs.has(root) and not await trio.to_thread.run_sync(
+            missing_blocks, blobs, root
+        )
+        if not complete:
+            if self._fetch is None:
+                raise InputUnavailable(f"artifact {root.hex()[:20]}… is not stored here")
+            try:
+                await self._fetch(root)
+            except NeuroSeedError as exc:
+                raise InputUnavailable(f"cannot fetch {root.hex()[:20]}…: {exc.message}") from exc
+        if dest.exists():
+            return dest
+        tmp = dest.with_name(dest.name + ".tmp")
+
+        def write() -> None:
+            with open(tmp, "wb") as f:
+                export_file(blobs, root, f)
+            tmp.replace(dest)
+
+        await trio.to_thread.run_sync(write)
+        return dest
+
+    async def _job_inputs(self, view: Any, task: tk.Task, work: Path) -> dict[str, Any]:
+        """The job fields naming local files of the task's inputs (fetched and exported)."""
+        state = _ViewState(view)
+        p = recipes.validate_task_params(task.recipe, task.params)
+        files: dict[bytes, Path] = {}
+        specs: dict[bytes, Any] = {}
+        for n, item in enumerate(task.inputs):
+            if item.kind == tk.InputKind.DATASET:
+                ds = get_dataset(state, item.ref)
+                if ds is None or not ds.root:
+                    raise InputUnavailable(f"dataset 0x{item.ref.hex()[:16]} has no file")
+                if ds.price > 0:
+                    raise PricedInputRefused(f"dataset 0x{item.ref.hex()[:16]} is priced")
+                files[bytes(item.ref)] = await self._input_file(ds.root, work / f"in{n}")
+            elif item.kind == tk.InputKind.MODEL:
+                m = get_model(state, item.ref)
+                if m is None:
+                    raise InputUnavailable(f"model 0x{item.ref.hex()[:16]} is not registered")
+                files[bytes(item.ref)] = await self._input_file(m.root, work / f"in{n}")
+                specs[bytes(item.ref)] = json.loads(m.spec)
+
+        def path_of(hex_id: str) -> str:
+            ref = bytes.fromhex(hex_id.removeprefix("0x"))
+            if ref not in files:
+                raise InputUnavailable(f"input {hex_id} is not among the task's inputs")
+            return str(files[ref])
+
+        job: dict[str, Any] = {}
+        if task.recipe in recipes.TRAINING_RECIPES or task.recipe == "evaluate":
+            job["data"] = path_of(p["dataset"])
+            if p.get("val_dataset"):
+                job["val_data"] = path_of(p["val_dataset"])
+            if task.recipe in ("finetune", "evaluate"):
+                ref = bytes.fromhex(str(p["model"]).removeprefix("0x"))
+                job["spec"] = specs.get(ref)
+                key = "init" if task.recipe == "finetune" else "model"
+                job[key] = path_of(p["model"])
+        else:  # merge
+            parents = [str(x) for x in p["parents"]]
+            job["parents"] = [path_of(x) for x in parents]
+            job["specs"] = [specs.get(bytes.fromhex(x.removeprefix("0x"))) for x in parents]
+            if p.get("base"):
+                job["base"] = path_of(str(p["base"]))
+            if p.get("datasets"):
+                job["data"] = path_of(str(next(iter(p["datasets"]))))
+        return job
+
+    def _job(
+        self, task: tk.Task, work: Path, kind: str, inputs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        s = self.settings
+        memory = min(task.limits.device_memory, s.memory_bytes)
+        job: dict[str, Any] = {
+            "kind": "evaluate" if task.recipe == "evaluate" and kind == "task" else kind,
+            "recipe": task.recipe,
+            "params": task.params.decode(),
+            "task_id": task.id.hex(),
+            "threads": s.threads,
+            "device": s.device,
+            "output": str(
+                work / ("metrics.json" if task.recipe == "evaluate" else "out.safetensors")
+            ),
+            **inputs,
+        }
+        if s.device.startswith("cuda"):
+            job["cuda_memory_fraction"] = 1.0
+        else:
+            job["memory_limit_bytes"] = max(memory, 64 << 20)
+        if task.recipe in recipes.TRAINING_RECIPES and kind == "task":
+            job["checkpoint_dir"] = str(work / "checkpoints")
+        return job
+
+    def _wall(self, task: tk.Task) -> float:
+        return float(min(task.limits.wall_seconds, self.settings.wall_seconds))
+
+    def _on_progress(self, tid: Hash32) -> Callable[[dict[str, Any]], None]:
+        def on(msg: dict[str, Any]) -> None:
+            prog = self.progress.get(tid)
+            if prog is None or msg.get("stage") == "start":
+                return
+            prog.stage = "running"
+            with contextlib.suppress(TypeError, ValueError):
+                prog.done, prog.total = int(msg.get("done", 0)), int(msg.get("total", 0))
+
+        return on
+
+    async def _provide_task(self, task: tk.Task, local: _Local) -> None:
+        """Fetch, run, upload, post: every error ends in a TaskFail, never in the node."""
+        from node.compute.worker import (
+            InvalidTrainingData,
+            JobFailed,
+            JobTimeout,
+            TaskOutOfMemory,
+        )
+
+        prog = self.progress.setdefault(task.id, TaskProgress("provider"))
+        prog.role, prog.total = "provider", task.steps
+        work = self._task_dir(task)
+        reason = tk.FailReason.PROVIDER_FAULT
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            prog.stage = "fetching"
+            inputs = await self._job_inputs(self._chain.read_view(), task, work)
+            job = self._job(task, work, "task", inputs)
+            prog.stage = "running"
+            try:
+                result = await self._run_job(
+                    job, time_limit_s=self._wall(task), on_progress=self._on_progress(task.id)
+                )
+            except TaskOutOfMemory:
+                reason = tk.FailReason.OUT_OF_MEMORY
+                raise
+            except JobTimeout:
+                reason = tk.FailReason.WALL_TIMEOUT
+                raise
+            except (JobFailed, InvalidTrainingData):  # the recipe's own failure (diverged, …)
+                reason = tk.FailReason.CRASH
+                raise
+            if self._result_hook is not None:
+                result = self._result_hook(task, result)
+            prog.stage = "uploading"
+            body = await self._result_body(task, result)
+            await self.send_transaction(body)
+            prog.stage, prog.done = "posted", task.steps
+            local.posted = True
+        except Exception as exc:  # a task never stops the node
+            message = exc.message if isinstance(exc, NeuroSeedError) else repr(exc)
+            log.warning("task 0x%s failed: %s", task.id.hex()[:16], message)
+            prog.stage, prog.error = "failed", message[:500]
+            with contextlib.suppress(Exception):
+                await self._post_failure(task, work, reason)
+            local.posted = True
+        finally:
+            local.running = False
+
+    async def _import(self, path: Path) -> bytes:
+        from node.storage.importer import import_file
+
+        if self._blobs is None:
+            raise InputUnavailable("this node has no blob store to upload into")
+        blobs = self._blobs
+
+        def work() -> bytes:
+            with open(path, "rb") as f:
+                return bytes(import_file(blobs, f).root)
+
+        root = await trio.to_thread.run_sync(work)
+        if self._provide is not None:
+            await self._provide(root)
+        return root
+
+    async def _result_body(self, task: tk.Task, result: Mapping[str, Any]) -> tk.TaskResult:
+        output = await self._import(Path(result["output"]))
+        if task.recipe in recipes.TRAINING_RECIPES:
+            entries = []
+            for c in result["checkpoints"]:
+                cid = await self._import(Path(c["path"]))
+                entries.append(tk.CheckpointEntry(cid, Hash32(bytes.fromhex(c["sha256"]))))
+        else:  # merge / evaluate: the one "checkpoint" is the output itself
+            digest = await trio.to_thread.run_sync(_sha256_file, Path(result["output"]))
+            entries = [tk.CheckpointEntry(output, Hash32(digest))]
+        links = recipes.chain_links(task.id, [e.cid for e in entries])
+        metrics = tuple(
+            Metric.of(str(k)[:64], round(float(v) * 1_000_000))
+            for k, v in sorted(dict(result.get("metrics") or {}).items())
+            if isinstance(v, int | float) and math.isfinite(float(v))
+        )[: tk.MAX_TASK_METRICS]
+        return tk.TaskResult(
+            task_id=task.id,
+            output=output,
+            metrics=metrics,
+            checkpoints=tuple(entries),
+            final_link=Hash32(links[-1]),
+            device_seconds=math.ceil(float(result.get("device_seconds", 0))),
+            price=Amount(task.price),
+        )
+
+    async def _post_failure(self, task: tk.Task, work: Path, reason: tk.FailReason) -> None:
+        """``TaskFail`` with the checkpoints on disk (in order, none missing), imported."""
+        entries: list[tk.CheckpointEntry] = []
+        if reason != tk.FailReason.PROVIDER_FAULT and task.recipe in recipes.TRAINING_RECIPES:
+            for step in task.checkpoint_steps[:-1]:
+                path = work / "checkpoints" / checkpoint_file_name(step)
+                if not path.exists():
+                    break
+                digest = await trio.to_thread.run_sync(_sha256_file, path)
+                entries.append(tk.CheckpointEntry(await self._import(path), Hash32(digest)))
+        links = recipes.chain_links(task.id, [e.cid for e in entries])
+        await self.send_transaction(
+            tk.TaskFail(task.id, int(reason), tuple(entries), Hash32(links[-1]), 0)
+        )
+
+    # --- verifier, referee, dispute parties ---------------------------------------------------
+
+    async def _state_hash_at(self, task: tk.Task, segment: int, to_step: int, label: str) -> Hash32:
+        """Re-run ``task`` from the start of ``segment`` to ``to_step`` (merge / evaluate: the
+        whole job) and return the state hash there."""
+        view = self._chain.read_view()
+        work = self._task_dir(task) / f"{label}-{secrets.token_hex(4)}"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            inputs = await self._job_inputs(view, task, work)
+            if task.recipe not in recipes.TRAINING_RECIPES:
+                job = self._job(task, work, "task", inputs)
+                result = await self._run_job(job, time_limit_s=self._wall(task), on_progress=None)
+                digest = await trio.to_thread.run_sync(_sha256_file, Path(result["output"]))
+                return Hash32(digest)
+            bounds = tk.segment_bounds(task, segment)
+            job = self._job(task, work, "task_segment", inputs)
+            start: str | None = None
+            if bounds.index > 0:
+                assert task.result is not None
+                cid = task.result.checkpoints[bounds.index - 1].cid
+                start = str(await self._input_file(cid, work / "start.safetensors"))
+            job.update(start=start, from_step=bounds.start, to_step=to_step, output="")
+            result = await self._run_job(job, time_limit_s=self._wall(task), on_progress=None)
+            return Hash32(bytes.fromhex(result["state_hash"]))
+        finally:
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
+
+    def _compute(self, task: tk.Task, local: _Local, key: str, segment: int, to_step: int) -> None:
+        if key in local.answer or key in local.computing:
+            return
+        local.computing.add(key)
+
+        async def work() -> None:
+            try:
+                local.answer[key] = await self._state_hash_at(task, segment, to_step, key)
+            except Exception as exc:  # a re-run that fails is reported as a mismatch
+                message = exc.message if isinstance(exc, NeuroSeedError) else repr(exc)
+                log.warning("task 0x%s: re-run failed: %s", task.id.hex()[:16], message)
+                local.answer[key] = Hash32(crypto.sha256(b"NeuroSeed/rerun-failed/v1" + task.id))
+            finally:
+                local.computing.discard(key)
+                self.notify_block()
+
+        self._start(work)
+
+    async def _verify(
+        self,
+        view: Any,
+        head: int,
+        task: tk.Task,
+        local: _Local,
+        slot: tk.VerifierSlot,
+        role: str,
+        to_step: int | None,
+    ) -> None:
+        segment = task.segment if task.dispute is None else task.dispute.segment
+        end = tk.segment_bounds(task, segment).end if to_step is None else to_step
+        key = f"{role}-{segment}-{end}"
+        prog = self.progress.setdefault(task.id, TaskProgress(role))
+        prog.role = role
+        if slot.commitment is None:
+            if head > task.commit_end:
+                return
+            if key not in local.answer:
+                prog.stage = "re-running"
+                self._compute(task, local, key, segment, end)
+                return
+            if "c" + key in local.sent:
+                return
+            salt = local.salt.setdefault(key, Hash32(secrets.token_bytes(32)))
+            commitment = tk.verify_commitment(task.id, self.address, local.answer[key], salt)
+            await self.send_transaction(tk.VerifyCommit(task.id, commitment), view)
+            local.sent.add("c" + key)
+            prog.stage = "committed"
+            return
+        if slot.state_hash is None and task.commit_end < head + 1 <= task.reveal_end:
+            if "r" + key in local.sent or key not in local.answer or key not in local.salt:
+                return
+            await self.send_transaction(
+                tk.VerifyReveal(task.id, local.answer[key], local.salt[key]), view
+            )
+            local.sent.add("r" + key)
+            prog.stage = "revealed"
+
+    async def _bisect(self, view: Any, head: int, task: tk.Task, local: _Local) -> None:
+        d = task.dispute
+        assert d is not None
+        mine = d.provider_mid if task.provider == self.address else d.challenger_mid
+        if mine is not None or head + 1 > task.window_end:
+            return
+        mid = tk.bisect_midpoint(d)
+        key = f"bisect-{d.segment}-{mid}"
+        self.progress.setdefault(task.id, TaskProgress("dispute")).stage = f"bisect round {d.round}"
+        if key not in local.answer:
+            self._compute(task, local, key, d.segment, mid)
+            return
+        sent = f"b{d.round}"
+        if sent in local.sent:
+            return
+        await self.send_transaction(tk.BisectStep(task.id, d.round, local.answer[key]), view)
+        local.sent.add(sent)
+
+    # --- transactions ------------------------------------------------------------------------
+
+    async def send_transaction(self, body: Record, view: Any | None = None) -> Hash32:
+        """Sign ``body`` with the operator key (next nonce, cost + tip) and submit it."""
+        view = self._chain.read_view() if view is None else view
+        async with self._tx_lock:
+            if self._pending_nonce is not None:
+                nonce = await self._pending_nonce(self.address)
+            else:
+                nonce = max(view.get_account(self.address).nonce, self._next_nonce)
+            chain_id = view.chain.chain_id
+            draft = make_transaction(self._key, chain_id, nonce, 0, body).encode()
+            vtx = await trio.to_thread.run_sync(verify_transaction, draft)
+            cost = fees.cost_of(view.params, _ViewState(view), vtx)
+            fee = cost + cost // max(1, self.settings.fee_tip_divisor)
+            signed = make_transaction(self._key, chain_id, nonce, fee, body)
+            tx_id = await self._submit(signed.encode())
+            self._next_nonce = nonce + 1
+            return tx_id
+
+    # --- reads for RPC -----------------------------------------------------------------------
+
+    def task_progress(self, task_id: bytes) -> dict[str, Any] | None:
+        prog = self.progress.get(Hash32(bytes(task_id)))
+        return None if prog is None else prog.as_json()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "address": "0x" + bytes(self.address).hex(),
+            "platform_class": self._platform,
+            "watched": len(self._watched),
+            "running": sum(1 for x in self._local.values() if x.running),
+            "settings": {
+                "max_concurrent": self.settings.max_concurrent,
+                "memory_bytes": self.settings.memory_bytes,
+                "wall_seconds": self.settings.wall_seconds,
+                "device": self.settings.device,
+                "threads": self.settings.threads,
+                "provide": self.settings.provide,
+                "price_per_device_second": self.settings.price_per_device_second,
+            },
+            "tasks": {"0x" + k.hex(): v.as_json() for k, v in self.progress.items()},
+        }
+
+
+def checkpoint_file_name(step: int) -> str:
+    """The worker's checkpoint file name (``node.compute.checkpoints.checkpoint_name``, which
+    imports torch)."""
+    return f"ckpt-{step:09d}.safetensors"
+
+
+def _sha256_file(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()

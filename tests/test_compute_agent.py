@@ -1,0 +1,364 @@
+"""The compute agent (``node.compute_agent``) over a real ``ChainService`` whose blocks the test
+commits from what the agents submit, with real worker child processes (torch) running a tiny
+MLP on digits: an honest train task ends paid with exact amounts (provider, both verifiers, the
+dataset owner; the requester's escrow rest back); a provider returning random weights is caught
+by the verifier's re-run, loses the dispute and its bond; a recipe outside the allow-list and
+parameters outside the schema are refused at submission. The agents share one blob store (the
+network transfer of inputs and checkpoints is the artifact service's, tested on its own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node.chain import ChainService
+from node.compute import recipes
+from node.compute.worker import run_job
+from node.compute_agent import ComputeAgent, ComputeSettings
+from node.consensus.txs import KNOWN_KINDS, VerifiedTransaction, verify_transaction
+from node.economy import tasks as tk
+from node.economy.api import DEFAULT_ECONOMY_PARAMS, Role
+from node.economy.datasets import DatasetRegister, dataset_id
+from node.economy.roles import RoleRegister
+from node.errors import InvalidTransaction
+from node.storage import MemoryKV
+from node.storage.blobstore import BlobStore
+from node.storage.format_v1 import make_leaf0, make_proof
+from node.storage.importer import import_file, verify_cid_block
+from node.types import NSD, Address, Amount, Hash32
+from tests.helpers import FEES, key, make_commit, make_genesis, open_chain, signed_tx
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+SUPPLIER, REQ, P, V1, V2 = 1, 2, 3, 4, 5
+PROVIDERS = (P, V1, V2)
+ECONOMY = replace(
+    DEFAULT_ECONOMY_PARAMS,
+    provider_bond=Amount(10 * NSD),
+    task_min_bond=Amount(NSD),
+    challenge_slash=Amount(5 * NSD),
+    verify_commit_heights=3,
+    verify_reveal_heights=3,
+    task_challenge_heights=3,
+    bisect_step_heights=3,
+    royalty_percent=5,
+)
+ALL_KIND_FEES = tuple(replace(FEES, kind=k) for k in sorted(KNOWN_KINDS))
+PRICE_PER_DEVICE_SECOND = 1000
+WALL = 120
+MAX_PRICE = 200 * NSD
+VERIFIER_FEE = 3 * NSD
+SPEC = {"family": "mlp", "input_dim": 64, "hidden": [16], "num_classes": 10}
+
+
+def _genesis():  # type: ignore[no-untyped-def]
+    g = make_genesis(
+        funded=6, validators=(0,), balance=10_000 * NSD, fees=ALL_KIND_FEES, max_tx_bytes=1 << 20
+    )
+    return replace(g, economy_params=ECONOMY)
+
+
+def _digits_v1() -> bytes:
+    """The digits dataset as a format-v1 file (a safetensors file with a padded leaf 0)."""
+    from safetensors.torch import save
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    raw = save(
+        {
+            "x": torch.tensor(d.data / 16.0, dtype=torch.float32).contiguous(),
+            "y": torch.tensor(d.target, dtype=torch.int64).contiguous(),
+        }
+    )
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n].rstrip(b" ")
+    return make_leaf0(header) + raw[8 + n :]
+
+
+def _platform_class() -> str:
+    """This machine's class with one thread (``node.compute.platform.platform_class``)."""
+    from node.compute.platform import platform_class
+
+    return platform_class("cpu", 1)
+
+
+async def _sync_run_job(
+    job: dict[str, Any], *, time_limit_s: float, on_progress: Any = None
+) -> dict[str, Any]:
+    """The worker run blocking on the loop: the mock clock cannot jump while the child runs."""
+    return run_job(job, time_limit_s=time_limit_s, on_progress=on_progress)
+
+
+@dataclass
+class Pool:
+    chain: ChainService
+    txs: list[VerifiedTransaction] = field(default_factory=list)
+
+    async def submit(self, raw: bytes) -> Hash32:
+        vtx = verify_transaction(raw)
+        self.txs.append(vtx)
+        return vtx.tx_id
+
+    async def pending_nonce(self, address: Address) -> int:
+        base = self.chain.read_view().get_account(address).nonce
+        return base + sum(1 for v in self.txs if v.sender == address)
+
+
+@dataclass
+class World:
+    chain: ChainService
+    pool: Pool
+    agents: dict[int, ComputeAgent]
+    dataset: Hash32
+    cls: str
+    rejected: list[tuple[bytes, InvalidTransaction]] = field(default_factory=list)
+    fees_paid: dict[bytes, int] = field(default_factory=dict)
+
+    async def block(self) -> int:
+        chain = self.chain
+        height = chain.head_height + 1
+        proposer = chain.validator_set().proposer(height, 0)
+        last = None if chain.head is None else chain.store.get_commit(chain.head_height)
+        candidates = list(self.pool.txs)
+        self.pool.txs.clear()
+        built = chain.build(0, proposer, last, candidates)
+        self.rejected.extend(built.rejected)
+        block = built.block
+        commit = make_commit(block.hash(), height, 0, (0,), time_ms=block.header.time + 1000)
+        chain.commit(block, commit)
+        for raw in block.txs:
+            vtx = verify_transaction(bytes(raw))
+            who = bytes(vtx.sender)
+            self.fees_paid[who] = self.fees_paid.get(who, 0) + int(vtx.tx.fee)
+        for agent in self.agents.values():
+            agent.notify_block()
+        for _ in range(5):
+            await trio.sleep(0.2)
+        return height
+
+    async def blocks_until(self, done: Callable[[], bool], limit: int = 80) -> None:
+        for _ in range(limit):
+            if done():
+                return
+            await self.block()
+        raise AssertionError("condition not reached")
+
+    def balance(self, who: int) -> int:
+        return int(self.chain.read_view().get_account(key(who).address).balance)
+
+    def net(self, who: int) -> int:
+        """Balance plus the fees its committed transactions paid."""
+        return self.balance(who) + self.fees_paid.get(bytes(key(who).address), 0)
+
+    def task(self, tid: bytes) -> tk.Task:
+        t = tk.get_task(_State(self.chain.read_view()), tid)
+        assert t is not None
+        return t
+
+    async def tx(self, who: int, body: object) -> None:
+        raw = signed_tx(who, body, nonce=await self.pool.pending_nonce(key(who).address))  # type: ignore[arg-type]
+        await self.pool.submit(raw)
+
+    def params(self, **over: Any) -> bytes:
+        p: dict[str, Any] = {
+            "spec": SPEC,
+            "dataset": self.dataset.hex(),
+            "steps": 20,
+            "lr": 0.01,
+            "batch_size": 32,
+            "optimizer": "adam",
+            "seed": 1,
+            "checkpoint_every": 10,
+            **over,
+        }
+        return recipes.canonical_params(p)
+
+    def submit_body(self, params: bytes, *, recipe: str = "train", verifiers: int = 2) -> Any:
+        return tk.TaskSubmit(
+            recipe=recipe,
+            params=params,
+            inputs=(tk.TaskInput(tk.InputKind.DATASET, self.dataset),),
+            limits=tk.TaskLimits(1 << 30, WALL, 1000),
+            deadline=self.chain.head_height + 60,
+            max_price=Amount(MAX_PRICE),
+            verifier_fee=Amount(VERIFIER_FEE),
+            verifiers=verifiers,
+            min_reputation=0,
+            platform_class=self.cls,
+        )
+
+    async def submit(self, body: Any, who: int = REQ) -> Hash32:
+        tid = tk.task_id(key(who).address, await self.pool.pending_nonce(key(who).address))
+        await self.tx(who, body)
+        await self.block()
+        return tid
+
+
+class _State:
+    def __init__(self, view: object) -> None:
+        self._view = view
+
+    def get(self, k: bytes) -> bytes | None:
+        return self._view.get_state(k)  # type: ignore[attr-defined,no-any-return]
+
+
+Cheat = Callable[[tk.Task, dict[str, Any]], dict[str, Any]]
+
+
+def random_weights(task: tk.Task, result: dict[str, Any]) -> dict[str, Any]:
+    """A provider that never trained: every checkpoint and the output replaced by random bytes
+    of the same size (the hook returns what the agent then uploads and posts)."""
+    rng = hashlib.sha256(b"cheat" + task.id).digest()
+    for c in [*result["checkpoints"], {"path": result["output"]}]:
+        path = Path(c["path"])
+        size = path.stat().st_size
+        data = (rng * (size // 32 + 1))[:size]
+        path.write_bytes(data)
+        if "sha256" in c:
+            c["sha256"] = hashlib.sha256(data).hexdigest()
+    return result
+
+
+async def _world(
+    tmp_path: Path, nursery: trio.Nursery, hooks: dict[int, Cheat] | None = None
+) -> World:
+    chain = open_chain(MemoryKV(), _genesis())
+    pool = Pool(chain)
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV(), verify=verify_cid_block, quota_bytes=1 << 30)
+    v1 = _digits_v1()
+    root = bytes(import_file(blobs, io.BytesIO(v1)).root)
+    cls = _platform_class()
+    settings = ComputeSettings(
+        memory_bytes=2 << 30,
+        wall_seconds=WALL,
+        price_per_device_second=PRICE_PER_DEVICE_SECOND,
+        platform_class=cls,
+        poll_interval_s=0.1,
+    )
+    agents = {
+        i: ComputeAgent(
+            chain,
+            pool.submit,
+            key(i),
+            tmp_path / f"node{i}",
+            settings if i == P else replace(settings, provide=False),  # the others only verify
+            blobs=blobs,
+            pending_nonce=pool.pending_nonce,
+            run_job=_sync_run_job,
+            result_hook=(hooks or {}).get(i),
+        )
+        for i in PROVIDERS
+    }
+    w = World(chain, pool, agents, dataset_id(root), cls)
+    await w.tx(SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER)))
+    for i in PROVIDERS:
+        await w.tx(i, RoleRegister(int(Role.COMPUTE_PROVIDER)))
+    await w.block()
+    proof = make_proof(lambda c: blobs.get(c), root)
+    await w.tx(SUPPLIER, DatasetRegister(root, proof, "digits", "8x8 digits", "CC0", Amount(0)))
+    for i in PROVIDERS:
+        await w.tx(
+            i,
+            tk.ProviderRegister(
+                device_kind="cpu",
+                device_name="test cpu",
+                devices=1,
+                memory_bytes=4 << 30,
+                compute_capability="",
+                cpu_cores=os.cpu_count() or 1,
+                platform_class=cls,
+                price_per_device_second=Amount(PRICE_PER_DEVICE_SECOND),
+                max_concurrent=1,
+            ),
+        )
+    await w.block()
+    assert not w.rejected, w.rejected
+    for agent in agents.values():
+        await nursery.start(agent.run)
+    return w
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as n:
+        yield n
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_honest_train_task_ends_paid_with_exact_amounts(
+    tmp_path: Path, nursery: trio.Nursery, threads: Any
+) -> None:
+    w = await _world(tmp_path, nursery)
+    before = {i: w.net(i) for i in (SUPPLIER, REQ, *PROVIDERS)}
+    tid = await w.submit(w.submit_body(w.params()))
+    await w.blocks_until(lambda: w.task(tid).state == tk.TaskState.ENDED)
+    t = w.task(tid)
+    assert t.outcome == tk.Outcome.PAID, t
+    assert t.provider == key(P).address
+    assert t.result is not None and len(t.result.checkpoints) == 2
+    assert t.result.checkpoints[-1].state_hash != bytes(32)
+    price = PRICE_PER_DEVICE_SECOND * 1 * WALL
+    assert t.result.price == price
+    royalty = price * ECONOMY.royalty_percent // 100
+    assert w.net(P) - before[P] == price
+    for v in (V1, V2):
+        assert w.net(v) - before[v] == VERIFIER_FEE
+    assert w.net(SUPPLIER) - before[SUPPLIER] == royalty
+    assert w.net(REQ) - before[REQ] == -(price + royalty + 2 * VERIFIER_FEE)
+    assert tk.get_provider(_State(w.chain.read_view()), key(P).address).settled_ok == 1  # type: ignore[union-attr]
+    # the result and checkpoints are in the blob store, under the CIDs posted
+    blobs = w.agents[P]._blobs
+    assert all(blobs.has(c.cid) for c in t.result.checkpoints) and blobs.has(t.result.output)
+    assert w.agents[P].task_progress(tid)["stage"] == "posted"  # type: ignore[index]
+
+
+@pytest.mark.slow
+async def test_a_provider_returning_random_weights_is_caught_and_slashed(
+    tmp_path: Path, nursery: trio.Nursery, threads: Any
+) -> None:
+    w = await _world(tmp_path, nursery, hooks={P: random_weights})
+    before = {i: w.net(i) for i in (REQ, *PROVIDERS)}
+    tid = await w.submit(w.submit_body(w.params(steps=4, checkpoint_every=4), verifiers=1))
+    await w.blocks_until(lambda: w.task(tid).state == tk.TaskState.ENDED, limit=120)
+    t = w.task(tid)
+    assert t.outcome == tk.Outcome.PROVIDER_SLASHED, t
+    provider = tk.get_provider(_State(w.chain.read_view()), key(P).address)
+    assert provider is not None and provider.slashed == 1 and provider.settled_ok == 0
+    bond = tk.bond_for(ECONOMY, PRICE_PER_DEVICE_SECOND * WALL)
+    assert w.net(P) - before[P] == -bond  # the cheat's bond is gone, it was paid nothing
+    catcher = next(i for i in (V1, V2) if w.net(i) > before[i])
+    # the verifier who caught it: its fee, plus its share of the bond as the dispute's winner
+    reward = bond * ECONOMY.dispute_reward_percent // 100
+    assert w.net(catcher) - before[catcher] == VERIFIER_FEE + reward
+    referee = next(i for i in (V1, V2) if i != catcher)
+    assert w.net(referee) - before[referee] in (0, min(VERIFIER_FEE, bond - reward))
+    assert w.net(REQ) - before[REQ] == -VERIFIER_FEE  # refunded but the catcher's fee
+
+
+async def test_recipes_outside_the_allow_list_and_bad_params_are_refused_at_submit(
+    tmp_path: Path,
+) -> None:
+    chain = open_chain(MemoryKV(), _genesis())
+    w = World(chain, Pool(chain), {}, Hash32(b"\x01" * 32), "cpu-x")
+    bad_recipe = replace(w.submit_body(w.params()), recipe="python")
+    bad_params = w.submit_body(w.params(steps=-3))
+    for body, error in ((bad_recipe, tk.RecipeNotAllowed), (bad_params, tk.TaskParamsInvalid)):
+        await w.tx(REQ, body)
+        await w.block()
+        assert w.rejected, "the submission was accepted"
+        _raw, exc = w.rejected.pop()
+        assert isinstance(exc, error), exc
+    with pytest.raises(recipes.InvalidTaskParams) as info:
+        recipes.validate_task_params("train", w.params(steps=-3))
+    assert info.value.field == "steps"
