@@ -2558,10 +2558,11 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--remove", action="store_true", help="remove the validator")
     _add_sender_options(p)
     _add_dataset_commands(commands, command)
-    from node import cli_models, cli_storage
+    from node import cli_compute, cli_models, cli_storage
 
     cli_storage.register(commands)
     cli_models.register(commands)
+    cli_compute.register(commands)
     return parser
 
 

@@ -491,6 +491,60 @@ class AsyncClient:
         result = await self.call("ns_getPurchase", [_hex(purchase_id, "purchase_id")])
         return result if result is None else dict(result)
 
+    # --- the compute market (docs/compute-market.md, docs/rpc.md "Compute") ----------------------
+
+    async def get_task(self, task_id: bytes | str) -> dict[str, Any] | None:
+        """A task by id (32 bytes / 0x hex), with this node's ``progress`` when it works on it."""
+        result = await self.call("ns_getTask", [_hex(task_id, "task_id")])
+        return result if result is None else dict(result)
+
+    async def list_tasks(
+        self,
+        *,
+        requester: bytes | str | None = None,
+        provider: bytes | str | None = None,
+        state: str | None = None,
+        cursor: bytes | str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """``{"tasks": [...], "cursor": hex | None}``; pass ``cursor`` back to go on."""
+        f: dict[str, Any] = {}
+        if requester is not None:
+            f["requester"] = _hex(requester, "requester")
+        if provider is not None:
+            f["provider"] = _hex(provider, "provider")
+        if state is not None:
+            f["state"] = state
+        if cursor is not None:
+            f["cursor"] = _hex(cursor, "cursor")
+        if limit is not None:
+            f["limit"] = limit
+        return dict(await self.call("ns_listTasks", [f]))
+
+    async def get_provider(self, provider: bytes | str) -> dict[str, Any] | None:
+        """A compute provider's record (hardware, platform class, price, reputation)."""
+        result = await self.call("ns_getProvider", [_hex(provider, "provider")])
+        return result if result is None else dict(result)
+
+    async def compute_status(self) -> dict[str, Any]:
+        """The local node's compute agent: settings, offer on chain, tasks (local only)."""
+        return dict(await self.call("ns_computeStatus", []))
+
+    async def compute_offer(
+        self,
+        *,
+        price_per_device_second: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> Hash32:
+        """Make the local node send its ``ProviderRegister`` (local only); its transaction id."""
+        offer: dict[str, Any] = {}
+        if price_per_device_second is not None:
+            offer["pricePerDeviceSecond"] = hex(price_per_device_second)  # a 0x quantity
+        if max_concurrent is not None:
+            offer["maxConcurrent"] = max_concurrent
+        result = await self.call("ns_computeOffer", [offer])
+        return Hash32(_unhex(result["txId"]))
+
     # --- models and model search (docs/models.md, docs/rpc.md "Models") ------------------------
 
     async def get_model(self, model: bytes | str) -> dict[str, Any] | None:
@@ -836,6 +890,27 @@ class Client:
 
     def get_purchase(self, purchase_id: bytes | str) -> dict[str, Any] | None:
         return self._run(self._async.get_purchase(purchase_id))
+
+    def get_task(self, task_id: bytes | str) -> dict[str, Any] | None:
+        return self._run(self._async.get_task(task_id))
+
+    def list_tasks(self, **filters: Any) -> dict[str, Any]:
+        return self._run(self._async.list_tasks(**filters))
+
+    def get_provider(self, provider: bytes | str) -> dict[str, Any] | None:
+        return self._run(self._async.get_provider(provider))
+
+    def compute_status(self) -> dict[str, Any]:
+        return self._run(self._async.compute_status())
+
+    def compute_offer(
+        self, *, price_per_device_second: int | None = None, max_concurrent: int | None = None
+    ) -> Hash32:
+        return self._run(
+            self._async.compute_offer(
+                price_per_device_second=price_per_device_second, max_concurrent=max_concurrent
+            )
+        )
 
     def get_model(self, model: bytes | str) -> dict[str, Any] | None:
         return self._run(self._async.get_model(model))

@@ -1,0 +1,246 @@
+"""The compute market over JSON-RPC (rpc/methods/compute.py) on a real ``RpcServer`` whose node is
+a ``ChainService`` that committed a registered dataset, a compute provider's offer, three task
+submissions from two requesters and one cancellation: ``ns_getTask`` by id, ``ns_listTasks``
+filters (requester, state) and the cursor, ``ns_getProvider``, the local-only methods refused to
+remote callers and answering ``ComputeAgentDisabled`` on a node without an agent, bad params;
+and the SDK helpers (``rpc.client``) over the same server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node.chain import ChainService, ReadView
+from node.compute import recipes
+from node.consensus.txs import KNOWN_KINDS, verify_transaction
+from node.economy import tasks as tk
+from node.economy.api import DEFAULT_ECONOMY_PARAMS, Role
+from node.economy.datasets import DatasetRegister, dataset_id
+from node.economy.roles import RoleRegister
+from node.models.safetensors_header import TensorInfo, encode_header
+from node.storage import MemoryKV
+from node.storage.blobstore import BlobStore
+from node.storage.format_v1 import make_leaf0, make_proof
+from node.storage.importer import import_file, verify_cid_block
+from node.types import NSD, Amount, Hash32
+from rpc import server as rpc_server
+from rpc.client import Client
+from rpc.server import RpcServer
+from tests.helpers import FEES, addr, commit_next, key, make_genesis, open_chain, signed_tx
+from tests.rpc.conftest import LIMITS, call
+
+SUPPLIER, REQ_A, REQ_B, PROV = 1, 2, 3, 4
+CLS = "cpu-test-class"
+SPEC = {"family": "mlp", "input_dim": 4, "hidden": [3], "num_classes": 2}
+
+
+@dataclass
+class Market:
+    chain: ChainService
+    dataset: Hash32
+    tasks: dict[str, Hash32] = field(default_factory=dict)
+    nonces: dict[int, int] = field(default_factory=dict)
+
+    def read_view(self) -> ReadView:
+        return self.chain.read_view()
+
+    def block(self, *txs: tuple[int, Any]) -> None:
+        raws = []
+        for who, body in txs:
+            n = self.nonces.get(who, 0)
+            self.nonces[who] = n + 1
+            raws.append(verify_transaction(signed_tx(who, body, nonce=n)))
+        _, result = commit_next(self.chain, candidates=raws)
+        assert all(r.status == 0 for r in result.receipts), result.receipts
+
+    def submit(self, who: int, name: str, **over: Any) -> None:
+        self.tasks[name] = tk.task_id(addr(who), self.nonces.get(who, 0))
+        params = {
+            "spec": SPEC,
+            "dataset": self.dataset.hex(),
+            "steps": 20,
+            "lr": 0.01,
+            "batch_size": 8,
+            "optimizer": "adam",
+            "seed": 1,
+            "checkpoint_every": 10,
+            **over,
+        }
+        body = tk.TaskSubmit(
+            recipe="train",
+            params=recipes.canonical_params(params),
+            inputs=(tk.TaskInput(tk.InputKind.DATASET, self.dataset),),
+            limits=tk.TaskLimits(1 << 30, 60, 100),
+            deadline=self.chain.head_height + 50,
+            max_price=Amount(2 * NSD),
+            verifier_fee=Amount(NSD // 10),
+            verifiers=1,
+            min_reputation=0,
+            platform_class=CLS,
+        )
+        self.block((who, body))
+
+
+def _dataset_file(rows: int = 16) -> bytes:
+    x = b"".join(hashlib.sha256(f"row {i}".encode()).digest()[:16] for i in range(rows))
+    header = encode_header([TensorInfo("x", "F32", (rows, 4), 0, len(x))], None)
+    return make_leaf0(header) + x
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory) -> Market:
+    fees = tuple(replace(FEES, kind=k) for k in sorted(KNOWN_KINDS))
+    genesis = make_genesis(
+        funded=5, validators=(0,), balance=10_000 * NSD, fees=fees, max_tx_bytes=1 << 20
+    )
+    economy = replace(DEFAULT_ECONOMY_PARAMS, provider_bond=Amount(10 * NSD))
+    chain = open_chain(MemoryKV(), replace(genesis, economy_params=economy))
+    tmp: Path = tmp_path_factory.mktemp("blobs")
+    blobs = BlobStore(tmp, MemoryKV(), verify=verify_cid_block, quota_bytes=1 << 24)
+    root = bytes(import_file(blobs, io.BytesIO(_dataset_file())).root)
+    m = Market(chain, dataset_id(root))
+    m.block(
+        (SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER))),
+        (PROV, RoleRegister(int(Role.COMPUTE_PROVIDER))),
+    )
+    proof = make_proof(lambda c: blobs.get(c), root)
+    m.block(
+        (SUPPLIER, DatasetRegister(root, proof, "rows", "test rows", "CC0", Amount(0))),
+        (
+            PROV,
+            tk.ProviderRegister(
+                device_kind="cpu",
+                device_name="test cpu",
+                devices=1,
+                memory_bytes=4 << 30,
+                compute_capability="",
+                cpu_cores=4,
+                platform_class=CLS,
+                price_per_device_second=Amount(1000),
+                max_concurrent=2,
+            ),
+        ),
+    )
+    m.submit(REQ_A, "a1")
+    m.submit(REQ_A, "a2", seed=2)
+    m.submit(REQ_B, "b1", seed=3)
+    m.block((REQ_A, tk.TaskCancel(m.tasks["a2"])))
+    return m
+
+
+@pytest.fixture
+async def url(nursery: trio.Nursery, market: Market) -> AsyncIterator[str]:
+    server = RpcServer(market, "127.0.0.1", 0, LIMITS)  # type: ignore[arg-type]
+    yield await nursery.start(server.serve)
+    nursery.cancel_scope.cancel()
+
+
+async def ok(url: str, method: str, *params: Any) -> Any:
+    answer = await call(url, method, list(params))
+    assert "error" not in answer, answer
+    return answer["result"]
+
+
+async def error(url: str, method: str, *params: Any) -> dict[str, Any]:
+    answer = await call(url, method, list(params))
+    assert "error" in answer, answer
+    err: dict[str, Any] = answer["error"]
+    return err
+
+
+def hx(b: bytes) -> str:
+    return "0x" + bytes(b).hex()
+
+
+async def test_get_task(url: str, market: Market) -> None:
+    t = await ok(url, "ns_getTask", hx(market.tasks["a1"]))
+    assert t["id"] == hx(market.tasks["a1"]) and t["requester"] == hx(addr(REQ_A))
+    assert t["recipe"] == "train" and t["state"] == "open" and t["outcome"] == "pending"
+    assert t["steps"] == 20 and t["checkpointSteps"] == [10, 20]
+    assert t["inputs"] == [{"kind": "dataset", "ref": hx(market.dataset)}]
+    assert t["limits"] == {"deviceMemory": 1 << 30, "wallSeconds": 60, "steps": 100}
+    assert t["maxPrice"] == str(2 * NSD) and t["platformClass"] == CLS
+    assert t["provider"] is None and t["result"] is None and t["progress"] is None
+    assert recipes.parse_params(t["params"].encode())["seed"] == 1
+    cancelled = await ok(url, "ns_getTask", hx(market.tasks["a2"]))
+    assert cancelled["state"] == "ended" and cancelled["outcome"] == "cancelled"
+    assert cancelled["escrow"] == "0"
+    assert await ok(url, "ns_getTask", hx(b"\x00" * 32)) is None
+    for bad in ("0x12", 5, "task"):
+        assert (await error(url, "ns_getTask", bad))["code"] == -32602
+
+
+async def test_list_tasks_filters_and_cursor(url: str, market: Market) -> None:
+    ids = sorted(hx(t) for t in market.tasks.values())
+    everything = await ok(url, "ns_listTasks", {})
+    assert [t["id"] for t in everything["tasks"]] == ids and everything["cursor"] is None
+    assert all(t["progress"] is None for t in everything["tasks"])
+    first = await ok(url, "ns_listTasks", {"limit": 2})
+    assert [t["id"] for t in first["tasks"]] == ids[:2] and first["cursor"] == ids[1]
+    rest = await ok(url, "ns_listTasks", {"limit": 2, "cursor": first["cursor"]})
+    assert [t["id"] for t in rest["tasks"]] == ids[2:] and rest["cursor"] is None
+    mine = await ok(url, "ns_listTasks", {"requester": hx(addr(REQ_A))})
+    assert {t["id"] for t in mine["tasks"]} == {hx(market.tasks["a1"]), hx(market.tasks["a2"])}
+    open_ = await ok(url, "ns_listTasks", {"state": "open"})
+    assert {t["id"] for t in open_["tasks"]} == {hx(market.tasks["a1"]), hx(market.tasks["b1"])}
+    ended = await ok(url, "ns_listTasks", {"state": "ended", "requester": hx(addr(REQ_A))})
+    assert [t["id"] for t in ended["tasks"]] == [hx(market.tasks["a2"])]
+    assert (await ok(url, "ns_listTasks", {"provider": hx(addr(PROV))}))["tasks"] == []
+    assert len((await ok(url, "ns_listTasks"))["tasks"]) == 3
+    for bad in (
+        {"limit": 0},
+        {"limit": 101},
+        {"state": "running"},
+        {"colour": "red"},
+        {"requester": "0x12"},
+        {"cursor": "0x12"},
+        "not an object",
+    ):
+        assert (await error(url, "ns_listTasks", bad))["code"] == -32602
+
+
+async def test_get_provider(url: str) -> None:
+    p = await ok(url, "ns_getProvider", hx(addr(PROV)))
+    assert p["address"] == hx(addr(PROV)) and p["deviceKind"] == "cpu"
+    assert p["platformClass"] == CLS and p["pricePerDeviceSecond"] == "1000"
+    assert p["maxConcurrent"] == 2 and p["activeTasks"] == 0 and p["reputation"] == 0
+    assert await ok(url, "ns_getProvider", hx(addr(REQ_A))) is None
+    assert (await error(url, "ns_getProvider", "0x12"))["code"] == -32602
+
+
+async def test_local_methods_without_an_agent_and_for_remote_callers(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for method, params in (("ns_computeStatus", []), ("ns_computeOffer", [{}])):
+        assert (await error(url, method, *params))["code"] == 3181  # ComputeAgentDisabled
+    assert (await error(url, "ns_computeOffer", "no"))["code"] == -32602
+    bad_price = {"pricePerDeviceSecond": "ten"}
+    assert (await error(url, "ns_computeOffer", bad_price))["code"] == -32602
+    monkeypatch.setattr(rpc_server, "is_loopback_caller", lambda request: False)
+    for method in ("ns_computeStatus", "ns_computeOffer"):
+        assert (await error(url, method))["code"] == 2273  # LocalCallersOnly
+    # The reads stay open to everyone.
+    assert (await ok(url, "ns_listTasks", {"limit": 1}))["tasks"]
+
+
+async def test_sdk_helpers(url: str, market: Market) -> None:
+    def use() -> None:
+        with Client(url) as client:
+            t = client.get_task(market.tasks["b1"])
+            assert t is not None and t["requester"] == hx(addr(REQ_B))
+            assert client.get_task(hx(market.tasks["a1"])) is not None
+            page = client.list_tasks(requester=addr(REQ_B), state="open", limit=5)
+            assert [x["id"] for x in page["tasks"]] == [hx(market.tasks["b1"])]
+            p = client.get_provider(addr(PROV))
+            assert p is not None and p["platformClass"] == CLS
+            assert client.get_provider(key(SUPPLIER).address) is None
+
+    await trio.to_thread.run_sync(use)
