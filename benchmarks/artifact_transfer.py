@@ -6,14 +6,16 @@ vs a bare libp2p stream between the same two hosts, in the same run.
   ``--size-mib`` MiB (default 1 GiB: 1 MiB leaves, each distinct, built with ``UnixfsBuilder``;
   the import is not timed); it serves the artifact with ``ChunkServer`` (``OpenPolicy``) and a
   raw protocol that writes N bytes on a bare stream.
-* Node B is this process: its own ``Libp2pHost`` and an empty ``BlobStore`` (the same verifier
-  as the node's: every block hashed on ``put``).
+* Node B is this process: its own ``Libp2pHost`` and an empty ``BlobStore`` (the node's
+  verifier; the fetcher hashes each block once itself and stores each response's blocks with one
+  ``put_many(..., verified=True)``, as the node does).
 
 Figures (MB = 10**6 bytes):
 
 * ``artifact_transfer``: the artifact's bytes ÷ the time of ``ChunkFetcher.fetch`` from A into
   B's blob store — requests, responses, decoding, verification of every block against its CID,
-  the blob store's writes (fsync per block) and the final pin included. The result is then
+  the blob store's writes (a temp file and an fsync per block, one synced index write per
+  response) and the final pin included. The result is then
   checked: the root CID recomputed from B's store must be the artifact's.
 * the bound: the same number of bytes on one bare libp2p stream (Noise + Yamux) from A to B,
   read and discarded; measured before and after the fetch, the better run counts.
@@ -21,6 +23,10 @@ Figures (MB = 10**6 bytes):
   protocol's cost without the blob store's), run first; raw loopback TCP (trio sockets, one
   process, 1 MiB writes); node A's import rate (``UnixfsBuilder`` + ``BlobStore.put``); and the
   CPU seconds each process spent (from ``/proc``): the transfer is CPU-bound in py-libp2p.
+
+``--profile FILE`` writes a cProfile of node B's trio thread during the fetch into the blob
+store (``python -m pstats FILE``); worker-thread work (hashing, file writes) shows there only as
+the wait for it, so profile those with ``perf`` (``perf record -g -p <pid>``).
 
 RESULT lines: ``artifact_transfer`` (bound: the bare libp2p stream; target ratio 0.8) and
 ``libp2p_stream`` (bound: raw loopback TCP; no target).
@@ -32,6 +38,7 @@ minute on 2 cores.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import hashlib
 import os
@@ -214,12 +221,15 @@ class DiscardingStore:
     def get(self, cid: bytes) -> bytes | None:
         return self._nodes.get(cid)
 
-    def put(self, cid: bytes, data: bytes) -> bool:
+    def put(self, cid: bytes, data: bytes, *, verified: bool = False) -> bool:
         if cid[1] == unixfs.RAW_CODEC:
             self._leaves[cid] = len(data)
         else:
-            self._nodes[cid] = data
+            self._nodes[cid] = bytes(data)
         return True
+
+    def put_many(self, blocks: Any, *, verified: bool = False) -> list[bool]:
+        return [self.put(cid, data) for cid, data in blocks]
 
     async def pin_async(self, root: bytes, cids: Any) -> None:
         return None
@@ -233,11 +243,18 @@ async def timed_fetch(
     root: bytes,
     settings: FetchSettings,
     server_pid: int,
+    profile: str | None = None,
 ) -> tuple[float, Any]:
+    profiler = cProfile.Profile() if profile else None
     c0, s0 = time.process_time(), cpu_seconds(server_pid)
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     report = await ChunkFetcher(store, host, settings).fetch(root, [peer])
     took = time.perf_counter() - t0
+    if profiler is not None and profile:
+        profiler.disable()
+        profiler.dump_stats(profile)
     rate = report.bytes_fetched / took / 1e6
     print(
         f"{what}: {report.blocks_fetched} blocks, {report.bytes_fetched / MIB:.0f} MiB in "
@@ -249,7 +266,13 @@ async def timed_fetch(
 
 
 async def client(
-    addr: str, root: bytes, size: int, store_dir: Path, server_pid: int, settings: FetchSettings
+    addr: str,
+    root: bytes,
+    size: int,
+    store_dir: Path,
+    server_pid: int,
+    settings: FetchSettings,
+    profile: str | None,
 ) -> dict[str, float]:
     from node.p2p.libp2p_host import Libp2pHost
 
@@ -272,7 +295,7 @@ async def client(
                 server_pid,
             )
             out["fetch"], report = await timed_fetch(
-                "fetch into the blob store", store, host, peer, root, settings, server_pid
+                "fetch into the blob store", store, host, peer, root, settings, server_pid, profile
             )
             out["bound_after"] = await raw_stream(host, peer, size, server_pid)
             nursery.cancel_scope.cancel()
@@ -293,6 +316,7 @@ def main() -> None:
     parser.add_argument(
         "--requests-per-provider", type=int, default=FetchSettings().requests_per_provider
     )
+    parser.add_argument("--profile", metavar="FILE", help="cProfile node B's fetch into the store")
     args = parser.parse_args()
     size = args.size_mib * MIB
     settings = FetchSettings(
@@ -332,7 +356,7 @@ def main() -> None:
             f"node A imported the artifact in {imported:.1f} s ({size / imported / 1e6:.0f} MB/s: "
             f"UnixfsBuilder + BlobStore.put); root {root.hex()[:24]}..."
         )
-        out = trio.run(client, addr, root, size, tmp / "b", proc.pid, settings)
+        out = trio.run(client, addr, root, size, tmp / "b", proc.pid, settings, args.profile)
         log.close()
     finally:
         if proc is not None:

@@ -11,7 +11,9 @@ most ``MAX_FRAME_BYTES`` is therefore plain "length + payload".
 Reads loop on ``receive_some`` until the frame is whole — never one read per frame (py-libp2p's
 ``read_exactly`` gives up after 100 reads, ~6.5 MiB). Each read asks for at most what the current
 frame still needs, so no byte of the next message is consumed and no buffer is kept between
-calls. Sizes are checked from the header before anything is allocated.
+calls. Sizes are checked from the header before anything is read. The pieces received are kept
+as they are and joined once per message (no per-frame buffer to zero and copy); a receiver must
+therefore return a new object from each ``receive_some``, as trio's and py-libp2p's streams do.
 
 Streams are trio-style (``send_all`` / ``receive_some``; ``b""`` means end of stream);
 ``ReadWriteAdapter`` gives a py-libp2p ``INetStream`` (``write`` / ``read``) that shape.
@@ -45,11 +47,12 @@ class ByteStream(ByteSender, ByteReceiver, Protocol):
 
 
 class ReadWriteStream(Protocol):
-    """py-libp2p's ``INetStream`` shape: ``read(n)`` returns at most ``n`` bytes."""
+    """py-libp2p's ``INetStream`` shape: ``read(n)`` returns at most ``n`` bytes; ``write``
+    takes any bytes-like object (its Yamux slices and prefixes it, which a view supports)."""
 
     async def read(self, n: int | None = None) -> bytes: ...
 
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: bytes | memoryview) -> None: ...
 
 
 class ReadWriteAdapter:
@@ -63,7 +66,9 @@ class ReadWriteAdapter:
         self._eof_errors = eof_errors
 
     async def send_all(self, data: bytes | memoryview) -> None:
-        await self._stream.write(bytes(data))
+        # A view goes through as it is: py-libp2p's Yamux slices it into frames (no copy for a
+        # view, where a bytes copy of each 1 MiB frame and then bytes slices cost two passes).
+        await self._stream.write(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         try:
@@ -96,23 +101,46 @@ class MalformedFrame(FrameError):
     reason = "malformed frame"
 
 
-async def _read_exactly(stream: ByteReceiver, n: int, *, eof_ok: bool = False) -> bytes | None:
-    """``n`` bytes, read in as many chunks as the stream gives. At end of stream: None if
-    ``eof_ok`` and nothing was read, else ``TruncatedFrame``."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+async def _receive_into(stream: ByteReceiver, n: int, parts: list[bytes | bytearray]) -> None:
+    """Append exactly ``n`` bytes to ``parts``, as the pieces the stream gives (no copy: each
+    piece is kept as received, joined once by the caller). ``TruncatedFrame`` at end of
+    stream."""
     got = 0
     while got < n:
         chunk = await stream.receive_some(n - got)
         if not chunk:
-            if eof_ok and got == 0:
-                return None
             raise TruncatedFrame(f"stream ended after {got} of {n} bytes")
         if len(chunk) > n - got:  # a stream that ignores max_bytes would desynchronize us
             raise FrameError("stream returned more bytes than asked for")
-        view[got : got + len(chunk)] = chunk
+        parts.append(chunk)
         got += len(chunk)
-    return bytes(buf)
+
+
+def _join(parts: list[bytes | bytearray]) -> bytes:
+    """One ``bytes`` of ``parts``: the piece itself when there is one ``bytes``, else one join."""
+    if len(parts) == 1 and type(parts[0]) is bytes:
+        return parts[0]
+    return b"".join(parts)
+
+
+async def _read_header(stream: ByteReceiver, *, eof_ok: bool) -> tuple[int, bool] | None:
+    """A frame header as (length, more); None if ``eof_ok`` and the stream ended before it."""
+    first = await stream.receive_some(HEADER_BYTES)
+    if not first:
+        if eof_ok:
+            return None
+        raise TruncatedFrame(f"stream ended after 0 of {HEADER_BYTES} bytes")
+    if len(first) > HEADER_BYTES:
+        raise FrameError("stream returned more bytes than asked for")
+    parts: list[bytes | bytearray] = [first]
+    if len(first) < HEADER_BYTES:
+        try:
+            await _receive_into(stream, HEADER_BYTES - len(first), parts)
+        except TruncatedFrame:
+            got = sum(len(p) for p in parts)
+            raise TruncatedFrame(f"stream ended after {got} of {HEADER_BYTES} bytes") from None
+    word = int.from_bytes(b"".join(parts), "big")
+    return word & _LENGTH_MASK, bool(word & MORE)
 
 
 def frame_header(length: int, *, more: bool = False) -> bytes:
@@ -128,41 +156,40 @@ async def write_frame(
     header = frame_header(len(data), more=more)
     # One write for small frames; large ones skip the copy.
     if len(data) <= 64 << 10:
-        await stream.send_all(header + bytes(data))
+        await stream.send_all(header + data)
     else:
         await stream.send_all(header)
-        await stream.send_all(data if isinstance(data, bytes) else memoryview(data))
+        await stream.send_all(memoryview(data))  # a view: no copy on the way down (see above)
 
 
-async def _read_frame_raw(
-    stream: ByteReceiver, budget: int, *, eof_ok: bool
-) -> tuple[bytes, bool] | None:
-    """One frame whose payload may use at most ``budget`` bytes (checked from the header)."""
-    header = await _read_exactly(stream, HEADER_BYTES, eof_ok=eof_ok)
+async def _read_frame_into(
+    stream: ByteReceiver, parts: list[bytes | bytearray], budget: int, *, eof_ok: bool
+) -> tuple[int, bool] | None:
+    """One frame whose payload may use at most ``budget`` bytes (checked from the header,
+    before anything is read): its payload appended to ``parts``; returns (length, more)."""
+    header = await _read_header(stream, eof_ok=eof_ok)
     if header is None:
         return None
-    word = int.from_bytes(header, "big")
-    length, more = word & _LENGTH_MASK, bool(word & MORE)
+    length, more = header
     if length > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
     if length > budget:
         raise FrameTooLarge(f"frame of {length} bytes exceeds the {budget} bytes allowed")
     if more and length != MAX_FRAME_BYTES:
         raise MalformedFrame(f"continued frame of {length} bytes")
-    data = await _read_exactly(stream, length)
-    assert data is not None
-    return data, more
+    await _receive_into(stream, length, parts)
+    return length, more
 
 
 async def read_frame(stream: ByteReceiver, *, max_bytes: int = MAX_FRAME_BYTES) -> bytes | None:
     """One single frame (``MORE`` must be clear); None at a clean end of stream."""
-    got = await _read_frame_raw(stream, max_bytes, eof_ok=True)
+    parts: list[bytes | bytearray] = []
+    got = await _read_frame_into(stream, parts, max_bytes, eof_ok=True)
     if got is None:
         return None
-    data, more = got
-    if more:
+    if got[1]:
         raise MalformedFrame("unexpected continued frame")
-    return data
+    return _join(parts)
 
 
 async def write_message(
@@ -188,17 +215,22 @@ async def read_message(
     stream: ByteReceiver, *, max_bytes: int = MAX_RESPONSE_BYTES
 ) -> bytes | None:
     """One whole message of at most ``max_bytes``; None at a clean end of stream (between
-    messages). Raises ``FrameTooLarge``, ``TruncatedFrame`` or ``MalformedFrame``."""
-    parts: list[bytes] = []
+    messages). Raises ``FrameTooLarge``, ``TruncatedFrame`` or ``MalformedFrame``.
+
+    The pieces the stream returns are collected across all frames and joined once at the end:
+    one copy of the message, where a buffer per frame cost a zero-fill and two more copies
+    (page faults on every MiB)."""
+    parts: list[bytes | bytearray] = []
     total = 0
+    frames = 0
     while True:
-        got = await _read_frame_raw(stream, max_bytes - total, eof_ok=not parts)
+        got = await _read_frame_into(stream, parts, max_bytes - total, eof_ok=not frames)
         if got is None:
             return None
-        data, more = got
-        if parts and not more and not data:
+        length, more = got
+        if frames and not more and not length:
             raise MalformedFrame("empty last frame after a continued frame")
-        total += len(data)
-        parts.append(data)
+        frames += 1
+        total += length
         if not more:
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return _join(parts)

@@ -769,6 +769,75 @@ async def test_real_leaves_keep_responses_near_8_mib(
     assert reassemble(a.store, art) == art.data
 
 
+async def test_each_response_is_stored_with_one_verified_put_many(
+    small_layout: None,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    threads: InlineThreads,
+) -> None:
+    art = make_artifact(40 * SMALL_CHUNK)
+    net = MemoryNetwork(seed=21)
+    a = make_node(net, "a", tmp_path)
+    honest = make_node(net, "b", tmp_path)
+    liar = make_node(net, "c", tmp_path, verify=lambda cid, data: True)
+    seed(honest, art)
+    bad_leaf = art.leaves[5]
+    for cid, data in art.blocks.items():
+        liar.store.put(cid, flip(data) if cid == bad_leaf else data)
+    store_hashes = 0
+
+    def counting(cid: bytes, data: bytes) -> bool:
+        nonlocal store_hashes
+        store_hashes += 1
+        return store_verifier(cid, data)
+
+    a.store._verify = counting
+    batches: list[tuple[list[tuple[bytes, bytes | memoryview]], bool]] = []
+    real_put_many = a.store.put_many
+
+    def spy(
+        blocks: Iterable[tuple[bytes, bytes | memoryview]], *, verified: bool = False
+    ) -> list[bool]:
+        blocks = list(blocks)
+        batches.append((blocks, verified))
+        return real_put_many(blocks, verified=verified)
+
+    a.store.put_many = spy  # type: ignore[method-assign]
+    asked: list[tuple[bytes, ...]] = []
+
+    async def record(peer: PeerId, payload: bytes, serve: Callable[[], Awaitable[bytes]]) -> bytes:
+        asked.append(decode_chunk_request(payload).cids)
+        return await serve()
+
+    wrap_handler(liar, record)
+    async with net:
+        with pytest.raises(BlockUnavailable) as info:
+            await a.fetcher.fetch(art.root, [liar.peer])
+        first = info.value.report
+        assert first is not None and liar.peer in first.bad_peers
+        # One put_many per response, of the blocks that matched their CIDs, taken as views of
+        # the response (no copy) and not hashed again by the store.
+        assert len(batches) == first.requests == threads.calls.count("_verify_and_store")
+        assert all(verified for _, verified in batches)
+        assert all(isinstance(data, memoryview) for blocks, _ in batches for _, data in blocks)
+        assert store_hashes == 0
+        put = [cid for blocks, _ in batches for cid, _ in blocks]
+        assert bad_leaf not in put and not a.store.has(bad_leaf)
+        assert len(put) == first.blocks_fetched
+        assert any(len(blocks) > 1 for blocks, _ in batches)  # responses of several blocks
+        assert stored(a.store, art.blocks) == set(put)
+        # The good blocks of the response with the bad leaf were kept all the same; the honest
+        # provider is asked only for the rest.
+        (with_bad,) = [cids for cids in asked if bad_leaf in cids]
+        assert len(with_bad) > 1 and set(with_bad) - {bad_leaf} <= set(put)
+        second = await a.fetcher.fetch(art.root, [honest.peer])
+    assert second.complete and second.blocks_present == len(put)
+    assert second.blocks_fetched == len(art.blocks) - len(put)
+    assert reassemble(a.store, art) == art.data
+    assert store_hashes == 0
+    assert a.store.check(deep=True).clean  # what the fetcher vouched for does verify
+
+
 # --- provider records (MemoryNetwork) ------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -207,3 +208,90 @@ async def test_read_write_adapter() -> None:
     assert await read_message(stream) == data
     assert await read_message(stream) == b"second"
     assert await read_message(stream) is None
+
+
+class Scripted:
+    """A receiver that hands out scripted pieces (each cut to what the reader asks for) and
+    records every request; the rest of a cut piece comes next."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+        self.asked: list[int | None] = []
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self.asked.append(max_bytes)
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        n = len(piece) if max_bytes is None else max_bytes
+        if len(piece) > n:
+            self.pieces.insert(0, piece[n:])
+            piece = piece[:n]
+        return piece
+
+
+def wire(data: bytes) -> bytes:
+    """``data`` as ``write_message`` frames it."""
+    out = bytearray()
+    for pos in range(0, max(len(data), 1), MAX_FRAME_BYTES):
+        part = data[pos : pos + MAX_FRAME_BYTES]
+        more = len(data) - pos > MAX_FRAME_BYTES
+        out += frame_header(len(part), more=more) + part
+    return bytes(out)
+
+
+async def test_pieces_are_kept_and_joined_once_per_message() -> None:
+    # A one-frame message arriving in one piece is that very piece: no copy at all.
+    body = payload(5000)
+    stream = Scripted([frame_header(5000), body])
+    got = await read_message(stream)
+    assert got is body
+    # Three frames arriving in uneven pieces that straddle frame boundaries.
+    data = payload(2 * MAX_FRAME_BYTES + 777)
+    raw = wire(data) + wire(b"next")
+    cuts = [0, 3, 1000, MAX_FRAME_BYTES + 2, MAX_FRAME_BYTES + 9, 2 * MAX_FRAME_BYTES, len(raw)]
+    stream = Scripted([raw[a:b] for a, b in itertools.pairwise(cuts)])
+    assert await read_message(stream) == data
+    # Never asked for more than the current header or frame still needed...
+    assert all(n is not None and 0 < n <= MAX_FRAME_BYTES for n in stream.asked)
+    # ...so the next message is intact.
+    assert await read_message(stream) == b"next"
+    assert await read_message(stream) is None
+
+
+async def test_sizes_are_checked_before_any_payload_is_read() -> None:
+    stream = Scripted([frame_header(MAX_FRAME_BYTES, more=True), b"x" * 10])
+    with pytest.raises(FrameTooLarge):
+        await read_message(stream, max_bytes=MAX_FRAME_BYTES - 1)
+    assert stream.asked == [4]  # the header only
+    stream = Scripted([frame_header(10, more=True), b"x" * 10])
+    with pytest.raises(MalformedFrame):
+        await read_message(stream)
+    assert stream.asked == [4]
+    stream = Scripted([b"\x00\x00", b"\x00"])  # the stream ends inside the header
+    with pytest.raises(TruncatedFrame, match="3 of 4"):
+        await read_message(stream)
+
+
+async def test_adapter_hands_frames_to_the_stream_as_views() -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[bytes | memoryview] = []
+
+        async def write(self, data: bytes | memoryview) -> None:
+            self.writes.append(data)
+
+        async def read(self, n: int | None = None) -> bytes:
+            return b""
+
+    lib = Recording()
+    data = payload(MAX_FRAME_BYTES + 100)
+    await write_message(ReadWriteAdapter(lib), data)
+    # Headers, then the payload as views of the caller's bytes: nothing copied on the way.
+    views = [w for w in lib.writes if isinstance(w, memoryview)]
+    assert [len(v) for v in views] == [MAX_FRAME_BYTES]
+    assert all(v.obj is data for v in views)
+    assert b"".join(bytes(w) for w in lib.writes) == wire(data)
+    small = bytearray(b"small")
+    await write_frame(ReadWriteAdapter(lib), small)
+    assert lib.writes[-1] == frame_header(5) + b"small"

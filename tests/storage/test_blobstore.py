@@ -400,3 +400,274 @@ async def test_async_methods_run_off_the_event_loop(make: Make) -> None:
     assert (await store.check_async()).clean
     assert await store.gc_async() == 100
     await trio.lowlevel.checkpoint()
+
+
+# --- batched and pre-verified puts ----------------------------------------------------------------
+
+
+class CountingVerify:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, cid: bytes, data: bytes) -> bool:
+        self.calls += 1
+        return verify(cid, data)
+
+
+def tmp_files(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "blobs" / "tmp").iterdir())
+
+
+def test_put_many_stores_a_batch_with_one_index_write(make: Make, tmp_path: Path) -> None:
+    index = MemoryKV()
+    store = make(index)
+    blocks = [block(i, 100 + i) for i in range(6)]
+    assert store.put(*blocks[0])
+    writes = index.write_count
+    # Already stored, new, new, named twice, new: one flag per entry, in order.
+    batch = [blocks[0], blocks[1], blocks[2], blocks[1], (blocks[3][0], bytearray(blocks[3][1]))]
+    assert store.put_many(batch) == [False, True, True, False, True]
+    # One synced batch for the three new blocks, one unsynced touch (LRU) for the old one.
+    assert index.write_count == writes + 2
+    writes = index.write_count
+    assert store.put_many(blocks[4:]) == [True, True]
+    assert index.write_count == writes + 1
+    for cid, data in blocks:
+        assert store.get(cid) == data
+        assert store.size(cid) == len(data)
+    assert store.usage().blocks == 6
+    assert store.usage().used_bytes == sum(len(d) for _, d in blocks)
+    assert len(block_files(tmp_path / "blobs")) == 6
+    assert tmp_files(tmp_path) == []
+    assert store.put_many([]) == []
+    assert store.check().clean
+
+
+def test_put_many_syncs_everything_before_the_index_learns(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = MemoryKV()
+    store = make(index)
+    blocks = [block(i) for i in range(5)]
+    paths = [store._path(cid) for cid, _ in blocks]
+    synced: list[int] = []  # the index's write count at each fsync
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(index.write_count)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    before = index.write_count
+    assert store.put_many(blocks) == [True] * 5
+    # Every block file once, then each directory whose entries changed once: the shards, the
+    # new shard directories' parents and blocks/ itself (a fresh store creates them all).
+    dirs = (
+        {p.parent for p in paths}
+        | {p.parent.parent for p in paths}
+        | {tmp_path / "blobs" / "blocks"}
+    )
+    assert len(synced) == len(blocks) + len(dirs)
+    assert synced == [before] * len(synced)  # all of them before the one index write
+    assert index.write_count == before + 1
+    # Five single puts: a synced index write each.
+    for cid, data in [block(i) for i in range(10, 15)]:
+        store.put(cid, data)
+    assert index.write_count == before + 1 + 5
+
+
+def test_verified_puts_skip_the_verifier_and_default_puts_do_not(
+    make: Make, tmp_path: Path
+) -> None:
+    counting = CountingVerify()
+    store = make()
+    store._verify = counting
+    (a, da), (b, db), (c, dc) = block(1), block(2), block(3)
+    assert store.put_many([(a, da), (b, memoryview(db))], verified=True) == [True, True]
+    assert store.put(c, dc, verified=True)
+    assert counting.calls == 0  # the caller vouched for them: no second hash
+    assert store.get(b) == db and store.get(c) == dc
+    d, dd = block(4)
+    assert store.put(d, dd)
+    assert store.put_many([block(5), block(6)]) == [True, True]
+    assert counting.calls == 3  # the default path still verifies every block
+    assert store.check(deep=True).clean
+
+
+def test_one_bad_block_stores_none_of_the_batch(make: Make, tmp_path: Path) -> None:
+    index = MemoryKV()
+    store = make(index, max_block_bytes=200)
+    good = [block(i) for i in range(3)]
+    writes = index.write_count
+    with pytest.raises(BlockVerificationFailed):
+        store.put_many([*good, (block(9)[0], b"not the block")])
+    with pytest.raises(BlockTooLarge):
+        store.put_many([*good, block(9, 201)], verified=True)  # size is checked even so
+    with pytest.raises(TypeError):
+        store.put_many([(good[0][0], "text")])  # type: ignore[list-item]
+    with pytest.raises(InvalidCid):
+        store.put_many([*good, (b"", b"x")], verified=True)
+    assert index.write_count == writes
+    assert block_files(tmp_path / "blobs") == [] and tmp_files(tmp_path) == []
+    assert store.usage().used_bytes == 0
+    assert store.put_many(good) == [True] * 3
+
+
+def test_put_many_quota_is_all_or_nothing(make: Make, tmp_path: Path) -> None:
+    store = make(quota_bytes=500)
+    old = [block(i) for i in range(3)]
+    store.put_many(old)
+    store.pin(old[0][0], [])
+    with pytest.raises(QuotaExceeded):
+        store.put_many([block(i) for i in range(10, 16)])  # 600 bytes: never fits, no GC
+    assert all(store.has(c) for c, _ in old)
+    new = [block(i) for i in range(10, 14)]  # 400 bytes: fits once the two unpinned go
+    assert store.put_many(new) == [True] * 4
+    assert not store.has(old[1][0]) and not store.has(old[2][0]) and store.has(old[0][0])
+    store.pin(new[0][0], [c for c, _ in new])
+    with pytest.raises(QuotaExceeded) as info:
+        store.put_many([block(20), block(21)])  # everything stored is pinned now
+    assert info.value.data == {"used": 500, "quota": 500, "needed": 200}
+    assert not store.has(block(20)[0]) and not store.has(block(21)[0])
+    assert tmp_files(tmp_path) == []
+    assert store.usage().used_bytes == 500
+    assert store.check().clean
+
+
+def test_failed_rename_leaves_nothing_behind(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = MemoryKV()
+    store = make(index)
+    blocks = [block(i) for i in range(4)]
+    real_replace = os.replace
+    calls = 0
+
+    def replace(src: str, dst: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(StorageError, match="No space left"):
+        store.put_many(blocks)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert block_files(tmp_path / "blobs") == [] and tmp_files(tmp_path) == []
+    assert store.usage().used_bytes == 0 and not any(store.has(c) for c, _ in blocks)
+    assert store.put_many(blocks) == [True] * 4
+    assert store.check().clean
+
+
+def test_crash_before_the_batch_index_write_is_repaired(make: Make, tmp_path: Path) -> None:
+    index = MemoryKV()
+    store = make(index)
+    (a, da), (b, db), (c, dc) = block(1), block(2), block(3)
+    store.put(a, da)
+    store.pin(b, [])
+    liar, _ = block(8)  # a caller vouched for bytes that are not the block
+    index.fail_next_commit(0)  # the process dies inside the batch's index write
+    with pytest.raises(StorageError):
+        store.put_many([(b, db), (c, dc), (liar, b"garbage")], verified=True)
+    (tmp_path / "blobs" / "tmp" / "put-dead").write_bytes(b"half")  # a write the crash cut off
+
+    reopened = make(index.crash_copy())
+    report = reopened.open_report
+    assert report is not None
+    assert sorted(report.adopted) == sorted([b, c])  # files without index entries, verified
+    assert report.removed_bad == [liar]
+    assert report.temp_removed == 1
+    assert not reopened.has(liar) and not reopened._path(liar).exists()
+    assert reopened.get(b) == db and reopened.get(c) == dc
+    assert reopened.refcount(b) == 1  # pinned before the crash: protected
+    assert reopened.usage().used_bytes == 300
+    assert reopened.gc() == 200  # a and c are unpinned
+    assert reopened.check().clean
+
+
+def test_index_entry_without_file_after_a_batch(make: Make, tmp_path: Path) -> None:
+    index = MemoryKV()
+    store = make(index)
+    blocks = [block(i) for i in range(4)]
+    store.put_many(blocks, verified=True)
+    root = blocks[0][0]
+    store.pin(root, [c for c, _ in blocks])
+    os.unlink(store._path(blocks[1][0]))  # outside damage
+
+    reopened = make(index)
+    report = reopened.open_report
+    assert report is not None
+    assert report.missing == [blocks[1][0]]
+    assert not reopened.has(blocks[1][0])
+    assert reopened.refcount(blocks[1][0]) == 1  # still pinned: protected when fetched again
+    assert reopened.usage().blocks == 3
+    assert reopened.put_many(blocks, verified=True) == [False, True, False, False]
+    assert reopened.gc() == 0
+    assert reopened.check().clean
+
+
+def test_a_block_collected_after_the_first_look_is_written_under_the_lock(
+    make: Make, tmp_path: Path
+) -> None:
+    store = make()
+    cid, data = block(1)
+    store.has = lambda c: True  # type: ignore[method-assign]  # "already stored" when first seen
+    assert store.put_many([(cid, data)]) == [True]
+    del store.has
+    assert store.get(cid) == data
+    assert tmp_files(tmp_path) == []
+    assert store.check().clean
+
+
+def test_concurrent_batches_and_checks(tmp_path: Path) -> None:
+    store = BlobStore.open(tmp_path / "blobs", verify=verify, quota_bytes=1 << 20)
+    blocks = [block(i, 300) for i in range(64)]
+    errors: list[BaseException] = []
+    stored: list[list[bool]] = []
+
+    def writer(offset: int) -> None:
+        try:
+            for start in range(offset, 64, 8):  # overlapping batches from two threads
+                stored.append(store.put_many(blocks[start : start + 8], verified=True))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def checker() -> None:
+        try:
+            for _ in range(20):
+                report = store.check()
+                assert not report.missing and not report.removed_bad
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(o,)) for o in (0, 4)]
+    threads.append(threading.Thread(target=checker))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    assert sum(flag for flags in stored for flag in flags) == 64  # each block stored once
+    assert store.usage() == store.usage().__class__(64 * 300, 64, 1 << 20)
+    assert all(store.get(c) == d for c, d in blocks)
+    assert not list((tmp_path / "blobs" / "tmp").iterdir())
+    assert store.check().clean
+    store.close()
+
+
+async def test_put_many_async_runs_off_the_event_loop(make: Make) -> None:
+    store = make()
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    def watching(cid: bytes, data: bytes) -> bool:
+        seen.append(threading.get_ident())
+        return verify(cid, data)
+
+    store._verify = watching
+    blocks = [block(1), block(2)]
+    assert await store.put_many_async(iter(blocks)) == [True, True]
+    assert seen and loop_thread not in seen
+    assert await store.put_async(*block(3), verified=True)
+    assert len(seen) == 2
