@@ -145,6 +145,7 @@ Submit = Callable[[bytes], Awaitable[Hash32]]
 PendingNonce = Callable[[Address], Awaitable[int]]
 Fetch = Callable[[bytes], Awaitable[None]]  # make a root complete in the blob store
 Provide = Callable[[bytes], Awaitable[None]]
+Drop = Callable[[Hash32], bool]  # forget one of our transactions in the local mempool
 RunJob = Callable[..., Awaitable[dict[str, Any]]]
 
 
@@ -191,6 +192,7 @@ class _Local:
     """Per task: what was already sent or started, so a block never repeats work."""
 
     claimed_at: int = -1
+    claim_tx: Hash32 | None = None  # our TaskClaim, until the task shows who won the claim
     running: bool = False
     posted: bool = False
     # verification: (label) -> hash computed, salt, commit / reveal sent
@@ -226,6 +228,7 @@ class ComputeAgent:
         fetch: Fetch | None = None,
         provide: Provide | None = None,
         pending_nonce: PendingNonce | None = None,
+        drop: Drop | None = None,
         run_job: RunJob | None = None,
         result_hook: ResultHook | None = None,
     ) -> None:
@@ -238,6 +241,7 @@ class ComputeAgent:
         self._fetch = fetch
         self._provide = provide
         self._pending_nonce = pending_nonce
+        self._drop = drop
         self._run_job: RunJob = run_job or _default_run_job
         self._result_hook = result_hook  # tests: a cheating provider
         self._dir = Path(data_dir) / COMPUTE_DIR
@@ -424,6 +428,8 @@ class ComputeAgent:
         local = self._local.setdefault(task.id, _Local())
         me = self.address
         st = task.state
+        if local.claim_tx is not None and st != tk.TaskState.OPEN:
+            self._settle_claim(task, local)
         if st == tk.TaskState.OPEN:
             if self.settings.provide and local.claimed_at < 0:
                 await self._maybe_claim(view, state, head, task, local)
@@ -502,9 +508,27 @@ class ComputeAgent:
             log.info("not claiming task 0x%s: %s", task.id.hex()[:16], exc.message)
             local.claimed_at = head  # decided: never again
             return
-        await self.send_transaction(tk.TaskClaim(task.id, Amount(price)), view)
+        local.claim_tx = await self.send_transaction(tk.TaskClaim(task.id, Amount(price)), view)
         local.claimed_at = head
+        log.info("claiming task 0x%s for %d", task.id.hex()[:16], price)
         self.progress[task.id] = TaskProgress("provider", "claimed", 0, task.steps, "", head)
+
+    def _settle_claim(self, task: tk.Task, local: _Local) -> None:
+        """Forget our ``TaskClaim`` once the task left OPEN. When another provider won the
+        race, our claim can never execute: the proposer drops it from its pool, but this node's
+        own pool keeps it at our next nonce, so every later transaction of the operator (a
+        verifier's commit, …) would wait behind a nonce gap on the other nodes forever. Removing
+        it here lets the next transaction take that nonce."""
+        tx_id, local.claim_tx = local.claim_tx, None
+        if tx_id is None or task.provider == self.address:
+            return
+        dropped = self._drop is not None and self._drop(tx_id)
+        log.info(
+            "task 0x%s: our claim lost (%s)%s",
+            task.id.hex()[:16],
+            "unclaimed" if task.provider is None else f"provider 0x{task.provider.hex()[:16]}",
+            "; dropped it from the local pool" if dropped else "",
+        )
 
     # --- provider: run -----------------------------------------------------------------------
 
@@ -797,6 +821,13 @@ class ComputeAgent:
             if head > task.commit_end:
                 return
             if key not in local.answer:
+                if key not in local.computing:
+                    log.info(
+                        "task 0x%s: drawn as %s of segment %d, re-running it",
+                        task.id.hex()[:16],
+                        role,
+                        segment,
+                    )
                 prog.stage = "re-running"
                 self._compute(task, local, key, segment, end)
                 return
@@ -807,6 +838,7 @@ class ComputeAgent:
             await self.send_transaction(tk.VerifyCommit(task.id, commitment), view)
             local.sent.add("c" + key)
             prog.stage = "committed"
+            log.info("task 0x%s: %s commitment sent", task.id.hex()[:16], role)
             return
         if slot.state_hash is None and task.commit_end < head + 1 <= task.reveal_end:
             if "r" + key in local.sent or key not in local.answer or key not in local.salt:
@@ -816,6 +848,7 @@ class ComputeAgent:
             )
             local.sent.add("r" + key)
             prog.stage = "revealed"
+            log.info("task 0x%s: %s reveal sent", task.id.hex()[:16], role)
 
     async def _bisect(self, view: Any, head: int, task: tk.Task, local: _Local) -> None:
         d = task.dispute

@@ -137,6 +137,11 @@ class Node:
     async def pending_nonce(self, address: Address) -> int:
         return self.mempool.pending_nonce(address, self.chain.state_view())
 
+    def drop_transaction(self, tx_id: Hash32) -> bool:
+        """Remove one of this node's own transactions that can no longer execute (a lost
+        ``TaskClaim``) from the local pool, so that its nonce is free again; False if not held."""
+        return self.mempool.remove(tx_id)
+
 
 @dataclass(frozen=True, slots=True)
 class NodeHandle:
@@ -360,6 +365,7 @@ async def _start_compute(
         fetch=fetch,
         provide=artifacts.provide,
         pending_nonce=node.pending_nonce,
+        drop=node.drop_transaction,
     )
     node.compute_agent = agent
     await nursery.start(agent.run)

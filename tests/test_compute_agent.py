@@ -3,12 +3,15 @@ commits from what the agents submit, with real worker child processes (torch) ru
 MLP on digits: an honest train task ends paid with exact amounts (provider, both verifiers, the
 dataset owner; the requester's escrow rest back); a provider returning random weights is caught
 by the verifier's re-run, loses the dispute and its bond; a recipe outside the allow-list and
-parameters outside the schema are refused at submission. The agents share one blob store (the
+parameters outside the schema are refused at submission; two providers racing for the same
+claim, each with its own mempool (the real ``Mempool``), still verify: the loser drops its lost
+claim so that its commitment is not stuck behind it. The agents share one blob store (the
 network transfer of inputs and checkpoints is the artifact service's, tested on its own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -24,12 +27,13 @@ from node.chain import ChainService
 from node.compute import recipes
 from node.compute.worker import run_job
 from node.compute_agent import ComputeAgent, ComputeSettings
+from node.consensus.mempool import Mempool
 from node.consensus.txs import KNOWN_KINDS, VerifiedTransaction, verify_transaction
 from node.economy import tasks as tk
-from node.economy.api import DEFAULT_ECONOMY_PARAMS, Role
+from node.economy.api import DEFAULT_ECONOMY_PARAMS, EconomyKind, Role
 from node.economy.datasets import DatasetRegister, dataset_id
 from node.economy.roles import RoleRegister
-from node.errors import InvalidTransaction
+from node.errors import InvalidTransaction, NeuroSeedError
 from node.storage import MemoryKV
 from node.storage.blobstore import BlobStore
 from node.storage.format_v1 import make_leaf0, make_proof
@@ -113,11 +117,90 @@ class Pool:
         base = self.chain.read_view().get_account(address).nonce
         return base + sum(1 for v in self.txs if v.sender == address)
 
+    def submit_for(self, _who: int) -> Callable[[bytes], Any]:
+        return self.submit
+
+    def pending_nonce_for(self, _who: int) -> Callable[[Address], Any]:
+        return self.pending_nonce
+
+    def drop_for(self, _who: int) -> Callable[[Hash32], bool] | None:
+        return None
+
+    def candidates(self) -> list[VerifiedTransaction]:
+        out = list(self.txs)
+        self.txs.clear()
+        return out
+
+    def built(self, rejected: list[bytes], block_txs: list[bytes]) -> None:
+        """Every candidate left the pool when the block was built."""
+
+
+@dataclass
+class NodePools:
+    """Each agent's node has its own mempool (the real ``Mempool``, admission as
+    ``Node.submit_transaction`` does it) and gossips what it admits to the validator's, which
+    builds the blocks and drops what the build rejected; every pool catches up with each
+    committed block. So a transaction that fails in a block stays in its sender's own pool."""
+
+    chain: ChainService
+    validator: Mempool = field(init=False)
+    local: dict[int, Mempool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validator = Mempool(self.chain.chain.chain_id)
+
+    def _add(self, pool: Mempool, vtx: VerifiedTransaction) -> None:
+        self.chain.check_admission(vtx)
+        pool.add(vtx, self.chain.state_view(), self.chain.params)
+
+    async def submit(self, raw: bytes) -> Hash32:
+        vtx = verify_transaction(raw)
+        self._add(self.validator, vtx)
+        return vtx.tx_id
+
+    async def pending_nonce(self, address: Address) -> int:
+        return self.validator.pending_nonce(address, self.chain.state_view())
+
+    def submit_for(self, who: int) -> Callable[[bytes], Any]:
+        pool = self.local.setdefault(who, Mempool(self.chain.chain.chain_id))
+
+        async def submit(raw: bytes) -> Hash32:
+            vtx = verify_transaction(raw)
+            self._add(pool, vtx)
+            with contextlib.suppress(NeuroSeedError):  # gossip: the validator may refuse it
+                self._add(self.validator, vtx)
+            return vtx.tx_id
+
+        return submit
+
+    def pending_nonce_for(self, who: int) -> Callable[[Address], Any]:
+        pool = self.local.setdefault(who, Mempool(self.chain.chain.chain_id))
+
+        async def pending_nonce(address: Address) -> int:
+            return pool.pending_nonce(address, self.chain.state_view())
+
+        return pending_nonce
+
+    def drop_for(self, who: int) -> Callable[[Hash32], bool] | None:
+        return self.local.setdefault(who, Mempool(self.chain.chain.chain_id)).remove
+
+    def candidates(self) -> list[VerifiedTransaction]:
+        return self.validator.select(1000, 1 << 24)
+
+    def built(self, rejected: list[bytes], block_txs: list[bytes]) -> None:
+        for raw in rejected:
+            self.validator.remove(Hash32(hashlib.sha256(raw).digest()))
+        ids = [Hash32(hashlib.sha256(raw).digest()) for raw in block_txs]
+        senders = [verify_transaction(raw).sender for raw in block_txs]
+        view = self.chain.state_view()
+        for pool in (self.validator, *self.local.values()):
+            pool.on_block_committed(ids, view, senders=senders)
+
 
 @dataclass
 class World:
     chain: ChainService
-    pool: Pool
+    pool: Pool | NodePools
     agents: dict[int, ComputeAgent]
     dataset: Hash32
     cls: str
@@ -129,13 +212,12 @@ class World:
         height = chain.head_height + 1
         proposer = chain.validator_set().proposer(height, 0)
         last = None if chain.head is None else chain.store.get_commit(chain.head_height)
-        candidates = list(self.pool.txs)
-        self.pool.txs.clear()
-        built = chain.build(0, proposer, last, candidates)
+        built = chain.build(0, proposer, last, self.pool.candidates())
         self.rejected.extend(built.rejected)
         block = built.block
         commit = make_commit(block.hash(), height, 0, (0,), time_ms=block.header.time + 1000)
         chain.commit(block, commit)
+        self.pool.built([raw for raw, _ in built.rejected], [bytes(raw) for raw in block.txs])
         for raw in block.txs:
             vtx = verify_transaction(bytes(raw))
             who = bytes(vtx.sender)
@@ -230,10 +312,16 @@ def random_weights(task: tk.Task, result: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _world(
-    tmp_path: Path, nursery: trio.Nursery, hooks: dict[int, Cheat] | None = None
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    hooks: dict[int, Cheat] | None = None,
+    *,
+    providers: tuple[int, ...] = PROVIDERS,
+    all_provide: bool = False,
+    node_pools: bool = False,
 ) -> World:
     chain = open_chain(MemoryKV(), _genesis())
-    pool = Pool(chain)
+    pool: Pool | NodePools = NodePools(chain) if node_pools else Pool(chain)
     blobs = BlobStore(tmp_path / "blobs", MemoryKV(), verify=verify_cid_block, quota_bytes=1 << 30)
     v1 = _digits_v1()
     root = bytes(import_file(blobs, io.BytesIO(v1)).root)
@@ -248,25 +336,27 @@ async def _world(
     agents = {
         i: ComputeAgent(
             chain,
-            pool.submit,
+            pool.submit_for(i),
             key(i),
             tmp_path / f"node{i}",
-            settings if i == P else replace(settings, provide=False),  # the others only verify
+            # unless all provide, the others only verify
+            settings if i == P or all_provide else replace(settings, provide=False),
             blobs=blobs,
-            pending_nonce=pool.pending_nonce,
+            pending_nonce=pool.pending_nonce_for(i),
+            drop=pool.drop_for(i),
             run_job=_sync_run_job,
             result_hook=(hooks or {}).get(i),
         )
-        for i in PROVIDERS
+        for i in providers
     }
     w = World(chain, pool, agents, dataset_id(root), cls)
     await w.tx(SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER)))
-    for i in PROVIDERS:
+    for i in providers:
         await w.tx(i, RoleRegister(int(Role.COMPUTE_PROVIDER)))
     await w.block()
     proof = make_proof(lambda c: blobs.get(c), root)
     await w.tx(SUPPLIER, DatasetRegister(root, proof, "digits", "8x8 digits", "CC0", Amount(0)))
-    for i in PROVIDERS:
+    for i in providers:
         await w.tx(
             i,
             tk.ProviderRegister(
@@ -344,6 +434,37 @@ async def test_a_provider_returning_random_weights_is_caught_and_slashed(
     referee = next(i for i in (V1, V2) if i != catcher)
     assert w.net(referee) - before[referee] in (0, min(VERIFIER_FEE, bond - reward))
     assert w.net(REQ) - before[REQ] == -VERIFIER_FEE  # refunded but the catcher's fee
+
+
+@pytest.mark.slow
+async def test_the_provider_that_lost_the_claim_race_still_verifies(
+    tmp_path: Path, nursery: trio.Nursery, threads: Any
+) -> None:
+    """Both providers claim in the same block; the loser's claim fails in the block, so only the
+    validator drops it: the loser's own pool keeps it at its next nonce. The loser, drawn as the
+    one verifier, must still get its commitment and reveal into blocks (and its fee paid)."""
+    w = await _world(tmp_path, nursery, providers=(P, V1), all_provide=True, node_pools=True)
+    assert isinstance(w.pool, NodePools)
+    before = {i: w.net(i) for i in (P, V1)}
+    tid = await w.submit(w.submit_body(w.params(), verifiers=1))
+    await w.block()  # both claims were sent on the submission's block: one wins here
+    claims = [
+        e for raw, e in w.rejected if verify_transaction(raw).tx.kind == EconomyKind.TASK_CLAIM
+    ]
+    assert len(claims) == 1, w.rejected  # the race happened: the loser's claim failed
+    t = w.task(tid)
+    assert t.provider is not None
+    winner = P if t.provider == key(P).address else V1
+    loser = V1 if winner == P else P
+    await w.blocks_until(lambda: w.task(tid).state == tk.TaskState.ENDED)
+    t = w.task(tid)
+    assert t.outcome == tk.Outcome.PAID, t
+    assert [s.address for s in t.verifier_slots] == [key(loser).address]
+    assert t.verifier_slots[0].state_hash == t.result.checkpoints[t.segment].state_hash  # type: ignore[union-attr]
+    price = PRICE_PER_DEVICE_SECOND * WALL
+    assert w.net(winner) - before[winner] == price
+    assert w.net(loser) - before[loser] == VERIFIER_FEE
+    assert not w.pool.local[loser]  # nothing of the loser's left waiting
 
 
 async def test_recipes_outside_the_allow_list_and_bad_params_are_refused_at_submit(
