@@ -641,6 +641,10 @@ class ConsensusService:
             if attr.key == "payer"
         ]
         self.mempool.on_block_committed(tx_ids, self.chain.state_view(), senders=senders)
+        # A held transaction its kind's rules now refuse would block its sender's nonce forever.
+        refused = self.mempool.drop_refused_heads(self.chain.check_admission)
+        if refused:
+            log.debug("dropped %d held transactions the new state refuses", len(refused))
         self.evidence.update(block.evidence, self.chain.head_height)
         params = self.chain.params
         if params != self._params:

@@ -31,14 +31,14 @@ import heapq
 import itertools
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from node.consensus.fees import cost_of
 from node.consensus.params import VotableParams
 from node.consensus.state import Account, StateView, get_account
-from node.consensus.txs import Bond, Transfer, VerifiedTransaction
+from node.consensus.txs import Bond, Transfer, TxKind, VerifiedTransaction
 from node.economy.registry import max_spend as economy_max_spend
 from node.errors import (
     AlreadyKnown,
@@ -49,6 +49,7 @@ from node.errors import (
     InvalidTransaction,
     MempoolFull,
     MempoolRejected,
+    NeuroSeedError,
     NonceTooLow,
     ReplacementUnderpriced,
     TransactionTooLarge,
@@ -607,6 +608,35 @@ class Mempool:
         self._counters["removed"] += 1
         self._touch(sender)
         return True
+
+    def drop_refused_heads(
+        self, check: Callable[[VerifiedTransaction], None], *, limit: int = 256
+    ) -> list[Hash32]:
+        """Drop each sender's next executable transaction that the state rules of its kind now
+        refuse (``check`` — ``ChainService.check_admission`` — raises).
+
+        Such a transaction can never be included, and the sender's later ones would wait behind
+        its nonce forever (a claim that lost a race, a key posted after the deadline). Transfers
+        are left out: the pool's own nonce and balance checks already cover them. At most
+        ``limit`` checks per call, so the work after a block stays bounded.
+        """
+        dropped: list[Hash32] = []
+        checked = 0
+        for sender in list(self._senders.values()):
+            if checked >= limit:
+                break
+            entry = sender.txs.get(sender.nonce)
+            if entry is None or entry.vtx.tx.kind == TxKind.TRANSFER:
+                continue
+            checked += 1
+            try:
+                check(entry.vtx)
+            except NeuroSeedError:  # the kind's refusal (an InvalidTransaction, as a rule)
+                dropped.append(entry.tx_id)
+                self._remove_entry(sender, entry, dropped)
+                self._counters["removed"] += 1
+                self._touch(sender)
+        return dropped
 
     # --- per-sender bookkeeping ----------------------------------------------------------------
 

@@ -811,3 +811,40 @@ def test_many_tail_changes_keep_eviction_exact() -> None:
     assert pool.add(c0, view, PARAMS).evicted == (transfer(A, 148, fee=20_148).tx_id,)
     assert len(pool) == 150
     pool.check_invariants()
+
+
+def test_drop_refused_heads_frees_the_nonce_a_refused_transaction_holds() -> None:
+    from dataclasses import replace
+
+    from node.economy.api import EconomyKind, Role
+    from node.economy.roles import MissingRole, RoleResign
+
+    resign_fees = replace(PARAMS.fees[0], kind=int(EconomyKind.ROLE_RESIGN))
+    params = replace(PARAMS, fees=(PARAMS.fees[0], resign_fees))
+
+    def resign(key: PrivateKey, nonce: int) -> VerifiedTransaction:
+        body = RoleResign(int(Role.DATA_SUPPLIER))
+        return verify_transaction(make_transaction(key, CHAIN_ID, nonce, FEE, body).encode())
+
+    view = funded(A, B, C)
+    pool = Mempool(CHAIN_ID)
+    a_resign, a_next = resign(A, 0), transfer(A, 1)
+    c_resign = resign(C, 0)
+    for vtx in (a_resign, a_next, transfer(B, 0), c_resign):
+        pool.add(vtx, view, params)
+    checked: list[Address] = []
+
+    def check(vtx: VerifiedTransaction) -> None:
+        checked.append(vtx.sender)
+        if vtx.sender == A.address:
+            raise MissingRole("A holds no data supplier role")
+
+    assert pool.drop_refused_heads(check) == [a_resign.tx_id]
+    # Transfers are never checked; the refused head is gone and A's next one waits for nonce 0.
+    assert sorted(checked) == sorted([A.address, C.address])
+    assert a_resign.tx_id not in pool and c_resign.tx_id in pool
+    assert a_next.tx_id in pool and not pool.is_pending(a_next.tx_id)
+    assert pool.pending_nonce(A.address, view) == 0
+    # The work per call is bounded.
+    checked.clear()
+    assert pool.drop_refused_heads(check, limit=0) == [] and checked == []

@@ -481,7 +481,10 @@ async def test_a_parameter_change_drops_what_no_longer_pays_from_every_pool(
 ) -> None:
     """Three of four validators vote a transfer base fee 100x higher; once it is in force,
     every member's pool drops a queued transfer whose fee covered only the old cost."""
-    genesis = make_genesis(funded=4, validators=(0, 1, 2, 3), balances={0: 10**21}, fees=ALL_FEES)
+    # A parameter proposal carries the whole fee table (one schedule per kind): room for it.
+    genesis = make_genesis(
+        funded=4, validators=(0, 1, 2, 3), balances={0: 10**21}, fees=ALL_FEES, max_tx_bytes=8_192
+    )
     old = genesis.votable_params
     dearer = replace(old.fees[0], base=Amount(old.fees[0].base * 100))
     new = replace(old, fees=(dearer, *old.fees[1:]))
