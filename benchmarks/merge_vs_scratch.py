@@ -69,6 +69,7 @@ import json
 import math
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -886,6 +887,8 @@ def main() -> None:
     ap.add_argument("--data", default="", help=argparse.SUPPRESS)
     ap.add_argument("--unit-out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # SIGTERM → SystemExit, so unit processes are stopped and temporary files removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     settings = dict(FULL if args.full else QUICK)
     if args.unit:
         name, seed = args.unit.split(":")
