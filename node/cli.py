@@ -1321,18 +1321,9 @@ def _purchases_dir(args: argparse.Namespace) -> Path:
 
 def _save_purchase(directory: Path, record: dict[str, Any]) -> Path:
     """Keep a purchase's one-off private key (mode 0600 in a 0700 directory)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
-    path = directory / f"{record['purchase'][2:]}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return path
+    from node.input_purchases import save_key_file
+
+    return save_key_file(directory, f"{record['purchase'][2:]}.json", record)
 
 
 def _load_purchases(directory: Path, dataset: str) -> list[dict[str, Any]]:

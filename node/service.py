@@ -341,8 +341,8 @@ async def _start_compute(
     """The compute agent (``neuroseed run --provide-compute`` / ``[compute] enabled``)."""
     from node.compute_agent import ComputeAgent, ComputeSettings, InputUnavailable
 
-    async def fetch(root: bytes) -> None:
-        job = artifacts.start_fetch(root)
+    async def fetch(root: bytes, access: Any = None) -> None:
+        job = artifacts.start_fetch(root, access=access)
         await job.done.wait()
         if job.state != "done":
             raise InputUnavailable(job.error or "the fetch failed")
@@ -366,6 +366,8 @@ async def _start_compute(
         provide=artifacts.provide,
         pending_nonce=node.pending_nonce,
         drop=node.drop_transaction,
+        fetch_granted=fetch,  # priced inputs: with a purchase's access request
+        peer_id=None if artifacts.network is None else bytes(artifacts.network.peer_id),
     )
     node.compute_agent = agent
     await nursery.start(agent.run)

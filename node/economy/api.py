@@ -100,6 +100,7 @@ NS_COMPUTE_PROVIDER = b"\x2e\x01"  # tasks.py: + provider -> ComputeProvider
 NS_PROVIDER_CLASS = b"\x2f\x01"  # tasks.py: + sha256(platform class) -> ClassProviders
 NS_TASK = b"\x30\x01"  # tasks.py: + task id -> Task
 QUEUE_TASK = b"\x31\x01"  # tasks.py: deadlines, verifier draws, windows, dispute rounds
+NS_OPEN_PURCHASES = b"\x32\x01"  # purchases.py: + buyer + dataset -> OpenPurchases (tasks.py)
 
 
 DEFAULT_TASK_MIN_BOND = Amount(10**18)

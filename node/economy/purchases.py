@@ -32,7 +32,8 @@ docs/adr/0006-fair-exchange-key-delivery.md).
 Deadlines are checked by height, so a queue entry the per-block cap delays changes nothing: a key
 or dispute past its height is refused, and the queue settles the share when it gets to it.
 ``purchase_grants`` tells the node's chunk server whether a purchase lets its buyer fetch an
-artifact's blocks.
+artifact's blocks. ``OpenPurchases`` lists each buyer's purchases of a dataset that no compute
+task has used yet (the compute market's priced inputs, docs/compute-market.md).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from node.consensus.state import AUTHORITY_PARAMS_KEY, HeightQueue, Overlay, Sta
 from node.economy.api import (
     MAX_COMPOSITE_RANGES_HARD,
     NS_LEAF_DISPUTE,
+    NS_OPEN_PURCHASES,
     NS_PURCHASE,
     QUEUE_PURCHASE,
     EconomyError,
@@ -120,6 +122,9 @@ leaf is exactly this long, so a 1 MiB leaf is 32 parts, and an open dispute hold
 records (itself and the 31 parts before the last, which is judged, never stored)."""
 MAX_DISPUTE_PARTS = -(-CHUNK_SIZE // DISPUTE_PART_BYTES)
 MAX_CID_BYTES = 64  # a binary CIDv1 of a sha2-256 raw leaf is 36 bytes
+MAX_OPEN_PURCHASES = 8
+"""Purchases of one dataset by one buyer kept open for compute tasks (``OpenPurchases``); a newer
+purchase pushes the oldest out."""
 _DEFAULT_QUEUE_WORK = 64  # without authority parameters in state (bare test states)
 
 
@@ -346,6 +351,15 @@ class LeafDispute(Record):
     received: int  # leaf bytes posted so far (a multiple of DISPUTE_PART_BYTES)
 
 
+@dataclass(frozen=True, slots=True)
+class OpenPurchases(Record):
+    """The purchases of one dataset by one buyer that no compute task has used yet, oldest first
+    (state, under ``open_purchases_key``). A task's provider, verifiers and referee each use one
+    per priced input (``node.economy.tasks``), so one purchase pays for one read."""
+
+    ids: tuple[Hash32, ...] = field(metadata=limit(MAX_OPEN_PURCHASES))
+
+
 # --- reads ---------------------------------------------------------------------------------------
 
 
@@ -360,6 +374,27 @@ def purchase_key(id_: bytes) -> bytes:
 def get_purchase(view: StateView, id_: bytes) -> PurchaseRecord | None:
     raw = view.get(purchase_key(id_))
     return None if raw is None else PurchaseRecord.decode(raw)
+
+
+def open_purchases_key(buyer: bytes, dataset: bytes) -> bytes:
+    return NS_OPEN_PURCHASES + bytes(buyer) + bytes(dataset)
+
+
+def open_purchases(view: StateView, buyer: bytes, dataset: bytes) -> tuple[Hash32, ...]:
+    """The ids of ``buyer``'s purchases of ``dataset`` no compute task has used, oldest first."""
+    raw = view.get(open_purchases_key(buyer, dataset))
+    return () if raw is None else OpenPurchases.decode(raw).ids
+
+
+def put_open_purchases(
+    view: Overlay, buyer: bytes, dataset: bytes, ids: Sequence[Hash32]
+) -> None:
+    """Keep the newest ``MAX_OPEN_PURCHASES`` of ``ids`` (none: the record is deleted)."""
+    kept = tuple(ids)[-MAX_OPEN_PURCHASES:]
+    if kept:
+        view.put(open_purchases_key(buyer, dataset), OpenPurchases(kept).encode())
+    else:
+        view.delete(open_purchases_key(buyer, dataset))
 
 
 def leaf_dispute_key(purchase: bytes, index: int) -> bytes:
@@ -507,6 +542,7 @@ def apply_purchase(
             id_, buyer, record.id, body.buyer_pubkey, record.price, ctx.height, tuple(out)
         ).encode(),
     )
+    put_open_purchases(view, buyer, record.id, (*open_purchases(view, buyer, record.id), id_))
     return tuple(events)
 
 
@@ -517,7 +553,8 @@ def _purchase_records(view: StateView, vtx: VerifiedTransaction) -> int:
     record = get_dataset(view, body.dataset_id)
     if record is None:
         return 1
-    return 1 + (len(rows_by_source(record.composite)) if record.is_composite else 1)
+    index = int(view.get(open_purchases_key(vtx.sender, body.dataset_id)) is None)
+    return 1 + index + (len(rows_by_source(record.composite)) if record.is_composite else 1)
 
 
 # --- shares --------------------------------------------------------------------------------------

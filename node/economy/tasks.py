@@ -28,6 +28,13 @@ part of the provider's bond and reopens once; a failure inside the requester's l
 proven checkpoints pro rata (after the same verification); a provider fault or a lost dispute
 refunds the requester. ``TaskCancel`` refunds an unclaimed task.
 
+Priced inputs: a task naming priced (encrypted) datasets escrows an input allowance, their prices
+once per party that reads them (the provider, each verifier, one referee). A result, a failure
+with checkpoints and a verifier's or referee's commitment each need the sender's own purchase of
+every priced input, made at or after the submission and not used by another task (taken off the
+buyer's ``OpenPurchases``), else ``InputNotPurchased``; when the task ends each party gets back
+what its delivered purchases cost (at most the allowance) and the rest returns to the requester.
+
 All timers of a task run through one height queue (``QUEUE_TASK``) with a per-block cap; a task
 holds at most one live timer (``Task.timer``), so stale entries are skipped. Escrow and bonds
 held by tasks are part of the issued supply but of no balance, like deal escrow.
@@ -65,6 +72,12 @@ from node.economy.api import (
 )
 from node.economy.datasets import get_dataset
 from node.economy.models import Metric, get_model
+from node.economy.purchases import (
+    ShareState,
+    get_purchase,
+    open_purchases,
+    put_open_purchases,
+)
 from node.economy.roles import (
     RoleEntry,
     RoleSet,
@@ -342,6 +355,14 @@ class InvalidFailure(TaskError):
     reason = "the failure report does not fit the task"
 
 
+class InputNotPurchased(TaskError):
+    """The sender reads the task's data but holds no unused purchase of a priced input made at
+    or after the task's submission (``open_purchases``)."""
+
+    code = 3147
+    reason = "a priced input of the task has no purchase by the sender"
+
+
 # --- enums ---------------------------------------------------------------------------------------
 
 
@@ -384,6 +405,12 @@ class FailReason(IntEnum):
 _REQUESTER_FAILURES = frozenset(
     {FailReason.OUT_OF_MEMORY, FailReason.CRASH, FailReason.WALL_TIMEOUT}
 )
+_USABLE_SHARES = frozenset(
+    {ShareState.AWAITING_KEY, ShareState.KEY_POSTED, ShareState.LEAF_DISPUTE, ShareState.PAID}
+)
+"""A purchase all of whose shares are in these states grants its data (``purchase_grants``)."""
+_DELIVERED_SHARES = frozenset({ShareState.KEY_POSTED, ShareState.LEAF_DISPUTE, ShareState.PAID})
+"""Shares whose key reached the buyer and that were not refunded: what a party is reimbursed."""
 
 # Queue entries: task id (32) ‖ what (1) ‖ the task's timer (8, big endian).
 _DEADLINE = 0
@@ -549,6 +576,15 @@ class VerifierSlot(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class InputBuy(Record):
+    """The purchases one party of a task (the provider, a verifier, the referee) used for the
+    task's priced inputs, in input order; reimbursed from the input allowance at the end."""
+
+    address: Address
+    purchases: tuple[Hash32, ...] = field(metadata=limit(MAX_TASK_INPUTS))
+
+
+@dataclass(frozen=True, slots=True)
 class ResultRecord(Record):
     output: bytes = field(metadata=limit(MAX_CID_BYTES))  # empty for a failure
     metrics: tuple[Metric, ...] = field(metadata=limit(MAX_TASK_METRICS))
@@ -616,6 +652,8 @@ class Task(Record):
     dispute: Dispute | None
     timer: int  # the one live queue entry carries this; others are stale
     end_height: int
+    input_allowance: Amount  # per party: the prices of the priced dataset inputs, summed
+    input_buys: tuple[InputBuy, ...] = field(metadata=limit(MAX_VERIFIERS + 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -693,13 +731,32 @@ def bisect_midpoint(dispute: Dispute) -> int:
     return (dispute.low + dispute.high) // 2
 
 
-def escrow_for(params: EconomyParams, body: TaskSubmit) -> int:
-    """What a submission locks: the maximum price, its royalties (if an input earns any) and
-    every verifier's fee."""
+def input_allowance(view: StateView, inputs: Sequence[TaskInput]) -> int:
+    """What one party pays to read a task's priced inputs: the prices of its priced (encrypted)
+    dataset inputs, summed. Priced models cannot be bought (no purchase kind sells them)."""
+    total = 0
+    for item in inputs:
+        if item.kind == InputKind.DATASET:
+            ds = get_dataset(view, item.ref)
+            if ds is not None and ds.price > 0:
+                total += ds.price
+    return total
+
+
+def input_parties(verifiers: int) -> int:
+    """The parties that may have to read a task's data: the provider, the verifiers and one
+    referee."""
+    return verifiers + 2
+
+
+def escrow_for(params: EconomyParams, body: TaskSubmit, allowance: int = 0) -> int:
+    """What a submission locks: the maximum price, its royalties (if an input earns any), every
+    verifier's fee and the input allowance (``allowance`` per party, ``input_allowance``)."""
     royalty = 0
     if any(i.kind in (InputKind.DATASET, InputKind.MODEL) for i in body.inputs):
         royalty = body.max_price * params.royalty_percent // 100
-    return body.max_price + royalty + body.verifier_fee * body.verifiers
+    inputs = allowance * input_parties(body.verifiers)
+    return body.max_price + royalty + body.verifier_fee * body.verifiers + inputs
 
 
 def bond_for(params: EconomyParams, price: int) -> int:
@@ -709,7 +766,7 @@ def bond_for(params: EconomyParams, price: int) -> int:
 
 def submit_spend(view: StateView, body: TaskSubmit) -> int:
     """What a ``TaskSubmit`` takes from the balance besides the fee (the mempool's check)."""
-    return escrow_for(economy_params(view), body)
+    return escrow_for(economy_params(view), body, input_allowance(view, body.inputs))
 
 
 def claim_spend(view: StateView, body: TaskClaim) -> int:
@@ -918,6 +975,102 @@ def _candidates(
     ]
 
 
+# --- priced inputs ---------------------------------------------------------------------------
+
+
+def _priced_dataset_inputs(view: StateView, task: Task) -> list[Hash32]:
+    return [
+        Hash32(bytes(item.ref))
+        for item in task.inputs
+        if item.kind == InputKind.DATASET
+        and (ds := get_dataset(view, item.ref)) is not None
+        and ds.price > 0
+    ]
+
+
+def find_input_purchases(
+    view: StateView, task: Task, buyer: Address
+) -> list[tuple[Hash32, Hash32 | None]]:
+    """(dataset, purchase) per priced dataset input of ``task``: the oldest of ``buyer``'s open
+    purchases of it (``open_purchases``) made at or after the task's submission whose shares all
+    grant the data, or None. Bounded: at most ``MAX_OPEN_PURCHASES`` records per input."""
+    out: list[tuple[Hash32, Hash32 | None]] = []
+    for ref in _priced_dataset_inputs(view, task):
+        found: Hash32 | None = None
+        for pid in open_purchases(view, buyer, ref):
+            record = get_purchase(view, pid)
+            if (
+                record is not None
+                and record.buyer == buyer
+                and record.dataset == ref
+                and record.height >= task.submit_height
+                and all(s.state in _USABLE_SHARES for s in record.shares)
+            ):
+                found = pid
+                break
+        out.append((ref, found))
+    return out
+
+
+def _use_purchases(
+    view: Overlay, task: Task, buyer: Address, found: Sequence[tuple[Hash32, Hash32 | None]]
+) -> Task:
+    """Mark ``buyer``'s purchases in ``found`` used (off its open list) and record them on the
+    task for reimbursement."""
+    used: list[Hash32] = []
+    for ref, pid in found:
+        if pid is None:
+            continue
+        put_open_purchases(
+            view, buyer, ref, [p for p in open_purchases(view, buyer, ref) if p != pid]
+        )
+        used.append(pid)
+    if not used:
+        return task
+    return replace(task, input_buys=(*task.input_buys, InputBuy(buyer, tuple(used))))
+
+
+def _require_purchases(
+    view: StateView, task: Task, buyer: Address, what: str
+) -> list[tuple[Hash32, Hash32 | None]]:
+    found = find_input_purchases(view, task, buyer)
+    missing = [ref for ref, pid in found if pid is None]
+    if missing:
+        raise InputNotPurchased(
+            f"{what}: 0x{buyer.hex()} holds no purchase of priced input {_hex(missing[0])} made "
+            f"at or after the task's submission (height {task.submit_height}) and not used by "
+            "another task; buy it (Purchase) first",
+            data={"dataset": _hex(missing[0])},
+        )
+    return found
+
+
+def input_reimbursements(view: StateView, task: Task) -> list[tuple[Address, int]]:
+    """What each party that bought the task's priced inputs gets back from the allowance: the
+    amounts of its purchases' shares whose key was delivered and not refunded, at most
+    ``input_allowance``."""
+    out: list[tuple[Address, int]] = []
+    for buy in task.input_buys:
+        paid = 0
+        for pid in buy.purchases:
+            record = get_purchase(view, pid)
+            if record is not None:
+                paid += sum(s.amount for s in record.shares if s.state in _DELIVERED_SHARES)
+        out.append((buy.address, min(paid, task.input_allowance)))
+    return out
+
+
+def _reimburse_inputs(view: Overlay, task: Task) -> int:
+    """Pay ``input_reimbursements`` from the escrow; returns the total (the rest of the
+    allowance goes back to the requester with the escrow's rest)."""
+    total = 0
+    for address, amount in input_reimbursements(view, task):
+        if amount:
+            credit(view, address, amount)
+            total += amount
+    return total
+
+
 # --- transactions ------------------------------------------------------------------------------
 
 
@@ -1030,7 +1183,8 @@ def apply_task_submit(
             f"deadline {body.deadline} must be above this block ({ctx.height}) and at most "
             f"{params.max_task_deadline_heights} heights above it"
         )
-    escrow = escrow_for(params, body)
+    allowance = input_allowance(view, body.inputs)
+    escrow = escrow_for(params, body, allowance)
     balance = get_account(view, vtx.sender).balance
     if balance < vtx.tx.fee + escrow:
         raise RequesterCannotPay(
@@ -1072,6 +1226,8 @@ def apply_task_submit(
         dispute=None,
         timer=0,
         end_height=0,
+        input_allowance=Amount(allowance),
+        input_buys=(),
     )
     task = _arm(view, task, body.deadline, _DEADLINE)
     _put_task(view, task)
@@ -1188,7 +1344,9 @@ def apply_task_result(
     _check_chain(task.id, body.checkpoints, body.final_link)
     if body.price > task.price:
         raise PriceAboveClaim(f"price {body.price} is above the claimed {task.price}")
+    found = _require_purchases(view, task, vtx.sender, "TaskResult")
     charge(view, vtx)
+    task = _use_purchases(view, task, vtx.sender, found)
     result = ResultRecord(
         output=body.output,
         metrics=body.metrics,
@@ -1228,7 +1386,11 @@ def apply_task_fail(
         )
     if k:
         _check_chain(task.id, body.checkpoints, body.final_link)
+        found = _require_purchases(view, task, vtx.sender, "TaskFail")
+    else:  # nothing proven: whatever the provider bought is still reimbursed
+        found = find_input_purchases(view, task, vtx.sender)
     charge(view, vtx)
+    task = _use_purchases(view, task, vtx.sender, found)
     reason = FailReason(body.reason)
     event = _event(
         "task_failed",
@@ -1239,7 +1401,8 @@ def apply_task_fail(
     if reason not in _REQUESTER_FAILURES or k == 0:
         # Nothing to pay for: the requester gets the escrow back, the provider its bond.
         outcome = Outcome.PROVIDER_FAULT if reason == FailReason.PROVIDER_FAULT else Outcome.PARTIAL
-        credit(view, task.requester, task.escrow)
+        refund = task.escrow - _reimburse_inputs(view, task)
+        credit(view, task.requester, refund)
         assert task.provider is not None
         credit(view, task.provider, task.bond)
         _release(view, task.provider, ok=False, slashed=False)
@@ -1323,7 +1486,9 @@ def apply_verify_commit(
         raise CommitWindowClosed(f"commitments were due by height {task.commit_end}")
     if slot.commitment is not None:
         raise AlreadyCommitted(f"0x{vtx.sender.hex()} committed already")
+    found = _require_purchases(view, task, vtx.sender, "VerifyCommit")
     charge(view, vtx)
+    task = _use_purchases(view, task, vtx.sender, found)
     _put_task(view, _with_slot(task, vtx.sender, replace(slot, commitment=body.commitment)))
     return (_event("verify_commit", task.id, Attribute("verifier", vtx.sender)),)
 
@@ -1726,7 +1891,8 @@ def _settle(view: Overlay, params: EconomyParams, task: Task, height: int) -> No
     for owner, amount in royalty_split(royalty, owners):
         credit(view, owner, amount)
     fees = _pay_verifiers(view, task, agree=True)
-    credit(view, task.requester, task.escrow - pay - royalty - fees)
+    inputs = _reimburse_inputs(view, task)
+    credit(view, task.requester, task.escrow - pay - royalty - fees - inputs)
     credit(view, task.provider, task.bond)
     failed = bool(task.result.fail_reason)
     _release(view, task.provider, ok=not failed, slashed=False)
@@ -1757,7 +1923,8 @@ def _provider_loses(
     _split_stake(view, task.bond, d.challenger, referee, task.verifier_fee, params)
     adjust_obligations(view, d.challenger, Role.COMPUTE_PROVIDER, -1)
     fees = _pay_verifiers(view, task, agree=False)
-    credit(view, task.requester, task.escrow - fees)
+    inputs = _reimburse_inputs(view, task)
+    credit(view, task.requester, task.escrow - fees - inputs)
     _release(view, task.provider, ok=False, slashed=True)
     _end(view, task, Outcome.PROVIDER_SLASHED, height)
 
@@ -1780,7 +1947,7 @@ def _undecided(view: Overlay, task: Task, height: int) -> None:
     """No referee answered with either party's hash: nobody is slashed or paid, the requester
     gets the escrow back and the provider its bond."""
     assert task.provider is not None and task.dispute is not None
-    credit(view, task.requester, task.escrow)
+    credit(view, task.requester, task.escrow - _reimburse_inputs(view, task))
     credit(view, task.provider, task.bond)
     _release(view, task.provider, ok=False, slashed=False)
     adjust_obligations(view, task.dispute.challenger, Role.COMPUTE_PROVIDER, -1)
