@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,26 @@ def _economy(client: Any) -> EconomyParams:
 # --- task submit / cancel ------------------------------------------------------------------------
 
 
-def cmd_task_submit(args: argparse.Namespace) -> int:
-    # Everything local is checked before the node is asked anything or a key unlocked.
-    raw, parsed = canonical_task_params(args.recipe, _load_params(args.params))
+@dataclass(frozen=True)
+class SubmitOptions:
+    """The market terms of a submission (``task submit``, ``model merge --remote``), checked
+    before the node is asked anything or a key unlocked."""
+
+    max_price: Amount
+    verifier_fee: Amount
+    verifiers: int
+    memory: int
+    wall_seconds: int
+    deadline: int  # heights from the head
+    min_reputation: int
+
+
+def submit_options(args: argparse.Namespace) -> SubmitOptions:
+    """``--max-price``, ``--verifier-fee`` (default 1 % of the maximum price), ``--verifiers``,
+    ``--memory``, ``--wall-seconds``, ``--deadline``, ``--min-reputation`` (0 when the command
+    has none)."""
+    if args.max_price is None:
+        raise _cli.CliError("--max-price: the most the provider is paid (NSD) is required")
     max_price = _cli.parse_nsd(args.max_price, what="--max-price")
     if not 1 <= args.verifiers <= tk.MAX_VERIFIERS:
         raise _cli.CliError(f"--verifiers: expected 1 to {tk.MAX_VERIFIERS}")
@@ -184,59 +202,105 @@ def cmd_task_submit(args: argparse.Namespace) -> int:
     memory = parse_size(args.memory, what="--memory")
     if not 0 < args.wall_seconds <= UINT64_MAX:
         raise _cli.CliError("--wall-seconds: expected a positive number of seconds")
-    steps = recipes.task_steps(args.recipe, parsed)
-    limit_steps = steps if args.steps is None else args.steps
-    if not 0 <= limit_steps <= UINT64_MAX or limit_steps < steps:
-        raise _cli.CliError(
-            f"--steps: the {args.recipe} recipe runs {steps} steps; allow that many"
-        )
     if args.deadline <= 0:
         raise _cli.CliError("--deadline: expected a positive number of heights")
-    if args.min_reputation < 0:
+    min_reputation = getattr(args, "min_reputation", 0)
+    if min_reputation < 0:
         raise _cli.CliError("--min-reputation: expected 0 or more")
-    _cli._fee_option(args)
-    with _cli._client(args) as client:
-        platform = args.platform
-        if platform is None:
-            platform = _local_platform(client)
-        inputs: list[tuple[int, bytes]] = [resolve_input(client, t) for t in args.inputs or []]
-        for item in _named_ids(args.recipe, parsed):
-            if item not in inputs:
-                inputs.append(item)
-        if len(inputs) > tk.MAX_TASK_INPUTS:
-            raise _cli.CliError(f"--inputs: at most {tk.MAX_TASK_INPUTS} inputs")
-        head = client.block_number()
-        economy = _economy(client)
-    body = tk.TaskSubmit(
-        recipe=args.recipe,
-        params=raw,
-        inputs=tuple(tk.TaskInput(k, r) for k, r in inputs),
-        limits=tk.TaskLimits(memory, args.wall_seconds, limit_steps),
-        deadline=head + args.deadline,
+    return SubmitOptions(
         max_price=max_price,
         verifier_fee=verifier_fee,
         verifiers=args.verifiers,
-        min_reputation=args.min_reputation,
+        memory=memory,
+        wall_seconds=args.wall_seconds,
+        deadline=args.deadline,
+        min_reputation=min_reputation,
+    )
+
+
+def build_submit(
+    client: Any,
+    recipe: str,
+    raw: bytes,
+    parsed: dict[str, Any],
+    opts: SubmitOptions,
+    platform: str,
+    inputs: list[tuple[int, bytes]],
+    limit_steps: int,
+) -> tuple[tk.TaskSubmit, int]:
+    """The ``TaskSubmit`` (the ids the parameters name added to ``inputs``; the deadline from
+    the head) and the escrow it locks."""
+    inputs = list(inputs)
+    for item in _named_ids(recipe, parsed):
+        if item not in inputs:
+            inputs.append(item)
+    if len(inputs) > tk.MAX_TASK_INPUTS:
+        raise _cli.CliError(f"--inputs: at most {tk.MAX_TASK_INPUTS} inputs")
+    head = client.block_number()
+    economy = _economy(client)
+    body = tk.TaskSubmit(
+        recipe=recipe,
+        params=raw,
+        inputs=tuple(tk.TaskInput(k, r) for k, r in inputs),
+        limits=tk.TaskLimits(opts.memory, opts.wall_seconds, limit_steps),
+        deadline=head + opts.deadline,
+        max_price=opts.max_price,
+        verifier_fee=opts.verifier_fee,
+        verifiers=opts.verifiers,
+        min_reputation=opts.min_reputation,
         platform_class=platform,
     )
     try:
         tk.check_submit_body(body)
     except tk.InvalidTaskBody as exc:
         raise _cli.CliError(exc.message) from None
-    escrow = tk.escrow_for(economy, body)
+    return body, tk.escrow_for(economy, body)
+
+
+def send_submit(
+    args: argparse.Namespace, body: tk.TaskSubmit, escrow: int, steps: int
+) -> tuple[int, str]:
+    """Sign and send ``body`` (``_sign_send_wait``: printed, waited for unless ``--no-wait``);
+    the exit code and the task id."""
+    made: list[str] = []
 
     def on_nonce(sender: Address, nonce: int) -> list[tuple[str, str, object, object]]:
         tid = "0x" + tk.task_id(sender, nonce).hex()
+        made.append(tid)
         return [("taskId", tid, "task id", tid)]
 
+    platform = body.platform_class
     fields: list[tuple[str, str, object, object]] = [
-        ("recipe", args.recipe, "recipe", args.recipe),
+        ("recipe", body.recipe, "recipe", body.recipe),
         ("steps", str(steps), "steps", steps),
         ("platformClass", platform, "platform class", platform),
         ("deadline", str(body.deadline), "deadline", f"height {body.deadline}"),
         ("escrow", str(escrow), "escrow", f"{_cli.format_nsd(escrow)} NSD"),
     ]
-    return _cli._sign_send_wait(args, body, fields, spend=escrow, on_nonce=on_nonce)
+    code = _cli._sign_send_wait(args, body, fields, spend=escrow, on_nonce=on_nonce)
+    return code, made[-1]
+
+
+def cmd_task_submit(args: argparse.Namespace) -> int:
+    # Everything local is checked before the node is asked anything or a key unlocked.
+    raw, parsed = canonical_task_params(args.recipe, _load_params(args.params))
+    opts = submit_options(args)
+    steps = recipes.task_steps(args.recipe, parsed)
+    limit_steps = steps if args.steps is None else args.steps
+    if not 0 <= limit_steps <= UINT64_MAX or limit_steps < steps:
+        raise _cli.CliError(
+            f"--steps: the {args.recipe} recipe runs {steps} steps; allow that many"
+        )
+    _cli._fee_option(args)
+    with _cli._client(args) as client:
+        platform = args.platform
+        if platform is None:
+            platform = _local_platform(client)
+        inputs: list[tuple[int, bytes]] = [resolve_input(client, t) for t in args.inputs or []]
+        body, escrow = build_submit(
+            client, args.recipe, raw, parsed, opts, platform, inputs, limit_steps
+        )
+    return send_submit(args, body, escrow, steps)[0]
 
 
 def _local_platform(client: Any) -> str:
@@ -444,43 +508,90 @@ def task_payments(t: dict[str, Any], royalty_percent: int) -> dict[str, Any]:
     }
 
 
+def follow_task(client: Any, tid: str, timeout: float, bar: _Bar) -> dict[str, Any]:
+    """Poll ``tid`` until it has ended (``CliError`` after ``timeout`` seconds: the task goes
+    on), drawing ``bar``; the ended task."""
+    deadline = time.monotonic() + timeout
+    try:
+        task = client.get_task(tid)
+        if task is None:
+            raise _cli.CliError(f"no task {tid} on chain")
+        while task["state"] != "ended":
+            if time.monotonic() > deadline:
+                raise _cli.CliError(
+                    f"task {tid} is still {task['state']} after {timeout:g} s "
+                    "(it goes on; watch it again later)"
+                )
+            bar.update(*watch_progress(task))
+            time.sleep(POLL_INTERVAL_S)
+            task = client.get_task(tid)
+            if task is None:
+                raise _cli.CliError(f"task {tid} is gone from the chain")
+        bar.update(1.0, f"ended: {task['outcome']}")
+    finally:
+        bar.close()
+    ended: dict[str, Any] = task
+    return ended
+
+
+def ended_rows(task: dict[str, Any], payments: dict[str, Any]) -> list[tuple[str, object]]:
+    """``task_rows`` and who was paid what (``task_payments``)."""
+    rows = task_rows(task)
+    rows.append(("provider paid", _nsd(payments["providerPaid"])))
+    for address, amount in payments["verifiersPaid"].items():
+        rows.append(("verifier paid", f"{address} {_nsd(amount)}"))
+    rows.append(("royalties", _nsd(payments["royalties"])))
+    rows.append(("requester spent", _nsd(payments["requesterSpent"])))
+    return rows
+
+
 def cmd_task_watch(args: argparse.Namespace) -> int:
     tid = _task_id_arg(args.task_id)
     if args.timeout <= 0:
         raise _cli.CliError("--timeout: expected a positive number of seconds")
     bar = _Bar(enabled=not args.json and (args.progress or sys.stderr.isatty()))
-    deadline = time.monotonic() + args.timeout
     with _cli._client(args) as client:
-        try:
-            task = client.get_task(tid)
-            if task is None:
-                raise _cli.CliError(f"no task {tid} on chain")
-            while task["state"] != "ended":
-                if time.monotonic() > deadline:
-                    raise _cli.CliError(
-                        f"task {tid} is still {task['state']} after {args.timeout:g} s "
-                        "(it goes on; watch it again later)"
-                    )
-                bar.update(*watch_progress(task))
-                time.sleep(POLL_INTERVAL_S)
-                task = client.get_task(tid)
-                if task is None:
-                    raise _cli.CliError(f"task {tid} is gone from the chain")
-            bar.update(1.0, f"ended: {task['outcome']}")
-        finally:
-            bar.close()
+        task = follow_task(client, tid, args.timeout, bar)
         payments = task_payments(task, _economy(client).royalty_percent)
     if args.json:
         _cli._print_json({"task": task, "payments": payments})
     else:
-        rows = task_rows(task)
-        rows.append(("provider paid", _nsd(payments["providerPaid"])))
-        for address, amount in payments["verifiersPaid"].items():
-            rows.append(("verifier paid", f"{address} {_nsd(amount)}"))
-        rows.append(("royalties", _nsd(payments["royalties"])))
-        rows.append(("requester spent", _nsd(payments["requesterSpent"])))
-        print(_cli._rows(rows))
+        print(_cli._rows(ended_rows(task, payments)))
     return _cli.EXIT_OK
+
+
+def known_platform_classes(client: Any, *, pages: int = 2) -> set[str]:
+    """The platform classes of the providers this node knows of: its own compute agent's (and
+    offer) and the offers on chain of the providers of the tasks in the first ``pages`` pages
+    of ``ns_listTasks`` (bounded reads)."""
+    classes: set[str] = set()
+    try:
+        status = client.compute_status()
+    except Exception:  # a node without an agent, or a remote node: not local-only
+        status = None
+    if status is not None:
+        if status.get("provider"):
+            classes.add(str(status["provider"]["platformClass"]))
+        elif status.get("platform_class"):
+            classes.add(str(status["platform_class"]))
+    seen: set[str] = set()
+    cursor = None
+    for _ in range(pages):
+        filters: dict[str, Any] = {"limit": 100}
+        if cursor is not None:
+            filters["cursor"] = cursor
+        page = client.list_tasks(**filters)
+        for t in page["tasks"]:
+            who = t.get("provider")
+            if who and who not in seen:
+                seen.add(who)
+                record = client.get_provider(who)
+                if record is not None:
+                    classes.add(str(record["platformClass"]))
+        cursor = page.get("cursor")
+        if cursor is None:
+            break
+    return classes
 
 
 # --- compute offer / status ----------------------------------------------------------------------

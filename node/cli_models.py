@@ -17,7 +17,12 @@
   learning evaluated on a held-out split — in a child process (``node.compute.worker.run_job``:
   this process never imports torch), writes the format-v1 child and its recipe
   (``FILE.recipe.json``), and with ``--register`` uploads and registers the child with its
-  lineage (parents, recipe, datasets, metrics measured on the held-out split).
+  lineage (parents, recipe, datasets, metrics measured on the held-out split);
+* ``model merge … --remote --max-price NSD [--verifiers N] [--platform CLASS] …`` — the same
+  merge submitted as a paid "merge" task (``merge_task_params``: the recipe as the task
+  recipe's parameters; inputs the parents, the base and the target dataset), followed like
+  ``task watch`` (``node.cli_compute``) and, once paid, downloaded to ``-o`` (checked against
+  the result's hash) and with ``--register`` registered like a local merge's child.
 
 Methods: ``linear``, ``task_arithmetic``, ``ties``, ``dare``, ``slerp``, ``rebasin`` (weight
 matching), ``zipit``, ``union`` (feature union), ``distill``; recipe names are accepted too.
@@ -83,6 +88,33 @@ DEFAULT_SLICE_ROWS = 512
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_TIME_LIMIT = 3600.0
 DEFAULT_FETCH_TIMEOUT = 3600.0
+DEFAULT_OUTPUT = "merged.safetensors"
+DEFAULT_DEVICE = "cpu"
+DEFAULT_THREADS = 1
+# model merge: the options only a merge on this machine takes (flag, default), those of a
+# training step (distill takes them remotely too) and those only --remote takes
+_LOCAL_ONLY = {
+    "val_fraction": ("--val-fraction", DEFAULT_VAL_FRACTION),
+    "slice_rows": ("--slice-rows", DEFAULT_SLICE_ROWS),
+    "threads": ("--threads", DEFAULT_THREADS),
+    "device": ("--device", DEFAULT_DEVICE),
+    "time_limit": ("--time-limit", DEFAULT_TIME_LIMIT),
+}
+_TRAINING = {
+    "steps": ("--steps", DEFAULT_STEPS),
+    "lr": ("--lr", DEFAULT_LR),
+    "batch_size": ("--batch-size", DEFAULT_BATCH),
+}
+_REMOTE_ONLY = {
+    "max_price": "--max-price",
+    "verifiers": "--verifiers",
+    "verifier_fee": "--verifier-fee",
+    "platform": "--platform",
+    "deadline": "--deadline",
+    "wall_seconds": "--wall-seconds",
+    "memory": "--memory",
+    "watch_timeout": "--watch-timeout",
+}
 MILLIONTHS = 1_000_000
 _METRIC_RE = re.compile(r"([^=]+)=(.+)")
 _ID_RE = re.compile(r"0x[0-9a-fA-F]{64}")
@@ -914,30 +946,392 @@ def _check_dataset_schema(record: dict[str, Any], spec: ModelSpec) -> None:
         raise CliError(f"dataset {record['id']}: labels 'y' must be one integer per row")
 
 
+@dataclasses.dataclass
+class MergePlan:
+    """What a merge is, resolved against the chain: the parents' records and specs, the base,
+    the target dataset, the child's spec and the recipe (validated with the chain's caps)."""
+
+    parents: list[dict[str, Any]]
+    specs: list[ModelSpec]
+    parent_ids: list[Hash32]
+    base: dict[str, Any] | None
+    target: dict[str, Any] | None
+    target_id: Hash32 | None
+    child_spec: ModelSpec
+    recipe: MergeRecipe
+    max_parents: int
+    max_params: int
+
+
+def plan_merge(
+    args: argparse.Namespace, client: Client, method: str, params: dict[str, float]
+) -> MergePlan:
+    """Resolve the merge options against the chain (the same for a local and a remote merge)."""
+    from node.merge.recipe import DATA_METHODS, SAME_BASE_METHODS, MergeRecipe, validate_recipe
+    from node.models.specs import parameter_count, spec_json
+
+    parents = [_require_model(client, p, "parent") for p in args.parents]
+    specs = [_spec_of(r) for r in parents]
+    parent_ids = [_model_id(r) for r in parents]
+    base_record = _require_model(client, args.base, "base") if args.base else None
+    if base_record is None and method in SAME_BASE_METHODS:
+        bases = {r.get("base") for r in parents}
+        if len(bases) != 1 or None in bases:
+            raise CliError(
+                f"{method} merges task vectors over a base the parents share: they record "
+                "none in common, so name one with --base ID"
+            )
+        base_record = _require_model(client, str(bases.pop()), "base")
+    if method not in DATA_METHODS:  # elementwise and weight matching: one layout in and out
+        layouts = {r["signature"] for r in parents}
+        if base_record is not None:
+            layouts.add(base_record["signature"])
+        if len(layouts) != 1:
+            raise CliError(
+                f"{method} merges models of one signature (same tensors); these differ. "
+                f"See `neuroseed model search --mergeable-with {parents[0]['id']}`"
+            )
+    target = _cli._require_dataset(client, args.target_dataset) if args.target_dataset else None
+    if method in DATA_METHODS and target is None:
+        raise CliError(f"{method} looks at data: give the --target-dataset it merges for")
+    max_parents, max_params = _economy_limits(client)
+    class_maps: list[list[int]] = []
+    child_spec = specs[0]
+    if method in DATA_METHODS:
+        class_maps = _class_maps(args, specs)
+        num_classes = max(max(m) for m in class_maps) + 1
+        child_spec = child_spec_for(method, specs, num_classes, args.child_spec)
+    elif args.class_map or args.child_spec:
+        raise CliError(f"--class-map/--child-spec go with zipit, union and distill, not {method}")
+    if target is not None:
+        _check_dataset_schema(target, child_spec)
+    target_id = None if target is None else Hash32(_cli._unhex(target["id"], "dataset id"))
+    recipe = MergeRecipe.create(
+        method,
+        parent_ids,
+        base=None if base_record is None else _model_id(base_record),
+        coefficients=_coefficients(args, method, len(parents)),
+        params=params,
+        seed=args.seed.to_bytes(32, "big"),
+        child_spec=spec_json(child_spec) if method in DATA_METHODS else b"",
+        class_maps=class_maps,
+        datasets=[target_id] if method in DATA_METHODS and target_id is not None else [],
+    )
+    validate_recipe(
+        recipe,
+        child_parameters=parameter_count(child_spec),
+        max_merge_parents=max_parents,
+        max_step_parameters=max_params,
+    )
+    return MergePlan(
+        parents=parents,
+        specs=specs,
+        parent_ids=parent_ids,
+        base=base_record,
+        target=target,
+        target_id=target_id,
+        child_spec=child_spec,
+        recipe=recipe,
+        max_parents=max_parents,
+        max_params=max_params,
+    )
+
+
+def _merge_option_defaults(args: argparse.Namespace, method: str) -> None:
+    """Refuse the options the other kind of merge takes (``--remote`` or on this machine) and
+    fill in the defaults of those left out."""
+    from node import cli_compute
+    from node.merge.recipe import DATA_METHODS
+
+    given = [flag for dest, flag in _REMOTE_ONLY.items() if getattr(args, dest) is not None]
+    if not args.remote:
+        if given:
+            raise CliError(f"{given[0]} goes with --remote (a merge submitted as a paid task)")
+        for dest, (_flag, default) in {**_LOCAL_ONLY, **_TRAINING}.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, default)
+        return
+    local = [flag for dest, (flag, _d) in _LOCAL_ONLY.items() if getattr(args, dest) is not None]
+    if method != "distill":  # a merge task trains only when it distills
+        local += [flag for dest, (flag, _d) in _TRAINING.items() if getattr(args, dest) is not None]
+    if local:
+        raise CliError(
+            f"{local[0]} goes with a merge on this machine, not with --remote (a merge task "
+            "runs the recipe only)"
+        )
+    if args.target_dataset and method not in DATA_METHODS:
+        raise CliError(
+            f"--target-dataset: transfer learning after a {method} merge runs on this machine "
+            "only; with --remote, merge here first or submit a finetune task "
+            "(neuroseed task submit --recipe finetune)"
+        )
+    if args.register and args.no_wait:
+        raise CliError("--register needs the task's result: leave out --no-wait")
+    if args.max_price is None:
+        raise CliError("--remote needs --max-price (the most the provider is paid, NSD)")
+    for dest, default in (
+        ("verifiers", 1),
+        ("deadline", cli_compute.DEFAULT_DEADLINE_HEIGHTS),
+        ("wall_seconds", cli_compute.DEFAULT_WALL_SECONDS),
+        ("memory", cli_compute.DEFAULT_MEMORY),
+        ("watch_timeout", cli_compute.DEFAULT_WATCH_TIMEOUT),
+    ):
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    if args.watch_timeout <= 0:
+        raise CliError("--watch-timeout: expected positive seconds")
+    for dest, (_flag, default) in _TRAINING.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    if args.register and args.output is None:
+        args.output = DEFAULT_OUTPUT  # registering uploads the file: it is downloaded first
+
+
+def merge_task_params(recipe: MergeRecipe) -> dict[str, Any]:
+    """A merge recipe as the "merge" task recipe's parameters (``node.compute.recipes``: ids
+    and the seed as lowercase hex, the child spec as an object); ``recipes.merge_recipe`` of
+    them gives ``recipe`` back (its platform aside: the provider's class)."""
+    tree: dict[str, Any] = {
+        "method": recipe.method,
+        "parents": [bytes(p).hex() for p in recipe.parents],
+        "seed": bytes(recipe.seed).hex(),
+    }
+    if recipe.base is not None:
+        tree["base"] = bytes(recipe.base).hex()
+    if recipe.weights:
+        tree["coefficients"] = list(recipe.weights)
+    if recipe.params:
+        tree["params"] = {p.name: recipe.param(p.name) for p in recipe.params}
+    if recipe.child_spec:
+        tree["child_spec"] = json.loads(recipe.child_spec)
+    if recipe.class_maps:
+        tree["class_maps"] = [list(m) for m in recipe.class_maps]
+    if recipe.datasets:
+        tree["datasets"] = [bytes(d).hex() for d in recipe.datasets]
+    return tree
+
+
+def default_platform(client: Client) -> str:
+    """The platform class of the known providers (``cli_compute.known_platform_classes``) when
+    they have exactly one; else ``--platform`` must name it."""
+    from node.cli_compute import known_platform_classes
+
+    classes = known_platform_classes(client)
+    if len(classes) == 1:
+        return classes.pop()
+    found = (
+        "no provider is known to this node"
+        if not classes
+        else f"the known providers run {', '.join(sorted(classes))}"
+    )
+    raise CliError(
+        f"--platform: name the platform class the merge task must run on ({found}; see "
+        "`neuroseed compute status` on a provider or ns_getProvider)"
+    )
+
+
+def _captured_json(run: Callable[[], int]) -> tuple[int, Any]:
+    """Run a command part that prints one JSON object (``--json``); its exit code and object."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        code = run()
+    lines = captured.getvalue().strip().splitlines()
+    return code, json.loads(lines[-1]) if lines else None
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def merge_remote(
+    args: argparse.Namespace,
+    method: str,
+    params: dict[str, float],
+    out: Path | None,
+    extra: tuple[int, tuple[RoyaltyShare, ...], tuple[Metric, ...]],
+) -> int:
+    """``model merge --remote``: the merge as a paid "merge" task (inputs: the parents, the base
+    and the target dataset), followed like ``task watch``; once PAID, the output downloaded to
+    ``-o`` (checked against the result's hash) and with ``--register`` registered with its
+    lineage, as a local merge's child is."""
+    from node.cli_compute import (
+        _Bar,
+        _economy,
+        build_submit,
+        canonical_task_params,
+        ended_rows,
+        follow_task,
+        send_submit,
+        submit_options,
+        task_payments,
+    )
+    from node.economy.models import model_id
+    from node.merge.recipe import DATA_METHODS
+    from node.models.specs import spec_to_dict
+
+    price, royalties, extra_metrics = extra
+    opts = submit_options(args)
+    quiet = bool(args.json)
+    _cli._fee_option(args)
+    with _cli._client(args) as client:
+        client.chain_id()  # fails fast (exit 3)
+        plan = plan_merge(args, client, method, params)
+        for r in [*plan.parents, *([] if plan.base is None else [plan.base])]:
+            if r.get("isEncrypted"):
+                raise CliError(
+                    f"model {r['id']} is priced (encrypted): a merge task's provider cannot read it"
+                )
+        if plan.target is not None and plan.target.get("isPriced"):
+            raise CliError(
+                f"dataset {plan.target['id']} is priced: providers do not buy task inputs yet"
+            )
+        raw, parsed = canonical_task_params("merge", merge_task_params(plan.recipe))
+        platform = args.platform or default_platform(client)
+        body, escrow = build_submit(client, "merge", raw, parsed, opts, platform, [], 0)
+    if quiet:
+        code, submitted = _captured_json(lambda: send_submit(args, body, escrow, 0)[0])
+        tid = str(submitted["taskId"])
+    else:
+        code, tid = send_submit(args, body, escrow, 0)
+    summary: dict[str, Any] = {
+        "taskId": tid,
+        "method": method,
+        "parents": [r["id"] for r in plan.parents],
+        "base": None if plan.base is None else plan.base["id"],
+        "targetDataset": None if plan.target is None else plan.target["id"],
+        "childSpec": spec_to_dict(plan.child_spec),
+        "task": None,
+        "payments": None,
+        "output": None,
+        "sha256": None,
+        "recipe": None,
+        "recipeFile": None,
+        "registration": None,
+    }
+    if args.no_wait:
+        if quiet:
+            _cli._print_json({**summary, "submission": submitted})
+        return code
+    if not quiet:
+        print(f"following task {tid} (neuroseed task watch {tid})", file=sys.stderr)
+    bar = _Bar(enabled=not quiet and sys.stderr.isatty())
+    with _cli._client(args) as client:
+        task = follow_task(client, tid, args.watch_timeout, bar)
+        payments = task_payments(task, _economy(client).royalty_percent)
+        summary.update(task=task, payments=payments)
+        if not quiet:
+            print(_cli._rows(ended_rows(task, payments)))
+        result = task.get("result")
+        if task["outcome"] != "paid" or result is None or result.get("failReason"):
+            if quiet:
+                _cli._print_json(summary)
+            raise CliError(
+                f"task {tid} ended {task['outcome']}: no merged model (neuroseed task show {tid})"
+            )
+        recipe = plan.recipe
+        if method in DATA_METHODS:  # trained on the provider: its platform class is recorded
+            recipe = dataclasses.replace(recipe, platform=task["platformClass"])
+        summary["recipe"] = recipe_to_json(recipe)
+        metrics: dict[str, float] = {}
+        if method == "distill":  # measured on the distillation's held-out split
+            got = result.get("metrics") or {}
+            metrics = {k: float(got[k]) for k in ("val_accuracy", "val_loss") if k in got}
+        summary["metrics"] = metrics
+        if out is None:
+            if quiet:
+                _cli._print_json(summary)
+            else:
+                print(f"output: {result['output']} (download it with -o FILE)", file=sys.stderr)
+            return _cli.EXIT_OK
+        root = _cli._unhex(result["output"], "output")
+        src = _cli._Source({"id": tid, "rootCid": result["output"]}, root, None, False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not _held_locally(client, root):
+            _cli._run_fetch(client, src, args.fetch_timeout, "output")
+        _cli._download_whole(client, src, out)
+        digest = _sha256_file(out)
+        expected = str(result["checkpoints"][0]["stateHash"]).removeprefix("0x")
+        if digest != expected:
+            out.unlink()
+            raise CliError(
+                f"the downloaded output hashes to {digest}, the task's result says {expected}"
+            )
+        recipe_path = out.with_name(out.name.removesuffix(".safetensors") + ".recipe.json")
+        _cli._write_atomically(
+            recipe_path, lambda fh: fh.write(json.dumps(recipe_to_json(recipe), indent=1).encode())
+        )
+        summary.update(output=str(out), sha256=digest, recipeFile=str(recipe_path))
+        if not args.register:
+            if quiet:
+                _cli._print_json(summary)
+            else:
+                print(
+                    _cli._rows(
+                        [("file", str(out)), ("sha256", digest), ("recipe", str(recipe_path))]
+                    )
+                )
+            return _cli.EXIT_OK
+        names = " and ".join(r["name"] for r in plan.parents)
+        reg = Registration(
+            spec=plan.child_spec,
+            name=args.name.strip(),
+            description=args.description or f"{METHOD_NAMES.get(method, method)} merge of {names}",
+            license=args.license or "",
+            price=price,
+            royalties=royalties,
+            base=None if recipe.base is None else Hash32(recipe.base),
+            parents=tuple(plan.parent_ids),
+            recipe=recipe,
+            datasets=() if plan.target_id is None else (plan.target_id,),
+            metrics=tuple(metric_of(k, v) for k, v in sorted(metrics.items())) + extra_metrics,
+        )
+        _check_metrics_unique(reg.metrics)
+        reg_body, fields = upload_and_register(args, client, out, reg)
+    summary["id"] = _cli._hex(model_id(reg_body.root))
+    if not quiet:
+        print(_cli._rows([("file", str(out)), ("sha256", digest), ("recipe", str(recipe_path))]))
+        return _cli._sign_send_wait(args, reg_body, fields)
+    try:
+        code, summary["registration"] = _captured_json(
+            lambda: _cli._sign_send_wait(args, reg_body, fields)
+        )
+    finally:
+        _cli._print_json(summary)
+    return code
+
+
 def cmd_model_merge(args: argparse.Namespace) -> int:
     from node.economy.models import model_id
     from node.merge.recipe import (
         DATA_METHODS,
         SAME_BASE_METHODS,
-        MergeRecipe,
-        validate_recipe,
     )
-    from node.models.specs import parameter_count, spec_json, spec_to_dict
+    from node.models.specs import spec_to_dict
 
     method = canonical_method(args.method)
-    out = Path(args.output).expanduser().absolute()
-    if out.is_dir():
-        raise CliError(f"-o {out}: is a directory")
+    _merge_option_defaults(args, method)
     if args.steps < 0:
         raise CliError("--steps: expected 0 or more")
-    if not 0.0 < args.val_fraction < 1.0:
-        raise CliError("--val-fraction: expected a number in (0, 1)")
-    if args.time_limit <= 0 or args.fetch_timeout <= 0:
-        raise CliError("--time-limit / --fetch-timeout: expected positive seconds")
-    if args.slice_rows < 2:
-        raise CliError("--slice-rows: expected at least 2")
-    if not 1 <= args.threads <= 256:
-        raise CliError("--threads: expected 1 to 256")
+    if args.fetch_timeout <= 0:
+        raise CliError("--fetch-timeout: expected positive seconds")
+    if not args.remote:
+        if not 0.0 < args.val_fraction < 1.0:
+            raise CliError("--val-fraction: expected a number in (0, 1)")
+        if args.time_limit <= 0:
+            raise CliError("--time-limit: expected positive seconds")
+        if args.slice_rows < 2:
+            raise CliError("--slice-rows: expected at least 2")
+        if not 1 <= args.threads <= 256:
+            raise CliError("--threads: expected 1 to 256")
+    out = None if args.output is None else Path(args.output).expanduser().absolute()
+    if out is not None and out.is_dir():
+        raise CliError(f"-o {out}: is a directory")
     if args.register:
         if not (args.name or "").strip():
             raise CliError("--register needs --name")
@@ -954,7 +1348,7 @@ def cmd_model_merge(args: argparse.Namespace) -> int:
     if method == "distill":
         # Distillation is the training on the target dataset: the student learns from the
         # teachers on its training rows and is measured on distill_files' held-out 20 %.
-        if args.val_fraction != DEFAULT_VAL_FRACTION:
+        if not args.remote and args.val_fraction != DEFAULT_VAL_FRACTION:
             raise CliError("--val-fraction: distillation holds out a fixed 20 %")
         for name, value in (
             ("steps", args.steps),
@@ -964,6 +1358,10 @@ def cmd_model_merge(args: argparse.Namespace) -> int:
             params.setdefault(name, float(value))
     if len(set(args.parents)) != len(args.parents):
         raise CliError("--parents: a parent is listed twice")
+    if args.remote:
+        return merge_remote(args, method, params, out, (price, royalties, extra_metrics))
+    if out is None:
+        out = Path(DEFAULT_OUTPUT).absolute()
     recipe_path = out.with_name(out.name.removesuffix(".safetensors") + ".recipe.json")
     quiet = bool(args.json)
 
@@ -973,61 +1371,11 @@ def cmd_model_merge(args: argparse.Namespace) -> int:
 
     with _cli._client(args) as client:
         client.chain_id()  # fails fast (exit 3)
-        parents = [_require_model(client, p, "parent") for p in args.parents]
-        specs = [_spec_of(r) for r in parents]
-        parent_ids = [_model_id(r) for r in parents]
-        base_record = _require_model(client, args.base, "base") if args.base else None
-        if base_record is None and method in SAME_BASE_METHODS:
-            bases = {r.get("base") for r in parents}
-            if len(bases) != 1 or None in bases:
-                raise CliError(
-                    f"{method} merges task vectors over a base the parents share: they record "
-                    "none in common, so name one with --base ID"
-                )
-            base_record = _require_model(client, str(bases.pop()), "base")
-        if method not in DATA_METHODS:  # elementwise and weight matching: one layout in and out
-            layouts = {r["signature"] for r in parents}
-            if base_record is not None:
-                layouts.add(base_record["signature"])
-            if len(layouts) != 1:
-                raise CliError(
-                    f"{method} merges models of one signature (same tensors); these differ. "
-                    f"See `neuroseed model search --mergeable-with {parents[0]['id']}`"
-                )
-        target = _cli._require_dataset(client, args.target_dataset) if args.target_dataset else None
-        if method in DATA_METHODS and target is None:
-            raise CliError(f"{method} looks at data: give the --target-dataset it merges for")
-        max_parents, max_params = _economy_limits(client)
-        class_maps: list[list[int]] = []
-        child_spec = specs[0]
-        if method in DATA_METHODS:
-            class_maps = _class_maps(args, specs)
-            num_classes = max(max(m) for m in class_maps) + 1
-            child_spec = child_spec_for(method, specs, num_classes, args.child_spec)
-        elif args.class_map or args.child_spec:
-            raise CliError(
-                f"--class-map/--child-spec go with zipit, union and distill, not {method}"
-            )
-        if target is not None:
-            _check_dataset_schema(target, child_spec)
-        target_id = None if target is None else Hash32(_cli._unhex(target["id"], "dataset id"))
-        recipe = MergeRecipe.create(
-            method,
-            parent_ids,
-            base=None if base_record is None else _model_id(base_record),
-            coefficients=_coefficients(args, method, len(parents)),
-            params=params,
-            seed=args.seed.to_bytes(32, "big"),
-            child_spec=spec_json(child_spec) if method in DATA_METHODS else b"",
-            class_maps=class_maps,
-            datasets=[target_id] if method in DATA_METHODS and target_id is not None else [],
-        )
-        validate_recipe(
-            recipe,
-            child_parameters=parameter_count(child_spec),
-            max_merge_parents=max_parents,
-            max_step_parameters=max_params,
-        )
+        plan = plan_merge(args, client, method, params)
+        parents, specs, parent_ids = plan.parents, plan.specs, plan.parent_ids
+        base_record, target, target_id = plan.base, plan.target, plan.target_id
+        child_spec, recipe = plan.child_spec, plan.recipe
+        max_parents, max_params = plan.max_parents, plan.max_params
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".neuroseed-merge-", dir=out.parent) as tmp:
             work = Path(tmp)
@@ -1254,7 +1602,8 @@ def register(commands: Any) -> None:
         "merge",
         cmd_model_merge,
         "merge models on this machine (a child process), transfer-learn the child on a target "
-        "dataset and optionally register it with its lineage",
+        "dataset and optionally register it with its lineage; or, with --remote, submit the "
+        "merge as a paid compute task",
     )
     p.add_argument("--parents", metavar="ID", nargs="+", required=True, help="the parents")
     p.add_argument("--method", required=True, metavar="M", help=f"one of {', '.join(CLI_METHODS)}")
@@ -1272,31 +1621,65 @@ def register(commands: Any) -> None:
         "parent (default: the parents' classes one after another)",
     )  # fmt: skip
     p.add_argument("--child-spec", metavar="SPEC.json", help="distill: the student's spec")
-    p.add_argument("--target-dataset", metavar="ID", help="transfer-learn (and slice) on it")
-    p.add_argument("--steps", metavar="N", type=int, default=DEFAULT_STEPS, help="training steps")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate ({DEFAULT_LR})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="batch size")
     p.add_argument(
-        "--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-        help="held-out share of the target dataset the metrics are measured on",
+        "--target-dataset", metavar="ID",
+        help="transfer-learn (and slice) on it; data-based merges match on it",
     )  # fmt: skip
     p.add_argument(
-        "--slice-rows", type=int, default=DEFAULT_SLICE_ROWS,
-        help="rows of the target dataset a data-based merge matches and calibrates on",
+        "--steps", metavar="N", type=int, help=f"training steps (default {DEFAULT_STEPS})"
+    )
+    p.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR})")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default {DEFAULT_BATCH})")
+    p.add_argument(
+        "--val-fraction", type=float,
+        help="held-out share of the target dataset the metrics are measured on "
+        f"(default {DEFAULT_VAL_FRACTION})",
+    )  # fmt: skip
+    p.add_argument(
+        "--slice-rows", type=int,
+        help="rows of the target dataset a data-based merge matches and calibrates on "
+        f"(default {DEFAULT_SLICE_ROWS})",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the recipe and of training")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (reproducibility)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads (reproducibility; default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="default cpu")
     p.add_argument(
-        "-o", "--output", metavar="FILE", default="merged.safetensors", help="the child's file"
-    )
+        "-o", "--output", metavar="FILE",
+        help=f"the child's file (default {DEFAULT_OUTPUT}; with --remote: download the output "
+        "there, as --register does)",
+    )  # fmt: skip
     p.add_argument(
-        "--time-limit", metavar="S", type=float, default=DEFAULT_TIME_LIMIT,
-        help="kill the merge job after S seconds",
+        "--time-limit", metavar="S", type=float,
+        help=f"kill the merge job after S seconds (default {DEFAULT_TIME_LIMIT:g})",
     )  # fmt: skip
     p.add_argument(
         "--fetch-timeout", metavar="S", type=float, default=DEFAULT_FETCH_TIMEOUT,
         help="seconds to wait for each fetch",
+    )  # fmt: skip
+    remote = p.add_argument_group("a paid merge task (--remote)")
+    remote.add_argument(
+        "--remote", action="store_true",
+        help="submit the merge as a paid compute task instead of running it here, follow it "
+        "and, once paid, download (-o) and register (--register) its output",
+    )  # fmt: skip
+    remote.add_argument("--max-price", metavar="NSD", help="most the provider is paid")
+    remote.add_argument(
+        "--verifier-fee", metavar="NSD", help="fee per verifier (default: 1%% of --max-price)"
+    )
+    remote.add_argument("--verifiers", metavar="N", type=int, help="verifiers (default 1)")
+    remote.add_argument(
+        "--platform", metavar="CLASS",
+        help="the platform class it runs on (default: the known providers' when they have one)",
+    )  # fmt: skip
+    remote.add_argument(
+        "--deadline", metavar="H", type=int,
+        help="heights from now by which the result must be in (default 200)",
+    )  # fmt: skip
+    remote.add_argument("--wall-seconds", metavar="S", type=int, help="wall-time limit (3600)")
+    remote.add_argument("--memory", metavar="SIZE", help="memory limit per device (1GiB)")
+    remote.add_argument(
+        "--watch-timeout", metavar="S", type=float,
+        help="seconds to follow the task before giving up (it goes on; default 3600)",
     )  # fmt: skip
     p.add_argument("--register", action="store_true", help="upload and register the child")
     p.add_argument("--name", help="with --register: the child's name")

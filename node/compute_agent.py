@@ -7,7 +7,7 @@ looks at up to ``tasks_per_block`` watched tasks (round-robin), each a bounded s
 * **Provider.** With an offer on chain (``offer`` sends ``ProviderRegister``), an open task of
   this node's platform class whose limits fit the local ones (memory, wall time, devices,
   steps), whose inputs are all free and whose maximum price covers this node's ask
-  (``price_per_device_second × devices × wall seconds``) is claimed (``TaskClaim``) while a slot
+  (its offer's ``price_per_device_second`` on chain × devices × wall seconds) is claimed (``TaskClaim``) while a slot
   is free. Once the claim is in a block the task runs in the background: its inputs are fetched
   (``fetch``: the artifact service) and exported to files, the recipe runs in a child process
   (``node.compute.worker``, the requester's limits ∩ the local ones), the checkpoints and the
@@ -21,9 +21,19 @@ looks at up to ``tasks_per_block`` watched tasks (round-robin), each a bounded s
   window has closed. In a dispute where it is the provider or the challenger it replays the
   segment from its start to each round's midpoint and posts ``BisectStep``.
 
-Progress of the tasks this node runs is kept in memory for ``ns_getTask`` (``progress``).
-Priced inputs (datasets with a price) are refused for now (``PricedInputRefused``): buying them
-is not automated yet. Error codes 3180–3199.
+Progress of the tasks this node works on (``progress``, for ``ns_getTask``) and what it sent,
+computed and drew (claims, results, verification answers and salts, commit / reveal / bisect
+markers) are saved to ``data_dir/compute/state`` (msgpack, atomic, mode 0600) on every change
+and read back at start: after a restart a verifier still reveals with its salt, nothing is sent
+twice, and a claimed task that was running is run again (or its result posted) before its
+deadline.
+
+Priced dataset inputs are bought (``node.input_purchases``): the provider, and a drawn verifier or
+referee, each sends its own ``Purchase`` with a one-off key kept under ``data_dir/compute/
+purchases``, waits for the owner's key, fetches the encrypted artifact with the purchase as its
+grant and decrypts it into the job's input file. A task whose priced inputs this node cannot buy
+(no CUSTOMER role, a balance short of the prices and the bond, a priced model or composite) is
+not claimed (``PricedInputRefused``). Error codes 3180–3199.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
 import shutil
 import sys
@@ -41,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgpack
 import trio
 
 from node import crypto
@@ -60,6 +72,9 @@ log = logging.getLogger(__name__)
 COMPUTE_DIR = "compute"
 MAX_TRACKED = 4096  # watched tasks kept in memory
 SCAN_AT_START = 10_000  # task records read at start to find the open ones
+STATE_FILE = "state"  # what the agent sent and computed, kept across restarts (0600)
+STATE_VERSION = 1
+MAX_STATE_BYTES = 64 << 20  # a larger state file is refused (it is never that big)
 
 
 # --- errors (3180–3199) ------------------------------------------------------------------------
@@ -78,10 +93,11 @@ class ComputeAgentDisabled(ComputeAgentError):
 
 
 class PricedInputRefused(ComputeAgentError):
-    """A task input is a priced dataset: buying it is not automated, so the task is refused."""
+    """A priced task input this node cannot buy (no CUSTOMER role, a balance short of the
+    prices and the bond, a priced model or composite): the task is not claimed."""
 
     code = 3182
-    reason = "the task needs a priced dataset, which this provider does not buy"
+    reason = "the task needs a priced input this provider cannot buy"
 
 
 class TaskOutsideLimits(ComputeAgentError):
@@ -113,6 +129,13 @@ class NotAProvider(ComputeAgentError):
 
     code = 3187
     reason = "this node has no compute offer on chain"
+
+
+class ComputeStateCorrupt(ComputeAgentError):
+    """The agent's state file (``data_dir/compute/state``) cannot be read back."""
+
+    code = 3199
+    reason = "the compute agent's state file is corrupt"
 
 
 # --- settings and collaborators ----------------------------------------------------------------
@@ -200,6 +223,143 @@ class _Local:
     computing: set[str] = field(default_factory=set)
     salt: dict[str, Hash32] = field(default_factory=dict)
     sent: set[str] = field(default_factory=set)
+    result: bytes | None = None  # the encoded TaskResult once built (posted again on a restart)
+
+    def to_state(self) -> dict[str, Any]:
+        """What survives a restart (``computing`` does not: a re-run starts again)."""
+        return {
+            "claimed_at": self.claimed_at,
+            "claim_tx": None if self.claim_tx is None else bytes(self.claim_tx),
+            "running": self.running,
+            "posted": self.posted,
+            "answer": {k: bytes(v) for k, v in sorted(self.answer.items())},
+            "salt": {k: bytes(v) for k, v in sorted(self.salt.items())},
+            "sent": sorted(self.sent),
+            "result": self.result,
+        }
+
+    @classmethod
+    def from_state(cls, obj: Any) -> _Local:
+        """The inverse of ``to_state``; ``ComputeStateCorrupt`` on any other shape."""
+        if not isinstance(obj, dict) or set(obj) != _LOCAL_FIELDS:
+            raise ComputeStateCorrupt("a task entry has other fields than expected")
+        claim_tx, result = obj["claim_tx"], obj["result"]
+        if (
+            type(obj["claimed_at"]) is not int
+            or type(obj["running"]) is not bool
+            or type(obj["posted"]) is not bool
+            or not (claim_tx is None or _is_hash(claim_tx))
+            or not (result is None or isinstance(result, bytes))
+            or not isinstance(obj["sent"], list)
+            or not all(isinstance(s, str) for s in obj["sent"])
+        ):
+            raise ComputeStateCorrupt("a task entry has a field of the wrong type")
+        return cls(
+            claimed_at=obj["claimed_at"],
+            claim_tx=None if claim_tx is None else Hash32(claim_tx),
+            running=obj["running"],
+            posted=obj["posted"],
+            answer=_hash_map(obj["answer"]),
+            salt=_hash_map(obj["salt"]),
+            sent=set(obj["sent"]),
+            result=result,
+        )
+
+
+_LOCAL_FIELDS = frozenset(
+    {"claimed_at", "claim_tx", "running", "posted", "answer", "salt", "sent", "result"}
+)
+
+
+def _is_hash(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == 32
+
+
+def _hash_map(obj: Any) -> dict[str, Hash32]:
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and _is_hash(v) for k, v in obj.items()
+    ):
+        raise ComputeStateCorrupt("a task entry's hashes are not 32-byte values by label")
+    return {k: Hash32(v) for k, v in obj.items()}
+
+
+def _progress_from_state(obj: Any) -> TaskProgress:
+    names = ("role", "stage", "done", "total", "error", "updated_height")
+    if not isinstance(obj, dict) or set(obj) != set(names):
+        raise ComputeStateCorrupt("a progress entry has other fields than expected")
+    kinds = (str, str, int, int, str, int)
+    if not all(type(obj[n]) is t for n, t in zip(names, kinds, strict=True)):
+        raise ComputeStateCorrupt("a progress entry has a field of the wrong type")
+    return TaskProgress(**{n: obj[n] for n in names})
+
+
+def encode_state(local: Mapping[Hash32, _Local], progress: Mapping[Hash32, TaskProgress]) -> bytes:
+    """The agent's state file: msgpack ``{"v", "tasks": {id: entry}, "progress": {id: …}}``."""
+    return bytes(
+        msgpack.packb(
+            {
+                "v": STATE_VERSION,
+                "tasks": {bytes(k): v.to_state() for k, v in local.items()},
+                "progress": {bytes(k): v.as_json() for k, v in progress.items()},
+            },
+            use_bin_type=True,
+        )
+    )
+
+
+def decode_state(raw: bytes) -> tuple[dict[Hash32, _Local], dict[Hash32, TaskProgress]]:
+    """``encode_state``'s inverse; ``ComputeStateCorrupt`` when ``raw`` is anything else."""
+    try:
+        tree = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ComputeStateCorrupt(f"not msgpack: {exc}") from None
+    if not isinstance(tree, dict) or tree.get("v") != STATE_VERSION:
+        raise ComputeStateCorrupt(f"not a version-{STATE_VERSION} compute state")
+    tasks, progress = tree.get("tasks"), tree.get("progress")
+    if set(tree) != {"v", "tasks", "progress"} or not isinstance(tasks, dict):
+        raise ComputeStateCorrupt("the state holds other fields than v, tasks and progress")
+    if not isinstance(progress, dict) or not all(_is_hash(k) for k in (*tasks, *progress)):
+        raise ComputeStateCorrupt("the state's task ids are not 32-byte ids")
+    return (
+        {Hash32(k): _Local.from_state(v) for k, v in tasks.items()},
+        {Hash32(k): _progress_from_state(v) for k, v in progress.items()},
+    )
+
+
+def write_state_file(path: Path, raw: bytes) -> None:
+    """Replace ``path`` with ``raw`` atomically (a temporary file, fsync, rename, fsync of the
+    directory); the file is the owner's only (mode 0600: it holds the verifiers' salts)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_state_file(path: Path) -> tuple[dict[Hash32, _Local], dict[Hash32, TaskProgress]]:
+    """The state in ``path`` (empty when there is none); ``ComputeStateCorrupt`` when it cannot
+    be read back."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_STATE_BYTES + 1)
+    except FileNotFoundError:
+        return {}, {}
+    except OSError as exc:
+        raise ComputeStateCorrupt(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_STATE_BYTES:
+        raise ComputeStateCorrupt(f"{path} is larger than {MAX_STATE_BYTES} bytes")
+    return decode_state(raw)
 
 
 ResultHook = Callable[[tk.Task, dict[str, Any]], dict[str, Any]]
@@ -231,6 +391,8 @@ class ComputeAgent:
         drop: Drop | None = None,
         run_job: RunJob | None = None,
         result_hook: ResultHook | None = None,
+        fetch_granted: Callable[[bytes, Any], Awaitable[None]] | None = None,
+        peer_id: bytes | None = None,
     ) -> None:
         self._chain = chain
         self._submit = submit
@@ -244,6 +406,9 @@ class ComputeAgent:
         self._drop = drop
         self._run_job: RunJob = run_job or _default_run_job
         self._result_hook = result_hook  # tests: a cheating provider
+        self._fetch_granted = fetch_granted  # priced inputs: fetch with a purchase's access
+        self._peer_id = peer_id
+        self._buyer: Any = None  # node.input_purchases.InputBuyer, made on first use
         self._dir = Path(data_dir) / COMPUTE_DIR
         self._watched: dict[Hash32, None] = {}
         self._local: dict[Hash32, _Local] = {}
@@ -256,16 +421,24 @@ class ComputeAgent:
         self._platform: str | None = self.settings.platform_class or None
         self._scanned_blocks = -1
         self.last_head = -1
+        self._state_path = self._dir / STATE_FILE
+        self._saved: bytes | None = None  # the state file's content as last written
 
     # --- life cycle --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._scan_open_tasks(self._chain.read_view())
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
+        self._load()
+        view = self._chain.read_view()
+        self._scan_open_tasks(view)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                try:
+                    await self._resume(view)
+                except NeuroSeedError as exc:
+                    log.error("compute agent: resuming: %s", exc.message)
                 while True:
                     view = self._chain.read_view()
                     if _head(view) != self.last_head:
@@ -273,11 +446,87 @@ class ComputeAgent:
                             await self.on_head(view)
                         except NeuroSeedError as exc:
                             log.error("compute agent: %s", exc.message)
+                    self._save()
                     with trio.move_on_after(self.settings.poll_interval_s):
                         await self._head_changed.wait()
                     self._head_changed = trio.Event()
-            finally:
-                self._nursery = None
+        finally:
+            self._nursery = None
+            self._save()
+
+    # --- state kept across restarts ----------------------------------------------------------
+
+    def _load(self) -> None:
+        """Read the state file back (before the first ``on_head``). A file that cannot be read
+        is set aside as ``state.corrupt`` and the agent starts clean, with a warning."""
+        try:
+            local, progress = read_state_file(self._state_path)
+        except ComputeStateCorrupt as exc:
+            aside = self._state_path.with_name(STATE_FILE + ".corrupt")
+            log.warning(
+                "compute agent: %s; starting without the saved state (moved to %s)",
+                exc.message,
+                aside,
+            )
+            with contextlib.suppress(OSError):
+                os.replace(self._state_path, aside)
+            return
+        for tid, entry in list(local.items())[:MAX_TRACKED]:
+            entry.running = False  # cut by the stop: started again (or posted) by _resume
+            self._local[tid] = entry
+        for tid, prog in list(progress.items())[: MAX_TRACKED + self.settings.keep_finished]:
+            self.progress[tid] = prog
+
+    async def _resume(self, view: Any) -> None:
+        """After a restart: forget the saved entries of tasks that ended, watch the others, and
+        post again a result built before the stop while the task still waits for it (the
+        node's mempool did not survive). A claimed task whose run was cut starts again in
+        ``_step``, unless its deadline has passed."""
+        state = _ViewState(view)
+        head = _head(view)
+        for tid in list(self._local):
+            task = tk.get_task(state, tid)
+            if task is None or task.state == tk.TaskState.ENDED:
+                del self._local[tid]
+                continue
+            self._watch(tid)
+            local = self._local[tid]
+            mine = task.state == tk.TaskState.CLAIMED and task.provider == self.address
+            if not mine:
+                continue
+            if head >= task.deadline:
+                local.posted = True  # too late to run: the chain times the task out
+            elif local.result is not None:
+                log.info("task 0x%s: posting the result built before the stop", tid.hex()[:16])
+                try:
+                    await self.send_transaction(tk.TaskResult.decode(local.result), view)
+                except NeuroSeedError as exc:
+                    log.warning("task 0x%s: posting again: %s", tid.hex()[:16], exc.message)
+                local.posted = True
+                prog = self.progress.setdefault(tid, TaskProgress("provider"))
+                prog.stage, prog.done = "posted", task.steps
+        self._trim_progress()
+        self._save()
+
+    def _save(self) -> None:
+        """Write the state file when what it holds changed (atomic; mode 0600). A write that
+        fails is logged, never raised: the agent goes on and tries again on the next change."""
+        raw = encode_state(self._local, self.progress)
+        if raw == self._saved:
+            return
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            write_state_file(self._state_path, raw)
+        except OSError as exc:
+            log.error("compute agent: cannot save %s: %s", self._state_path, exc)
+            return
+        self._saved = raw
+
+    def _keep_result(self, local: _Local, body: tk.TaskResult) -> None:
+        """Remember the result about to be posted (saved first: a stop after this point posts
+        it again instead of re-running the task)."""
+        local.result = bytes(body.encode())
+        self._save()
 
     def notify_block(self) -> None:
         self._head_changed.set()
@@ -458,10 +707,20 @@ class ComputeAgent:
 
     # --- provider: claim ---------------------------------------------------------------------
 
-    def ask_price(self, task: tk.Task) -> int:
+    def ask_price(self, task: tk.Task, record: tk.ComputeProvider | None = None) -> int:
         """What this node charges for ``task``: its price for the task's devices over the
-        requester's whole wall-time limit (the worst case it commits to)."""
-        return self.settings.price_per_device_second * task.devices * task.limits.wall_seconds
+        requester's whole wall-time limit (the worst case it commits to). The price per
+        device-second is the one of this node's offer on chain (``record``, read when not
+        given: ``ns_computeOffer`` may have set another than the settings'); the settings'
+        only while there is no offer."""
+        if record is None:
+            record = self.provider_record()
+        per_second = (
+            self.settings.price_per_device_second
+            if record is None
+            else int(record.price_per_device_second)
+        )
+        return per_second * task.devices * task.limits.wall_seconds
 
     def check_task(self, state: Any, task: tk.Task, record: tk.ComputeProvider) -> None:
         """Raise why this node would not run ``task`` (local limits, priced inputs)."""
@@ -477,14 +736,14 @@ class ComputeAgent:
             )
         if task.devices > min(s.devices, record.devices):
             raise TaskOutsideLimits(f"the task wants {task.devices} devices")
-        for item in task.inputs:
-            if item.kind == tk.InputKind.DATASET:
-                ds = get_dataset(state, item.ref)
-                if ds is not None and ds.price > 0:
-                    raise PricedInputRefused(
-                        f"dataset 0x{item.ref.hex()[:16]} is priced ({ds.price}); buying "
-                        "inputs is not automated yet"
-                    )
+        from node.economy.api import economy_params
+        from node.input_purchases import CannotBuy, check_buyable
+
+        bond = tk.bond_for(economy_params(state), self.ask_price(task, record))
+        try:
+            check_buyable(state, task, self.address, spare=bond)
+        except CannotBuy as exc:
+            raise PricedInputRefused(str(exc)) from None
 
     async def _maybe_claim(
         self, view: Any, state: Any, head: int, task: tk.Task, local: _Local
@@ -564,6 +823,37 @@ class ComputeAgent:
         await trio.to_thread.run_sync(write)
         return dest
 
+    def input_buyer(self) -> Any:
+        """The buyer of this node's priced inputs (``node.input_purchases.InputBuyer``)."""
+        from node.input_purchases import PURCHASES_DIR, InputBuyer
+
+        if self._buyer is None:
+            self._buyer = InputBuyer(
+                self._dir / PURCHASES_DIR,
+                self._key,
+                self.send_transaction,
+                self._chain.read_view,
+                fetch=self._fetch_granted,
+                peer_id=self._peer_id,
+                poll_interval_s=self.settings.poll_interval_s,
+            )
+        return self._buyer
+
+    async def _priced_input(self, task: tk.Task, ds: Any, dest: Path) -> Path:
+        """Buy priced dataset ``ds`` as this node's party of ``task`` (or reuse what it bought
+        for it), fetch it with the purchase as its grant and decrypt it to ``dest``."""
+        from node.input_purchases import CannotBuy, InputNotDelivered, role_in
+
+        role = role_in(task, self.address)
+        prog = self.progress.get(task.id)
+        if prog is not None:
+            prog.stage = "buying inputs"
+        try:
+            path: Path = await self.input_buyer().input_file(task, role, ds, self._blobs, dest)
+        except (CannotBuy, InputNotDelivered) as exc:
+            raise InputUnavailable(str(exc)) from exc
+        return path
+
     async def _job_inputs(self, view: Any, task: tk.Task, work: Path) -> dict[str, Any]:
         """The job fields naming local files of the task's inputs (fetched and exported)."""
         state = _ViewState(view)
@@ -576,7 +866,8 @@ class ComputeAgent:
                 if ds is None or not ds.root:
                     raise InputUnavailable(f"dataset 0x{item.ref.hex()[:16]} has no file")
                 if ds.price > 0:
-                    raise PricedInputRefused(f"dataset 0x{item.ref.hex()[:16]} is priced")
+                    files[bytes(item.ref)] = await self._priced_input(task, ds, work / f"in{n}")
+                    continue
                 files[bytes(item.ref)] = await self._input_file(ds.root, work / f"in{n}")
             elif item.kind == tk.InputKind.MODEL:
                 m = get_model(state, item.ref)
@@ -686,6 +977,7 @@ class ComputeAgent:
                 result = self._result_hook(task, result)
             prog.stage = "uploading"
             body = await self._result_body(task, result)
+            self._keep_result(local, body)
             await self.send_transaction(body)
             prog.stage, prog.done = "posted", task.steps
             local.posted = True
@@ -693,8 +985,10 @@ class ComputeAgent:
             message = exc.message if isinstance(exc, NeuroSeedError) else repr(exc)
             log.warning("task 0x%s failed: %s", task.id.hex()[:16], message)
             prog.stage, prog.error = "failed", message[:500]
-            with contextlib.suppress(Exception):
+            try:
                 await self._post_failure(task, work, reason)
+            except Exception as post_exc:  # logged: the claim then runs to its deadline
+                log.error("task 0x%s: cannot post its failure: %r", task.id.hex()[:16], post_exc)
             local.posted = True
         finally:
             local.running = False
@@ -752,8 +1046,10 @@ class ComputeAgent:
                 digest = await trio.to_thread.run_sync(_sha256_file, path)
                 entries.append(tk.CheckpointEntry(await self._import(path), Hash32(digest)))
         links = recipes.chain_links(task.id, [e.cid for e in entries])
+        # With no checkpoint the chain ignores the link: link_0, the empty chain's head.
+        head = links[-1] if links else recipes.chain_start(task.id)
         await self.send_transaction(
-            tk.TaskFail(task.id, int(reason), tuple(entries), Hash32(links[-1]), 0)
+            tk.TaskFail(task.id, int(reason), tuple(entries), Hash32(head), 0)
         )
 
     # --- verifier, referee, dispute parties ---------------------------------------------------
@@ -834,6 +1130,7 @@ class ComputeAgent:
             if "c" + key in local.sent:
                 return
             salt = local.salt.setdefault(key, Hash32(secrets.token_bytes(32)))
+            self._save()  # the salt is on disk before the commitment can be in a block
             commitment = tk.verify_commitment(task.id, self.address, local.answer[key], salt)
             await self.send_transaction(tk.VerifyCommit(task.id, commitment), view)
             local.sent.add("c" + key)

@@ -20,6 +20,7 @@ from rpc.schema import (
     Params,
     bad_param,
     parse_address,
+    parse_amount,
     parse_hash,
     parse_quantity,
     parse_str,
@@ -258,13 +259,18 @@ async def ns_compute_status(ctx: Context, params: Any) -> dict[str, Any]:
 
 
 async def ns_compute_offer(ctx: Context, params: Any) -> dict[str, Any]:
-    """``{pricePerDeviceSecond?, maxConcurrent?}`` -> ``{txId}``: send this node's offer."""
+    """``{pricePerDeviceSecond?, maxConcurrent?}`` -> ``{txId}``: send this node's offer. The
+    price is an amount of base units per device-second (a decimal string, a 0x quantity or a
+    JSON integer, as ``parse_amount`` reads every amount); absent, the node's setting."""
     p = Params(params, ("offer",), required=0)
     raw = p.get(0, {})
     if not isinstance(raw, dict):
         raise bad_param("offer", "expected an object {pricePerDeviceSecond?, maxConcurrent?}")
-    price = (
-        parse_quantity(raw["pricePerDeviceSecond"], "offer.pricePerDeviceSecond")
+    unknown = set(raw) - {"pricePerDeviceSecond", "maxConcurrent"}
+    if unknown:
+        raise bad_param("offer", f"unknown field {sorted(unknown)[0]!r}")
+    price = (  # an amount in base units, like every other amount of the API
+        parse_amount(raw["pricePerDeviceSecond"], "offer.pricePerDeviceSecond")
         if "pricePerDeviceSecond" in raw
         else None
     )

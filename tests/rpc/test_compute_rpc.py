@@ -20,7 +20,8 @@ import trio
 
 from node.chain import ChainService, ReadView
 from node.compute import recipes
-from node.consensus.txs import KNOWN_KINDS, verify_transaction
+from node.compute_agent import ComputeAgent, ComputeSettings
+from node.consensus.txs import KNOWN_KINDS, decode_body, verify_transaction
 from node.economy import tasks as tk
 from node.economy.api import DEFAULT_ECONOMY_PARAMS, Role
 from node.economy.datasets import DatasetRegister, dataset_id
@@ -33,6 +34,7 @@ from node.storage.importer import import_file, verify_cid_block
 from node.types import NSD, Amount, Hash32
 from rpc import server as rpc_server
 from rpc.client import Client
+from rpc.methods.compute import _StateOf
 from rpc.server import RpcServer
 from tests.helpers import FEES, addr, commit_next, key, make_genesis, open_chain, signed_tx
 from tests.rpc.conftest import LIMITS, call
@@ -244,3 +246,59 @@ async def test_sdk_helpers(url: str, market: Market) -> None:
             assert client.get_provider(key(SUPPLIER).address) is None
 
     await trio.to_thread.run_sync(use)
+
+
+class _Agent(ComputeAgent):
+    """The real agent; only the hardware probe (a child process importing torch) answers a
+    fixed CPU, so that the offer it sends is the RPC's parameters and its settings."""
+
+    async def platform_info(self) -> dict[str, Any]:
+        return {"class": CLS, "hw": {"machine": "x86_64", "cpu_cores": 4, "memory_bytes": 8 << 30}}
+
+
+def _agent(market: Market, tmp_path: Path, sent: list[bytes], price: int = 7) -> ComputeAgent:
+    async def submit(raw: bytes) -> Hash32:
+        sent.append(raw)
+        return verify_transaction(raw).tx_id
+
+    settings = ComputeSettings(price_per_device_second=price, platform_class=CLS)
+    return _Agent(market.chain, submit, key(PROV), tmp_path, settings)
+
+
+async def test_offer_prices_are_amounts_in_base_units(
+    url: str, market: Market, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[bytes] = []
+    monkeypatch.setattr(market, "compute_agent", _agent(market, tmp_path, sent), raising=False)
+    big = 10**24  # more than a uint64: amounts are uint256
+    for given, price in (("1500", 1500), ("0x5dc", 1500), (1500, 1500), (str(big), big)):
+        answer = await ok(url, "ns_computeOffer", {"pricePerDeviceSecond": given})
+        body = decode_body(verify_transaction(sent[-1]).tx)
+        assert isinstance(body, tk.ProviderRegister) and body.price_per_device_second == price
+        assert answer["txId"] == hx(verify_transaction(sent[-1]).tx_id)
+    await ok(url, "ns_computeOffer", {"maxConcurrent": 3})
+    body = decode_body(verify_transaction(sent[-1]).tx)
+    assert isinstance(body, tk.ProviderRegister)
+    assert body.price_per_device_second == 7 and body.max_concurrent == 3  # the settings' price
+    for bad in ("1.5", "1.5 NSD", "-3", -3, 1.5, "0x", str(2**256), {"x": 1}):
+        err = await error(url, "ns_computeOffer", {"pricePerDeviceSecond": bad})
+        assert err["code"] == -32602, (bad, err)
+    assert (await error(url, "ns_computeOffer", {"price": "1"}))["code"] == -32602
+    assert len(sent) == 5  # nothing sent for a refused request
+
+
+def test_the_ask_uses_the_price_of_the_offer_on_chain(market: Market, tmp_path: Path) -> None:
+    """The provider's offer on chain says 1000 per device-second: that is the ask, whatever the
+    node's setting; without an offer on chain, the setting."""
+    view = market.read_view()
+    task = tk.get_task(_StateOf(view), market.tasks["a1"])
+    assert task is not None
+    agent = _agent(market, tmp_path, [], price=7)
+    record = agent.provider_record()
+    assert record is not None and record.price_per_device_second == 1000
+    assert agent.ask_price(task) == 1000 * task.devices * task.limits.wall_seconds
+    assert agent.ask_price(task, record) == agent.ask_price(task)
+    settings = ComputeSettings(price_per_device_second=7)
+    no_offer = ComputeAgent(market.chain, agent._submit, key(SUPPLIER), tmp_path, settings)
+    assert no_offer.provider_record() is None
+    assert no_offer.ask_price(task) == 7 * task.devices * task.limits.wall_seconds
