@@ -47,6 +47,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ COMPUTE_DIR = "compute"
 MAX_TRACKED = 4096  # watched tasks kept in memory
 SCAN_AT_START = 10_000  # task records read at start to find the open ones
 STATE_FILE = "state"  # what the agent sent and computed, kept across restarts (0600)
+PROGRESS_SAVE_S = 5.0  # a change of progress alone is saved at most this often
 STATE_VERSION = 1
 MAX_STATE_BYTES = 64 << 20  # a larger state file is refused (it is never that big)
 
@@ -423,6 +425,8 @@ class ComputeAgent:
         self.last_head = -1
         self._state_path = self._dir / STATE_FILE
         self._saved: bytes | None = None  # the state file's content as last written
+        self._saved_tasks: bytes | None = None  # ... without the progress records
+        self._saved_at = -math.inf  # time.monotonic() of that write
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -514,13 +518,20 @@ class ComputeAgent:
         raw = encode_state(self._local, self.progress)
         if raw == self._saved:
             return
+        # What must survive a stop (claims, salts, what was sent) is written at once; a change
+        # of progress alone (step counts, several a second while a task runs) at most every
+        # PROGRESS_SAVE_S, so a running task does not fsync at every poll.
+        tasks = encode_state(self._local, {})
+        now = time.monotonic()
+        if tasks == self._saved_tasks and now - self._saved_at < PROGRESS_SAVE_S:
+            return
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             write_state_file(self._state_path, raw)
         except OSError as exc:
             log.error("compute agent: cannot save %s: %s", self._state_path, exc)
             return
-        self._saved = raw
+        self._saved, self._saved_tasks, self._saved_at = raw, tasks, now
 
     def _keep_result(self, local: _Local, body: tk.TaskResult) -> None:
         """Remember the result about to be posted (saved first: a stop after this point posts
@@ -758,7 +769,7 @@ class ComputeAgent:
         running = sum(1 for x in self._local.values() if x.running)
         if running >= self.settings.max_concurrent:
             return
-        price = self.ask_price(task)
+        price = self.ask_price(task, record)
         if price > task.max_price:
             return
         try:
