@@ -4,7 +4,9 @@
 * ``task submit --recipe R --params FILE.json --max-price NSD [--inputs ID …] …`` — canonicalise
   the parameters (``recipes.canonical_params``), check them against the recipe's schema here
   first (the chain checks them again), resolve the inputs (dataset / model ids, CIDs; the ids
-  the parameters name are added) and send a ``TaskSubmit``; prints the task id;
+  the parameters name are added) and send a ``TaskSubmit`` (the escrow shown is what the chain
+  locks, input allowance included; ``--platform`` defaults to the class of the providers on
+  chain when they share one); prints the task id;
 * ``task list [--mine] [--state S]``, ``task show ID`` — the chain's tasks (``ns_listTasks``,
   ``ns_getTask``);
 * ``task watch ID`` — a progress bar on stderr until the task has ended (the node's own progress
@@ -12,7 +14,9 @@
 * ``task cancel ID`` — ``TaskCancel`` (the requester, while unclaimed);
 * ``compute offer [--price-per-device-second NSD] [--max-concurrent N]`` — make the local node's
   compute agent send its ``ProviderRegister`` (``ns_computeOffer``);
-* ``compute status`` — the local agent's settings, offer on chain and tasks.
+* ``compute status`` — the local agent's settings, offer on chain and tasks;
+* ``compute providers [--platform CLASS] [--limit N]`` — the providers registered on chain
+  (``ns_listProviders``): class, address, device, price, reputation and load.
 
 Registered by ``node.cli.build_parser`` through ``register(commands)``; the shared plumbing
 (client, sender key, ``_sign_send_wait``, output, errors) is ``node.cli``'s.
@@ -254,7 +258,23 @@ def build_submit(
         tk.check_submit_body(body)
     except tk.InvalidTaskBody as exc:
         raise _cli.CliError(exc.message) from None
-    return body, tk.escrow_for(economy, body)
+    return body, tk.escrow_for(economy, body, input_allowance(client, body.inputs))
+
+
+def input_allowance(client: Any, inputs: tuple[tk.TaskInput, ...]) -> int:
+    """``tasks.input_allowance`` over RPC: the prices of the priced dataset inputs
+    (``ns_getDataset``), summed as the chain sums them (what one party pays to read the data)."""
+    prices: dict[bytes, int] = {}
+    total = 0
+    for item in inputs:
+        if item.kind != tk.InputKind.DATASET:
+            continue
+        ref = bytes(item.ref)
+        if ref not in prices:
+            ds = client.get_dataset(ref)
+            prices[ref] = 0 if ds is None else int(str(ds.get("price") or 0))
+        total += prices[ref]
+    return total
 
 
 def send_submit(
@@ -295,29 +315,12 @@ def cmd_task_submit(args: argparse.Namespace) -> int:
     with _cli._client(args) as client:
         platform = args.platform
         if platform is None:
-            platform = _local_platform(client)
+            platform = default_platform(client)
         inputs: list[tuple[int, bytes]] = [resolve_input(client, t) for t in args.inputs or []]
         body, escrow = build_submit(
             client, args.recipe, raw, parsed, opts, platform, inputs, limit_steps
         )
     return send_submit(args, body, escrow, steps)[0]
-
-
-def _local_platform(client: Any) -> str:
-    """The platform class of the local node's compute agent (the default of ``--platform``)."""
-    try:
-        status = client.compute_status()
-    except Exception:
-        status = None
-    cls = None if status is None else status.get("platform_class")
-    if not cls and status is not None and status.get("provider"):
-        cls = status["provider"].get("platformClass")
-    if not cls:
-        raise _cli.CliError(
-            "--platform: name the platform class the task must run on (a provider's, see "
-            "`neuroseed compute status` on it or ns_getProvider); this node runs no compute agent"
-        )
-    return str(cls)
 
 
 def cmd_task_cancel(args: argparse.Namespace) -> int:
@@ -560,38 +563,106 @@ def cmd_task_watch(args: argparse.Namespace) -> int:
     return _cli.EXIT_OK
 
 
-def known_platform_classes(client: Any, *, pages: int = 2) -> set[str]:
-    """The platform classes of the providers this node knows of: its own compute agent's (and
-    offer) and the offers on chain of the providers of the tasks in the first ``pages`` pages
-    of ``ns_listTasks`` (bounded reads)."""
+# --- providers ----------------------------------------------------------------------------------
+
+DEFAULT_PLATFORM_PAGES = 5  # pages of 100 providers read to find the default platform class
+
+
+def list_providers(
+    client: Any,
+    *,
+    platform: str | None = None,
+    cursor: str | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """One page of ``ns_listProviders``: ``{"providers": [...], "cursor": address | None}``."""
+    filters: dict[str, Any] = {}
+    if platform is not None:
+        filters["platformClass"] = platform
+    if cursor is not None:
+        filters["cursor"] = cursor
+    if limit is not None:
+        filters["limit"] = limit
+    page: dict[str, Any] = dict(client.call("ns_listProviders", [filters]))
+    return page
+
+
+def default_platform(
+    client: Any, *, what: str = "task", pages: int = DEFAULT_PLATFORM_PAGES
+) -> str:
+    """The default of ``--platform``: the platform class of the providers registered on chain
+    when they all share one (``ns_listProviders``, at most ``pages`` pages of 100 read); else a
+    ``CliError`` listing the classes and asking for ``--platform``."""
     classes: set[str] = set()
-    try:
-        status = client.compute_status()
-    except Exception:  # a node without an agent, or a remote node: not local-only
-        status = None
-    if status is not None:
-        if status.get("provider"):
-            classes.add(str(status["provider"]["platformClass"]))
-        elif status.get("platform_class"):
-            classes.add(str(status["platform_class"]))
-    seen: set[str] = set()
     cursor = None
     for _ in range(pages):
-        filters: dict[str, Any] = {"limit": 100}
-        if cursor is not None:
-            filters["cursor"] = cursor
-        page = client.list_tasks(**filters)
-        for t in page["tasks"]:
-            who = t.get("provider")
-            if who and who not in seen:
-                seen.add(who)
-                record = client.get_provider(who)
-                if record is not None:
-                    classes.add(str(record["platformClass"]))
+        page = list_providers(client, cursor=cursor, limit=100)
+        classes.update(str(p["platformClass"]) for p in page["providers"])
         cursor = page.get("cursor")
         if cursor is None:
             break
-    return classes
+    if len(classes) == 1 and cursor is None:
+        return classes.pop()
+    if not classes:
+        found = "no compute provider is registered on chain"
+    elif len(classes) == 1:
+        found = f"the first {pages * 100} providers run {classes.pop()}; there are more"
+    else:
+        found = f"the registered providers run {', '.join(sorted(classes))}"
+    raise _cli.CliError(
+        f"--platform: name the platform class the {what} must run on ({found}; see "
+        "`neuroseed compute providers`)"
+    )
+
+
+def _device(p: dict[str, Any]) -> str:
+    if p["deviceKind"] == "cuda":
+        return (
+            f"{p['devices']}x {p['deviceName']} (sm {p['computeCapability']}, "
+            f"{format_size(p['memoryBytes'])})"
+        )
+    return f"{p['deviceName']} ({p['cpuCores']} cores, {format_size(p['memoryBytes'])})"
+
+
+def provider_row(p: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    """A provider as the columns of ``compute providers``: class, address, device, price per
+    device-second, reputation (tasks ok / slashed), load (active / most at once)."""
+    return (
+        str(p["platformClass"]),
+        str(p["address"]),
+        _device(p),
+        _nsd(p["pricePerDeviceSecond"]),
+        f"{p['reputation']} ({p['settledOk']} ok, {p['slashed']} slashed)",
+        f"{p['activeTasks']}/{p['maxConcurrent']}",
+    )
+
+
+_PROVIDER_COLUMNS = ("CLASS", "ADDRESS", "DEVICE", "PRICE/DEVICE-S", "REPUTATION", "LOAD")
+
+
+def cmd_compute_providers(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 100:
+        raise _cli.CliError("--limit: expected 1 to 100")
+    platform = args.platform
+    if platform is not None and not 0 < len(platform.encode()) <= tk.MAX_CLASS_BYTES:
+        raise _cli.CliError(f"--platform: expected 1 to {tk.MAX_CLASS_BYTES} characters")
+    cursor = None if args.cursor is None else _cli._hex(_cli._address_arg(args.cursor, "--cursor"))
+    with _cli._client(args) as client:
+        page = list_providers(client, platform=platform, cursor=cursor, limit=args.limit)
+    if args.json:
+        _cli._print_json(page)
+        return _cli.EXIT_OK
+    rows = [provider_row(p) for p in page["providers"]]
+    if not rows:
+        print("no providers" + ("" if platform is None else f" of class {platform}"))
+    else:
+        table = [_PROVIDER_COLUMNS, *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(_PROVIDER_COLUMNS) - 1)]
+        for r in table:
+            print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]))
+    if page.get("cursor"):
+        print(f"more: --cursor {page['cursor']}")
+    return _cli.EXIT_OK
 
 
 # --- compute offer / status ----------------------------------------------------------------------
@@ -715,7 +786,7 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--platform",
         metavar="CLASS",
-        help="required platform class (default: the local compute agent's)",
+        help="required platform class (default: the registered providers' when they share one)",
     )
     p.add_argument(
         "--min-reputation", metavar="R", type=int, default=0, help="least provider reputation"
@@ -797,3 +868,11 @@ def register(commands: Any) -> None:
         help=f"seconds to wait for finality (default {_cli.DEFAULT_TX_TIMEOUT:g})",
     )
     command(csub, "status", cmd_compute_status, "the local compute agent: offer, limits, tasks")
+    p = command(
+        csub, "providers", cmd_compute_providers, "list the compute providers registered on chain"
+    )
+    p.add_argument("--platform", metavar="CLASS", help="only the providers of this platform class")
+    p.add_argument(
+        "--limit", metavar="N", type=int, default=20, help="providers per page (max 100)"
+    )
+    p.add_argument("--cursor", metavar="ADDRESS", help="go on after this provider address")

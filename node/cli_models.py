@@ -1112,22 +1112,12 @@ def merge_task_params(recipe: MergeRecipe) -> dict[str, Any]:
 
 
 def default_platform(client: Client) -> str:
-    """The platform class of the known providers (``cli_compute.known_platform_classes``) when
-    they have exactly one; else ``--platform`` must name it."""
-    from node.cli_compute import known_platform_classes
+    """The platform class of the providers registered on chain when they share one
+    (``cli_compute.default_platform``, from ``ns_listProviders``); else ``--platform`` must
+    name it."""
+    from node.cli_compute import default_platform as from_providers
 
-    classes = known_platform_classes(client)
-    if len(classes) == 1:
-        return classes.pop()
-    found = (
-        "no provider is known to this node"
-        if not classes
-        else f"the known providers run {', '.join(sorted(classes))}"
-    )
-    raise CliError(
-        f"--platform: name the platform class the merge task must run on ({found}; see "
-        "`neuroseed compute status` on a provider or ns_getProvider)"
-    )
+    return from_providers(client, what="merge task")
 
 
 def _captured_json(run: Callable[[], int]) -> tuple[int, Any]:
@@ -1669,7 +1659,7 @@ def register(commands: Any) -> None:
     remote.add_argument("--verifiers", metavar="N", type=int, help="verifiers (default 1)")
     remote.add_argument(
         "--platform", metavar="CLASS",
-        help="the platform class it runs on (default: the known providers' when they have one)",
+        help="the platform class it runs on (default: the providers' on chain when they share one)",
     )  # fmt: skip
     remote.add_argument(
         "--deadline", metavar="H", type=int,

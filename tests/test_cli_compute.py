@@ -1,26 +1,55 @@
 """``neuroseed task …`` / ``compute …`` (node/cli_compute.py): parameters canonicalised and
 checked locally before anything is sent (errors name the field, exit 1; an unknown recipe is a
 usage error, exit 2), the payments shown by ``task watch``, the progress of ``task watch``, and
-``task list`` / ``task show`` / ``compute status`` against a real ``RpcServer`` over a chain with
-tasks (the fixture of tests/rpc/test_compute_rpc.py)."""
+``task list`` / ``task show`` / ``compute status`` / ``compute providers`` against a real
+``RpcServer`` over a chain with tasks and providers (the fixture of tests/rpc/test_compute_rpc.py):
+the escrow ``task submit`` shows is what the chain locks for a task on a priced input, and the
+default ``--platform`` is the providers' class when they share one (else an error naming them)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from node import cli
-from node.cli_compute import canonical_task_params, task_payments, watch_progress
+from node import cli, cli_models
+from node.cli_compute import (
+    SubmitOptions,
+    build_submit,
+    canonical_task_params,
+    default_platform,
+    task_payments,
+    watch_progress,
+)
 from node.compute import recipes
+from node.consensus.txs import KNOWN_KINDS
+from node.economy import tasks as tk
+from node.economy.api import DEFAULT_ECONOMY_PARAMS, Role
+from node.economy.roles import RoleRegister
+from node.storage import MemoryKV
+from node.types import NSD, ZERO_HASH, Amount
+from rpc.client import Client
+from rpc.methods.compute import _StateOf
 from rpc.server import RpcServer
-from tests.helpers import addr
+from tests.helpers import FEES, addr, make_genesis, open_chain
 from tests.rpc.conftest import LIMITS
-from tests.rpc.test_compute_rpc import REQ_A, Market, hx
+from tests.rpc.test_compute_rpc import (
+    CLS,
+    GPU,
+    GPU_CLS,
+    PROV,
+    PROV2,
+    REQ_A,
+    REQ_B,
+    Market,
+    hx,
+    offer,
+)
 from tests.rpc.test_compute_rpc import market as market
 
 PARAMS = {
@@ -165,3 +194,106 @@ async def test_list_show_and_status_against_a_node(
     assert code == 1 and "only an unclaimed task" in err
     code, _, err = await trio.to_thread.run_sync(lambda: run("compute", "status", *at))
     assert code == 1 and "no compute agent" in err
+
+
+async def test_providers_listing(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    at = ("--rpc", url, "--datadir", str(tmp_path))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        return _run(capsys, *argv)
+
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("compute", "providers", *at))
+    assert code == 0
+    header, *lines = out.splitlines()
+    assert header.split() == ["CLASS", "ADDRESS", "DEVICE", "PRICE/DEVICE-S", "REPUTATION", "LOAD"]
+    assert [line.split()[1] for line in lines] == sorted(hx(addr(p)) for p in (PROV, PROV2, GPU))
+    gpu = next(line for line in lines if hx(addr(GPU)) in line)
+    assert gpu.startswith(GPU_CLS) and "2x test gpu (sm 9.0, 80.0 GiB)" in gpu, gpu
+    assert gpu.endswith("0/2") and "0 (0 ok, 0 slashed)" in gpu
+    code, out, _ = await trio.to_thread.run_sync(
+        lambda: run("compute", "providers", "--platform", CLS, "--json", *at)
+    )
+    page = json.loads(out)
+    assert code == 0 and {p["address"] for p in page["providers"]} == {
+        hx(addr(PROV)),
+        hx(addr(PROV2)),
+    }
+    assert page["cursor"] is None
+    code, out, _ = await trio.to_thread.run_sync(
+        lambda: run("compute", "providers", "--limit", "2", *at)
+    )
+    assert code == 0 and len(out.splitlines()) == 4 and "more: --cursor" in out
+    cursor = out.split("more: --cursor ")[1].strip()
+    code, out, _ = await trio.to_thread.run_sync(
+        lambda: run("compute", "providers", "--cursor", cursor, *at)
+    )
+    assert code == 0 and len(out.splitlines()) == 2 and "more" not in out
+    code, out, _ = await trio.to_thread.run_sync(
+        lambda: run("compute", "providers", "--platform", "none-such", *at)
+    )
+    assert code == 0 and out.strip() == "no providers of class none-such"
+    code, _, err = run("compute", "providers", "--limit", "0", "--rpc", "http://127.0.0.1:9/")
+    assert code == 1 and "--limit" in err  # refused before asking the node
+
+
+async def test_the_default_platform_is_the_providers_class(
+    url: str, nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps(PARAMS))
+    argv = ["task", "submit", "--recipe", "train", "--params", str(params), "--max-price", "1"]
+    argv += ["--dev-key", str(REQ_B), "--rpc", url, "--datadir", str(tmp_path)]
+    # Two classes among the providers: it must be named.
+    code, _, err = await trio.to_thread.run_sync(lambda: _run(capsys, *argv))
+    assert code == 1 and "--platform: name the platform class the task must run on" in err
+    assert f"the registered providers run {CLS}, {GPU_CLS}" in err, err
+    # One provider, so one class: that one.
+    economy = replace(DEFAULT_ECONOMY_PARAMS, provider_bond=Amount(10 * NSD))
+    genesis = make_genesis(
+        funded=(PROV,), balance=1000 * NSD, fees=tuple(replace(FEES, kind=k) for k in KNOWN_KINDS)
+    )
+    solo = Market(
+        open_chain(MemoryKV(), replace(genesis, economy_params=economy)), ZERO_HASH, ZERO_HASH
+    )
+    solo.block((PROV, RoleRegister(int(Role.COMPUTE_PROVIDER))))
+    solo.block((PROV, offer("cpu-solo")))
+    server = RpcServer(solo, "127.0.0.1", 0, LIMITS)  # type: ignore[arg-type]
+    solo_url = await nursery.start(server.serve)
+
+    def defaults() -> tuple[str, str]:
+        with Client(solo_url) as client:
+            return default_platform(client), cli_models.default_platform(client)
+
+    assert await trio.to_thread.run_sync(defaults) == ("cpu-solo", "cpu-solo")
+
+
+async def test_the_escrow_shown_is_what_the_chain_locks(url: str, market: Market) -> None:
+    """A task on a priced dataset: the escrow ``task submit`` shows (``build_submit``, the input
+    allowance read over RPC) is the one the chain takes when the same body is committed."""
+    raw, parsed = canonical_task_params("train", {**PARAMS, "dataset": market.priced.hex()})
+    opts = SubmitOptions(
+        max_price=Amount(NSD),
+        verifier_fee=Amount(NSD // 100),
+        verifiers=2,
+        memory=1 << 30,
+        wall_seconds=60,
+        deadline=50,
+        min_reputation=0,
+    )
+
+    def build() -> tuple[tk.TaskSubmit, int]:
+        with Client(url) as client:
+            return build_submit(client, "train", raw, parsed, opts, CLS, [], 20)
+
+    body, escrow = await trio.to_thread.run_sync(build)
+    assert [(i.kind, bytes(i.ref)) for i in body.inputs] == [(tk.InputKind.DATASET, market.priced)]
+    tid = tk.task_id(addr(REQ_B), market.nonces.get(REQ_B, 0))
+    market.block((REQ_B, body))
+    task = tk.get_task(_StateOf(market.read_view()), tid)
+    assert task is not None and task.input_allowance > 0
+    assert (
+        escrow == task.escrow == tk.escrow_for(DEFAULT_ECONOMY_PARAMS, body, task.input_allowance)
+    )
+    assert escrow > tk.escrow_for(DEFAULT_ECONOMY_PARAMS, body)  # the allowance is counted

@@ -1,7 +1,7 @@
 """``neuroseed model merge --remote`` (``node.cli_models.merge_remote``): the merge options as the
 "merge" task recipe's parameters (``merge_task_params``, read back by ``recipes.merge_recipe`` to
 the same recipe), the option errors refused before anything is asked of a node, and against a
-real node run in this process (``tests/test_cli_models.py``'s ``devnode``): no platform known,
+real node run in this process (``tests/test_cli_models.py``'s ``devnode``): no provider on chain,
 a submission whose task on chain carries the recipe and the parents as inputs, and a watch
 that gives up while no provider claims it. The paid end to end run (a provider merging, a
 verifier, the download and the registration) is ``tests/integration/test_merge_remote_devnet.py``.
@@ -110,10 +110,10 @@ async def test_against_a_node_platform_submission_and_watch(
     b = await register(node, capsys, "beta", 2)
     argv = ["model", "merge", "--parents", a["id"], b["id"], "--method", "linear"]
     remote = [*argv, "--remote", "--max-price", "2", "--dev-key", "3", *node.rpc]
-    # No provider is known to this node (it runs no compute agent, no task was claimed).
+    # No compute provider is registered on chain: --platform must name the class.
     code, _, err = await arun(remote, capsys)
-    assert code == 1 and "--platform: name the platform class" in err, err
-    assert "no provider is known" in err
+    assert code == 1 and "--platform: name the platform class the merge task" in err, err
+    assert "no compute provider is registered on chain" in err
 
     code, out, err = await arun(
         [*remote, "--platform", "cpu-test", "--coefficients", "0.3", "0.7", "--verifiers", "2",

@@ -2,7 +2,8 @@
 
 Reads answer from the committed read view in the RPC thread: ``ns_getTask`` (with this node's
 progress when its compute agent runs, verifies or disputes the task), ``ns_listTasks`` (filters
-and a cursor, bounded scan), ``ns_getProvider``. ``ns_computeStatus`` (local only) shows the
+and a cursor, bounded scan), ``ns_getProvider``, ``ns_listProviders`` (a platform class filter
+and a cursor, at most a page of records read). ``ns_computeStatus`` (local only) shows the
 agent's settings and the tasks it works on; ``ns_computeOffer`` (local only) makes it send its
 ``ProviderRegister``. The node exposes its agent as ``node.compute_agent`` (None when it runs
 none). Shapes follow ``rpc.methods.ns``: hex bytes, decimal-string amounts, camelCase fields.
@@ -119,6 +120,11 @@ def task_to_json(t: tk.Task, progress: dict[str, Any] | None = None) -> dict[str
             "referee": _slot(d.referee),
         },
         "endHeight": t.end_height,
+        "inputAllowance": str(t.input_allowance),
+        "inputBuys": [
+            {"address": to_hex(b.address), "purchases": [to_hex(x) for x in b.purchases]}
+            for b in t.input_buys
+        ],
         "progress": progress,
     }
 
@@ -229,6 +235,67 @@ def ns_list_tasks(ctx: Context, params: Any) -> dict[str, Any]:
     }
 
 
+def list_providers(
+    view: Any,
+    *,
+    platform_class: str | None = None,
+    cursor: Address | None = None,
+    limit: int = DEFAULT_LIST_LIMIT,
+) -> tuple[list[tk.ComputeProvider], Address | None]:
+    """Providers after ``cursor`` (address order), of ``platform_class`` when given, at most
+    ``limit``, reading at most ``limit`` provider records (and, with a class, its list); and the
+    cursor to go on from (None at the end)."""
+    state = _StateOf(view)
+    if platform_class is not None:
+        listed = sorted(bytes(a) for a in tk.class_providers(state, platform_class))
+        after = [a for a in listed if cursor is None or a > bytes(cursor)]
+        found: list[tk.ComputeProvider] = []
+        for a in after[:limit]:
+            record = tk.get_provider(state, Address(a))
+            if record is not None:
+                found.append(record)
+        more = len(after) > limit
+        return found, Address(after[limit - 1]) if more else None
+    iterate = getattr(view, "iter_state", None)
+    if iterate is None:
+        raise ComputeAgentDisabled("this node's read view cannot list state (no iter_state)")
+    prefix = tk.provider_key(Address(b""))
+    start = None if cursor is None else tk.provider_key(cursor)
+    records: list[tk.ComputeProvider] = []
+    for _key, value in iterate(prefix, after=start):
+        records.append(tk.ComputeProvider.decode(value))
+        if len(records) == limit:
+            return records, records[-1].address
+    return records, None
+
+
+def ns_list_providers(ctx: Context, params: Any) -> dict[str, Any]:
+    """``{platformClass?, cursor?, limit?}`` -> ``{providers, cursor}``."""
+    p = Params(params, ("filter",), required=0)
+    raw = p.get(0, {})
+    if not isinstance(raw, dict):
+        raise bad_param("filter", "expected an object {platformClass?, cursor?, limit?}")
+    unknown = set(raw) - {"platformClass", "cursor", "limit"}
+    if unknown:
+        raise bad_param("filter", f"unknown field {sorted(unknown)[0]!r}")
+    platform_class = None
+    if "platformClass" in raw:
+        platform_class = parse_str(raw["platformClass"], "filter.platformClass")
+        if not 0 < len(platform_class.encode()) <= tk.MAX_CLASS_BYTES:
+            raise bad_param("filter.platformClass", f"expected 1..{tk.MAX_CLASS_BYTES} bytes")
+    cursor = parse_address(raw["cursor"], "filter.cursor") if "cursor" in raw else None
+    limit = parse_quantity(raw.get("limit", DEFAULT_LIST_LIMIT), "filter.limit")
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise bad_param("filter.limit", f"expected 1..{MAX_LIST_LIMIT}")
+    found, next_cursor = list_providers(
+        ctx.node.read_view(), platform_class=platform_class, cursor=cursor, limit=limit
+    )
+    return {
+        "providers": [provider_to_json(r) for r in found],
+        "cursor": None if next_cursor is None else to_hex(next_cursor),
+    }
+
+
 def ns_get_provider(ctx: Context, params: Any) -> dict[str, Any] | None:
     p = Params(params, ("provider",))
     who = parse_address(p[0], "provider")
@@ -288,5 +355,6 @@ def register(table: MethodTable) -> None:
     table.add("ns_getTask", ns_get_task)
     table.add("ns_listTasks", ns_list_tasks)
     table.add("ns_getProvider", ns_get_provider)
+    table.add("ns_listProviders", ns_list_providers)
     table.add("ns_computeStatus", ns_compute_status, local_only=True)
     table.add("ns_computeOffer", ns_compute_offer, local_only=True)

@@ -1,16 +1,18 @@
 """The compute market over JSON-RPC (rpc/methods/compute.py) on a real ``RpcServer`` whose node is
-a ``ChainService`` that committed a registered dataset, a compute provider's offer, three task
-submissions from two requesters and one cancellation: ``ns_getTask`` by id, ``ns_listTasks``
-filters (requester, state) and the cursor, ``ns_getProvider``, the local-only methods refused to
-remote callers and answering ``ComputeAgentDisabled`` on a node without an agent, bad params;
-and the SDK helpers (``rpc.client``) over the same server.
+a ``ChainService`` that committed a registered dataset and a priced one, three compute providers'
+offers in two platform classes, three task submissions from two requesters and one cancellation:
+``ns_getTask`` by id (the input allowance and buys of a task on a priced input), ``ns_listTasks``
+filters (requester, state) and the cursor, ``ns_getProvider``, ``ns_listProviders`` (class filter,
+cursor, bounded reads), the local-only methods refused to remote callers and answering
+``ComputeAgentDisabled`` on a node without an agent, bad params; and the SDK helpers
+(``rpc.client``) over the same server.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,16 +33,19 @@ from node.storage import MemoryKV
 from node.storage.blobstore import BlobStore
 from node.storage.format_v1 import make_leaf0, make_proof
 from node.storage.importer import import_file, verify_cid_block
-from node.types import NSD, Amount, Hash32
+from node.types import NSD, Address, Amount, Hash32
 from rpc import server as rpc_server
 from rpc.client import Client
-from rpc.methods.compute import _StateOf
+from rpc.methods.compute import _StateOf, list_providers, task_to_json
 from rpc.server import RpcServer
+from tests.economy.econ import priced_dataset, register_body
 from tests.helpers import FEES, addr, commit_next, key, make_genesis, open_chain, signed_tx
 from tests.rpc.conftest import LIMITS, call
 
-SUPPLIER, REQ_A, REQ_B, PROV = 1, 2, 3, 4
+SUPPLIER, REQ_A, REQ_B, PROV, PROV2, GPU = 1, 2, 3, 4, 5, 6
 CLS = "cpu-test-class"
+GPU_CLS = "cuda-test-class"
+PRICED = 3 * NSD  # the priced dataset's price
 SPEC = {"family": "mlp", "input_dim": 4, "hidden": [3], "num_classes": 2}
 
 
@@ -48,6 +53,7 @@ SPEC = {"family": "mlp", "input_dim": 4, "hidden": [3], "num_classes": 2}
 class Market:
     chain: ChainService
     dataset: Hash32
+    priced: Hash32  # a priced dataset
     tasks: dict[str, Hash32] = field(default_factory=dict)
     nonces: dict[int, int] = field(default_factory=dict)
 
@@ -63,11 +69,12 @@ class Market:
         _, result = commit_next(self.chain, candidates=raws)
         assert all(r.status == 0 for r in result.receipts), result.receipts
 
-    def submit(self, who: int, name: str, **over: Any) -> None:
+    def submit(self, who: int, name: str, data: Hash32 | None = None, **over: Any) -> None:
         self.tasks[name] = tk.task_id(addr(who), self.nonces.get(who, 0))
+        data = self.dataset if data is None else data
         params = {
             "spec": SPEC,
-            "dataset": self.dataset.hex(),
+            "dataset": data.hex(),
             "steps": 20,
             "lr": 0.01,
             "batch_size": 8,
@@ -79,7 +86,7 @@ class Market:
         body = tk.TaskSubmit(
             recipe="train",
             params=recipes.canonical_params(params),
-            inputs=(tk.TaskInput(tk.InputKind.DATASET, self.dataset),),
+            inputs=(tk.TaskInput(tk.InputKind.DATASET, data),),
             limits=tk.TaskLimits(1 << 30, 60, 100),
             deadline=self.chain.head_height + 50,
             max_price=Amount(2 * NSD),
@@ -89,6 +96,20 @@ class Market:
             platform_class=CLS,
         )
         self.block((who, body))
+
+
+def offer(cls: str = CLS, price: int = 1000, *, cuda: bool = False) -> tk.ProviderRegister:
+    return tk.ProviderRegister(
+        device_kind="cuda" if cuda else "cpu",
+        device_name="test gpu" if cuda else "test cpu",
+        devices=2 if cuda else 1,
+        memory_bytes=(80 if cuda else 4) << 30,
+        compute_capability="9.0" if cuda else "",
+        cpu_cores=4,
+        platform_class=cls,
+        price_per_device_second=Amount(price),
+        max_concurrent=2,
+    )
 
 
 def _dataset_file(rows: int = 16) -> bytes:
@@ -101,39 +122,31 @@ def _dataset_file(rows: int = 16) -> bytes:
 def market(tmp_path_factory: pytest.TempPathFactory) -> Market:
     fees = tuple(replace(FEES, kind=k) for k in sorted(KNOWN_KINDS))
     genesis = make_genesis(
-        funded=5, validators=(0,), balance=10_000 * NSD, fees=fees, max_tx_bytes=1 << 20
+        funded=6, validators=(0,), balance=10_000 * NSD, fees=fees, max_tx_bytes=1 << 20
     )
     economy = replace(DEFAULT_ECONOMY_PARAMS, provider_bond=Amount(10 * NSD))
     chain = open_chain(MemoryKV(), replace(genesis, economy_params=economy))
     tmp: Path = tmp_path_factory.mktemp("blobs")
     blobs = BlobStore(tmp, MemoryKV(), verify=verify_cid_block, quota_bytes=1 << 24)
     root = bytes(import_file(blobs, io.BytesIO(_dataset_file())).root)
-    m = Market(chain, dataset_id(root))
+    priced = priced_dataset(16)
+    m = Market(chain, dataset_id(root), priced.id)
     m.block(
         (SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER))),
-        (PROV, RoleRegister(int(Role.COMPUTE_PROVIDER))),
+        *((p, RoleRegister(int(Role.COMPUTE_PROVIDER))) for p in (PROV, PROV2, GPU)),
     )
     proof = make_proof(lambda c: blobs.get(c), root)
     m.block(
         (SUPPLIER, DatasetRegister(root, proof, "rows", "test rows", "CC0", Amount(0))),
-        (
-            PROV,
-            tk.ProviderRegister(
-                device_kind="cpu",
-                device_name="test cpu",
-                devices=1,
-                memory_bytes=4 << 30,
-                compute_capability="",
-                cpu_cores=4,
-                platform_class=CLS,
-                price_per_device_second=Amount(1000),
-                max_concurrent=2,
-            ),
-        ),
+        (SUPPLIER, register_body(priced, price=PRICED, name="priced rows")),
+        (PROV, offer()),
+        (PROV2, offer(price=2000)),
+        (GPU, offer(GPU_CLS, 50_000, cuda=True)),
     )
     m.submit(REQ_A, "a1")
     m.submit(REQ_A, "a2", seed=2)
     m.submit(REQ_B, "b1", seed=3)
+    m.submit(REQ_B, "b2", m.priced, seed=4)
     m.block((REQ_A, tk.TaskCancel(m.tasks["a2"])))
     return m
 
@@ -171,6 +184,7 @@ async def test_get_task(url: str, market: Market) -> None:
     assert t["limits"] == {"deviceMemory": 1 << 30, "wallSeconds": 60, "steps": 100}
     assert t["maxPrice"] == str(2 * NSD) and t["platformClass"] == CLS
     assert t["provider"] is None and t["result"] is None and t["progress"] is None
+    assert t["inputAllowance"] == "0" and t["inputBuys"] == []
     assert recipes.parse_params(t["params"].encode())["seed"] == 1
     cancelled = await ok(url, "ns_getTask", hx(market.tasks["a2"]))
     assert cancelled["state"] == "ended" and cancelled["outcome"] == "cancelled"
@@ -187,16 +201,16 @@ async def test_list_tasks_filters_and_cursor(url: str, market: Market) -> None:
     assert all(t["progress"] is None for t in everything["tasks"])
     first = await ok(url, "ns_listTasks", {"limit": 2})
     assert [t["id"] for t in first["tasks"]] == ids[:2] and first["cursor"] == ids[1]
-    rest = await ok(url, "ns_listTasks", {"limit": 2, "cursor": first["cursor"]})
+    rest = await ok(url, "ns_listTasks", {"limit": 3, "cursor": first["cursor"]})
     assert [t["id"] for t in rest["tasks"]] == ids[2:] and rest["cursor"] is None
     mine = await ok(url, "ns_listTasks", {"requester": hx(addr(REQ_A))})
     assert {t["id"] for t in mine["tasks"]} == {hx(market.tasks["a1"]), hx(market.tasks["a2"])}
     open_ = await ok(url, "ns_listTasks", {"state": "open"})
-    assert {t["id"] for t in open_["tasks"]} == {hx(market.tasks["a1"]), hx(market.tasks["b1"])}
+    assert {t["id"] for t in open_["tasks"]} == {hx(market.tasks[n]) for n in ("a1", "b1", "b2")}
     ended = await ok(url, "ns_listTasks", {"state": "ended", "requester": hx(addr(REQ_A))})
     assert [t["id"] for t in ended["tasks"]] == [hx(market.tasks["a2"])]
     assert (await ok(url, "ns_listTasks", {"provider": hx(addr(PROV))}))["tasks"] == []
-    assert len((await ok(url, "ns_listTasks"))["tasks"]) == 3
+    assert len((await ok(url, "ns_listTasks"))["tasks"]) == 4
     for bad in (
         {"limit": 0},
         {"limit": 101},
@@ -216,6 +230,106 @@ async def test_get_provider(url: str) -> None:
     assert p["maxConcurrent"] == 2 and p["activeTasks"] == 0 and p["reputation"] == 0
     assert await ok(url, "ns_getProvider", hx(addr(REQ_A))) is None
     assert (await error(url, "ns_getProvider", "0x12"))["code"] == -32602
+
+
+async def test_task_input_allowance_and_buys(url: str, market: Market) -> None:
+    """A task on a priced dataset shows the allowance the chain escrows per party (the price)
+    and, once parties read the data, the purchases each used (``task_to_json``)."""
+    t = await ok(url, "ns_getTask", hx(market.tasks["b2"]))
+    assert t["inputs"] == [{"kind": "dataset", "ref": hx(market.priced)}]
+    assert t["inputAllowance"] == str(PRICED) and t["inputBuys"] == []
+    task = tk.get_task(_StateOf(market.read_view()), market.tasks["b2"])
+    assert task is not None and int(t["escrow"]) == task.escrow
+    assert task.escrow == 2 * NSD + 2 * NSD * DEFAULT_ECONOMY_PARAMS.royalty_percent // 100 + (
+        NSD // 10
+    ) + PRICED * tk.input_parties(1)
+    p1, p2 = Hash32(b"\x11" * 32), Hash32(b"\x22" * 32)
+    bought = replace(
+        task, input_buys=(tk.InputBuy(addr(PROV), (p1,)), tk.InputBuy(addr(GPU), (p2,)))
+    )
+    assert task_to_json(bought)["inputBuys"] == [
+        {"address": hx(addr(PROV)), "purchases": [hx(p1)]},
+        {"address": hx(addr(GPU)), "purchases": [hx(p2)]},
+    ]
+
+
+def _by_address(*who: int) -> list[str]:
+    return sorted(hx(addr(w)) for w in who)
+
+
+async def test_list_providers_class_filter_and_cursor(url: str, market: Market) -> None:
+    everyone = await ok(url, "ns_listProviders", {})
+    assert [p["address"] for p in everyone["providers"]] == _by_address(PROV, PROV2, GPU)
+    assert everyone["cursor"] is None
+    assert everyone["providers"] == [
+        await ok(url, "ns_getProvider", a) for a in _by_address(PROV, PROV2, GPU)
+    ]  # each as ns_getProvider answers it
+    gpu = next(p for p in everyone["providers"] if p["address"] == hx(addr(GPU)))
+    assert gpu["platformClass"] == GPU_CLS and gpu["deviceKind"] == "cuda"
+    assert gpu["devices"] == 2 and gpu["pricePerDeviceSecond"] == "50000"
+    assert len((await ok(url, "ns_listProviders"))["providers"]) == 3
+    # Paging over all providers, then over one class (its list, address order).
+    seen: list[str] = []
+    cursor = None
+    for _ in range(4):
+        page = await ok(
+            url, "ns_listProviders", {"limit": 1, **({"cursor": cursor} if cursor else {})}
+        )
+        seen += [p["address"] for p in page["providers"]]
+        cursor = page["cursor"]
+        if cursor is None:
+            break
+    assert seen == _by_address(PROV, PROV2, GPU)
+    cpu = await ok(url, "ns_listProviders", {"platformClass": CLS})
+    assert [p["address"] for p in cpu["providers"]] == _by_address(PROV, PROV2)
+    assert {p["platformClass"] for p in cpu["providers"]} == {CLS} and cpu["cursor"] is None
+    first = await ok(url, "ns_listProviders", {"platformClass": CLS, "limit": 1})
+    assert [p["address"] for p in first["providers"]] == _by_address(PROV, PROV2)[:1]
+    assert first["cursor"] == first["providers"][0]["address"]
+    rest = await ok(url, "ns_listProviders", {"platformClass": CLS, "cursor": first["cursor"]})
+    assert [p["address"] for p in rest["providers"]] == _by_address(PROV, PROV2)[1:]
+    assert rest["cursor"] is None
+    none = await ok(url, "ns_listProviders", {"platformClass": "no-such-class"})
+    assert none == {"providers": [], "cursor": None}
+    for bad in (
+        {"limit": 0},
+        {"limit": 101},
+        {"platformClass": ""},
+        {"platformClass": "x" * (tk.MAX_CLASS_BYTES + 1)},
+        {"platformClass": 7},
+        {"cursor": "0x12"},
+        {"class": CLS},
+        "not an object",
+    ):
+        assert (await error(url, "ns_listProviders", bad))["code"] == -32602, bad
+
+
+class _CountingView:
+    """A read view that counts the provider records read."""
+
+    def __init__(self, view: ReadView) -> None:
+        self._view = view
+        self.reads = 0
+
+    def get_state(self, key: bytes) -> bytes | None:
+        self.reads += key.startswith(tk.provider_key(Address(b"")))
+        return self._view.get_state(key)
+
+    def iter_state(
+        self, prefix: bytes, *, after: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        for item in self._view.iter_state(prefix, after=after):
+            self.reads += 1
+            yield item
+
+
+@pytest.mark.parametrize("cls", [None, CLS])
+def test_list_providers_reads_at_most_a_page(market: Market, cls: str | None) -> None:
+    view = _CountingView(market.read_view())
+    found, cursor = list_providers(view, platform_class=cls, limit=1)
+    assert len(found) == 1 and cursor == found[0].address and view.reads == 1
+    found, cursor = list_providers(view, platform_class=cls, cursor=cursor, limit=100)
+    assert len(found) == (2 if cls is None else 1) and cursor is None
 
 
 async def test_local_methods_without_an_agent_and_for_remote_callers(
@@ -239,8 +353,8 @@ async def test_sdk_helpers(url: str, market: Market) -> None:
             t = client.get_task(market.tasks["b1"])
             assert t is not None and t["requester"] == hx(addr(REQ_B))
             assert client.get_task(hx(market.tasks["a1"])) is not None
-            page = client.list_tasks(requester=addr(REQ_B), state="open", limit=5)
-            assert [x["id"] for x in page["tasks"]] == [hx(market.tasks["b1"])]
+            page = client.list_tasks(requester=addr(REQ_A), state="open", limit=5)
+            assert [x["id"] for x in page["tasks"]] == [hx(market.tasks["a1"])]
             p = client.get_provider(addr(PROV))
             assert p is not None and p["platformClass"] == CLS
             assert client.get_provider(key(SUPPLIER).address) is None
