@@ -1177,10 +1177,6 @@ def merge_remote(
                 raise CliError(
                     f"model {r['id']} is priced (encrypted): a merge task's provider cannot read it"
                 )
-        if plan.target is not None and plan.target.get("isPriced"):
-            raise CliError(
-                f"dataset {plan.target['id']} is priced: providers do not buy task inputs yet"
-            )
         raw, parsed = canonical_task_params("merge", merge_task_params(plan.recipe))
         platform = args.platform or default_platform(client)
         body, escrow = build_submit(client, "merge", raw, parsed, opts, platform, [], 0)

@@ -526,6 +526,24 @@ class AsyncClient:
         result = await self.call("ns_getProvider", [_hex(provider, "provider")])
         return result if result is None else dict(result)
 
+    async def list_providers(
+        self,
+        *,
+        platform_class: str | None = None,
+        cursor: bytes | str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """Registered compute providers in address order (``{providers, cursor}``), optionally
+        of one platform class."""
+        f: dict[str, Any] = {}
+        if platform_class is not None:
+            f["platformClass"] = platform_class
+        if cursor is not None:
+            f["cursor"] = _hex(cursor, "cursor")
+        if limit is not None:
+            f["limit"] = limit
+        return dict(await self.call("ns_listProviders", [f]))
+
     async def compute_status(self) -> dict[str, Any]:
         """The local node's compute agent: settings, offer on chain, tasks (local only)."""
         return dict(await self.call("ns_computeStatus", []))
@@ -899,6 +917,9 @@ class Client:
 
     def get_provider(self, provider: bytes | str) -> dict[str, Any] | None:
         return self._run(self._async.get_provider(provider))
+
+    def list_providers(self, **filters: Any) -> dict[str, Any]:
+        return self._run(self._async.list_providers(**filters))
 
     def compute_status(self) -> dict[str, Any]:
         return self._run(self._async.compute_status())

@@ -358,6 +358,9 @@ async def test_sdk_helpers(url: str, market: Market) -> None:
             p = client.get_provider(addr(PROV))
             assert p is not None and p["platformClass"] == CLS
             assert client.get_provider(key(SUPPLIER).address) is None
+            listed = client.list_providers(platform_class=CLS, limit=100)["providers"]
+            assert hx(addr(PROV)) in [x["address"] for x in listed]
+            assert all(x["platformClass"] == CLS for x in listed)
 
     await trio.to_thread.run_sync(use)
 
