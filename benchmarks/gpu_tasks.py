@@ -67,14 +67,14 @@ def digits_file(directory: Path) -> str:
     return str(path)
 
 
-def train_params(hidden: list[int], steps: int, every: int, seed: int) -> str:
+def train_params(hidden: list[int], steps: int, every: int, seed: int, batch: int = 256) -> str:
     spec = {"family": "mlp", "input_dim": 64, "hidden": hidden, "num_classes": 10}
     p = {
         "spec": spec,
         "dataset": "aa",
         "steps": steps,
         "lr": 0.001,
-        "batch_size": 256,
+        "batch_size": batch,
         "optimizer": "adam",
         "seed": seed,
         "checkpoint_every": every,
@@ -96,6 +96,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--wide", type=int, default=1024, help="width of the wide training job")
+    ap.add_argument("--wide-steps", type=int, default=300)
     ap.add_argument("--json", default="", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -223,8 +225,58 @@ def main() -> int:
                     figures["linear_merge_same_bytes_cpu_and_cuda_provider"] = same
                     ok &= same
                     print(f"the elementwise merge has the same bytes on a CPU provider: {same}")
+        # a wider network, where the device has work to do (one CPU thread vs CUDA)
+        wide = [args.wide, args.wide]
+        for dev in devices:
+            job = {
+                "kind": "task",
+                "recipe": "train",
+                "params": train_params(wide, args.wide_steps, args.wide_steps, 1, batch=1024),
+                "task_id": TASK_ID,
+                "data": data,
+                "output": str(work / dev / "wide.safetensors"),
+                "checkpoint_dir": str(work / dev / "wide"),
+                "threads": 1,
+                "device": dev,
+            }
+            out, s = timed(job)
+            seconds[dev]["train_wide"] = s
+            print(
+                f"{dev}: train {args.wide_steps} steps of 1024 rows, MLP 64-{wide}-10, in {s:.2f} s"
+            )
+        if "cuda" in devices:
+            # a task whose device-memory limit is too small: a typed OOM, and the next job runs
+            from node.compute.worker import TaskOutOfMemory
+
+            huge = {
+                "kind": "task",
+                "recipe": "train",
+                "params": train_params([16384, 16384], 2, 1, 1),
+                "task_id": TASK_ID,
+                "data": data,
+                "output": str(work / "cuda" / "huge.safetensors"),
+                "checkpoint_dir": str(work / "cuda" / "huge"),
+                "device": "cuda",
+                "cuda_memory_bytes": 512 << 20,  # one 16384² float32 layer alone is 1 GiB
+            }
+            try:
+                run_job(huge, time_limit_s=LIMIT_S)
+                typed = False
+            except TaskOutOfMemory as exc:
+                typed = True
+                print(f"cuda: a task over its 512 MiB device-memory limit: {exc.message[:100]}")
+            after, _ = timed(
+                {
+                    **huge,
+                    "params": train_params([64], 20, 20, 1),
+                    "output": str(work / "cuda" / "after.safetensors"),
+                    "checkpoint_dir": str(work / "cuda" / "after"),
+                }
+            )
+            figures["cuda_oom_typed_and_next_job_runs"] = typed and bool(after["checkpoints"])
+            ok &= typed
         figures["seconds"] = seconds
-        for job_name in ("train", "linear", "distill"):
+        for job_name in ("train", "train_wide", "linear", "distill"):
             cpu_s = seconds["cpu"][job_name]
             lines.append(result_line(f"gpu_tasks_cpu_{job_name}_s", cpu_s, "s", cpu_s, "none"))
             if "cuda" in seconds:

@@ -30,8 +30,9 @@ JSON, checked against the recipe's schema before the child starts)::
      "output": path}
 
 Every kind takes the limits ``memory_limit_bytes`` (RLIMIT_DATA, set in the child after torch
-is loaded) and ``cuda_memory_fraction``; an allocation failure in the child is reported as
-``TaskOutOfMemory`` and never touches the parent. Error codes 3160–3169 are the tasks'.
+is loaded), ``cuda_memory_fraction`` and ``cuda_memory_bytes`` (the task's device-memory limit,
+turned into CUDA's per-process fraction of the device); an allocation failure in the child is
+reported as ``TaskOutOfMemory`` and never touches the parent. Error codes 3160–3169 are the tasks'.
 
 Progress lines are ``{"progress": {"stage", "done", "total", ...}}`` (the first, stage
 ``start``, carries the child's ``pid``); the last line is ``{"result": {...}}`` or
@@ -171,6 +172,9 @@ def check_job(job: Mapping[str, Any]) -> None:
     fraction = _need(job, "cuda_memory_fraction", (int, float), optional=True)
     if fraction is not None and not 0 < fraction <= 1:
         raise InvalidJob("cuda_memory_fraction must be in (0, 1]")
+    cuda_bytes = _need(job, "cuda_memory_bytes", int, optional=True)
+    if cuda_bytes is not None and cuda_bytes < MIN_MEMORY_LIMIT:
+        raise InvalidJob(f"cuda_memory_bytes must be at least {MIN_MEMORY_LIMIT}")
     if kind in TASK_KINDS:
         _check_task_job(job)
     elif kind == "merge":
@@ -677,10 +681,16 @@ def apply_limits(job: Mapping[str, Any], device: str) -> None:
         value = int(limit) if hard == resource.RLIM_INFINITY else min(int(limit), hard)
         resource.setrlimit(resource.RLIMIT_DATA, (value, hard))
     fraction = job.get("cuda_memory_fraction")
-    if fraction and device.startswith("cuda"):
+    cuda_bytes = job.get("cuda_memory_bytes")
+    if (fraction or cuda_bytes) and device.startswith("cuda"):
         import torch
 
-        torch.cuda.set_per_process_memory_fraction(float(fraction))
+        index = torch.device(device).index or 0
+        share = float(fraction or 1.0)
+        if cuda_bytes:  # the task's device-memory limit, as a share of this device's memory
+            total = torch.cuda.get_device_properties(index).total_memory
+            share = min(share, int(cuda_bytes) / total)
+        torch.cuda.set_per_process_memory_fraction(share, index)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -76,6 +76,11 @@ def test_bad_tasks_are_refused_before_a_process_starts(tmp_path: Path) -> None:
     with pytest.raises(InvalidJob):
         check_job({**job, "memory_limit_bytes": 1000})
     with pytest.raises(InvalidJob):
+        check_job({**job, "cuda_memory_bytes": 1000})
+    with pytest.raises(InvalidJob):
+        check_job({**job, "cuda_memory_bytes": "1 GiB"})
+    check_job({**job, "cuda_memory_bytes": 1 << 30})
+    with pytest.raises(InvalidJob):
         check_job({**job, "kind": "task_segment", "from_step": 30, "to_step": 20})
     with pytest.raises(InvalidTaskParams):  # a finetune's spec is its model's
         check_job({**job, "recipe": "finetune", "params": _train_params([16])})
