@@ -194,3 +194,81 @@ async def test_a_verifier_restarted_after_its_commitment_reveals_with_its_salt(
         assert tid not in w.agents[h.V1]._local  # an ended task leaves the state file
         outer.cancel_scope.cancel()
     assert tid not in read_state_file(saved)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut", ["run", "post"])
+async def test_a_provider_restarted_mid_task_finishes_it(
+    tmp_path: Path, threads: Any, cut: str
+) -> None:
+    """The provider's node stops while the task runs (``run``: the child never answers) or
+    after the result was built but before it reached the pool (``post``). The new agent on the
+    same data directory runs the task again, or posts the kept result without running anything,
+    and the task ends paid with nothing sent twice."""
+    from node.consensus.txs import decode_transaction
+    from node.economy.api import EconomyKind
+    from tests import compute_world as h
+
+    async def hang(job: Any, *, time_limit_s: float, on_progress: Any = None) -> Any:
+        await trio.sleep_forever()
+
+    async def never(job: Any, *, time_limit_s: float, on_progress: Any = None) -> Any:
+        raise AssertionError("the kept result must be posted, not computed again")
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as first:
+            w = await h._world(tmp_path, first, providers=(h.P, h.V1))
+            provider = w.agents[h.P]
+            if cut == "run":
+                provider._run_job = hang
+            else:
+                real_submit = provider._submit
+
+                async def stall_results(raw: bytes) -> Hash32:
+                    if decode_transaction(raw).tx.kind == EconomyKind.TASK_RESULT:
+                        await trio.sleep_forever()
+                    return await real_submit(raw)
+
+                provider._submit = stall_results
+            before = {i: w.net(i) for i in (h.P, h.V1)}
+            tid = await w.submit(w.submit_body(w.params(steps=4, checkpoint_every=4), verifiers=1))
+
+            def cut_here() -> bool:
+                local = provider._local.get(tid)
+                if local is None:
+                    return False
+                return local.running if cut == "run" else local.result is not None
+
+            await w.blocks_until(cut_here)
+            first.cancel_scope.cancel()  # both nodes stop
+        assert w.task(tid).state == tk.TaskState.CLAIMED
+        old = w.agents
+        w.agents = {
+            i: ComputeAgent(
+                w.chain,
+                w.pool.submit_for(i),
+                key(i),
+                tmp_path / f"node{i}",
+                a.settings,
+                blobs=a._blobs,
+                pending_nonce=w.pool.pending_nonce_for(i),
+                drop=w.pool.drop_for(i),
+                run_job=never if (cut == "post" and i == h.P) else h._sync_run_job,
+            )
+            for i, a in old.items()
+        }
+        for agent in w.agents.values():
+            await outer.start(agent.run)
+        await w.blocks_until(lambda: w.task(tid).state == tk.TaskState.ENDED)
+        t = w.task(tid)
+        assert t.outcome == tk.Outcome.PAID, t
+        assert not w.rejected, w.rejected
+        results = [
+            v
+            for v in w.committed
+            if v.tx.kind == EconomyKind.TASK_RESULT and v.sender == key(h.P).address
+        ]
+        assert len(results) == 1
+        assert w.net(h.P) - before[h.P] == h.PRICE_PER_DEVICE_SECOND * h.WALL
+        assert w.net(h.V1) - before[h.V1] == h.VERIFIER_FEE
+        outer.cancel_scope.cancel()
