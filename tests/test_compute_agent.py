@@ -6,376 +6,46 @@ by the verifier's re-run, loses the dispute and its bond; a recipe outside the a
 parameters outside the schema are refused at submission; two providers racing for the same
 claim, each with its own mempool (the real ``Mempool``), still verify: the loser drops its lost
 claim so that its commitment is not stuck behind it. The agents share one blob store (the
-network transfer of inputs and checkpoints is the artifact service's, tested on its own).
+network transfer of inputs and checkpoints is the artifact service's, tested on its own). The
+world itself is ``tests/compute_world.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import os
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from node.chain import ChainService
 from node.compute import recipes
-from node.compute.worker import run_job
-from node.compute_agent import ComputeAgent, ComputeSettings
-from node.consensus.mempool import Mempool
-from node.consensus.txs import KNOWN_KINDS, VerifiedTransaction, verify_transaction
+from node.consensus.txs import verify_transaction
 from node.economy import tasks as tk
-from node.economy.api import DEFAULT_ECONOMY_PARAMS, EconomyKind, Role
-from node.economy.datasets import DatasetRegister, dataset_id
-from node.economy.roles import RoleRegister
-from node.errors import InvalidTransaction, NeuroSeedError
+from node.economy.api import EconomyKind
 from node.storage import MemoryKV
-from node.storage.blobstore import BlobStore
-from node.storage.format_v1 import make_leaf0, make_proof
-from node.storage.importer import import_file, verify_cid_block
-from node.types import NSD, Address, Amount, Hash32
-from tests.helpers import FEES, key, make_commit, make_genesis, open_chain, signed_tx
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("sklearn")
-
-SUPPLIER, REQ, P, V1, V2 = 1, 2, 3, 4, 5
-PROVIDERS = (P, V1, V2)
-ECONOMY = replace(
-    DEFAULT_ECONOMY_PARAMS,
-    provider_bond=Amount(10 * NSD),
-    task_min_bond=Amount(NSD),
-    challenge_slash=Amount(5 * NSD),
-    verify_commit_heights=3,
-    verify_reveal_heights=3,
-    task_challenge_heights=3,
-    bisect_step_heights=3,
-    royalty_percent=5,
+from node.types import Hash32
+from tests.compute_world import (
+    ECONOMY,
+    PRICE_PER_DEVICE_SECOND,
+    PROVIDERS,
+    REQ,
+    SUPPLIER,
+    V1,
+    V2,
+    VERIFIER_FEE,
+    WALL,
+    NodePools,
+    P,
+    Pool,
+    World,
+    _genesis,
+    _State,
+    _world,
+    random_weights,
 )
-ALL_KIND_FEES = tuple(replace(FEES, kind=k) for k in sorted(KNOWN_KINDS))
-PRICE_PER_DEVICE_SECOND = 1000
-WALL = 120
-MAX_PRICE = 200 * NSD
-VERIFIER_FEE = 3 * NSD
-SPEC = {"family": "mlp", "input_dim": 64, "hidden": [16], "num_classes": 10}
-
-
-def _genesis():  # type: ignore[no-untyped-def]
-    g = make_genesis(
-        funded=6, validators=(0,), balance=10_000 * NSD, fees=ALL_KIND_FEES, max_tx_bytes=1 << 20
-    )
-    return replace(g, economy_params=ECONOMY)
-
-
-def _digits_v1() -> bytes:
-    """The digits dataset as a format-v1 file (a safetensors file with a padded leaf 0)."""
-    from safetensors.torch import save
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    raw = save(
-        {
-            "x": torch.tensor(d.data / 16.0, dtype=torch.float32).contiguous(),
-            "y": torch.tensor(d.target, dtype=torch.int64).contiguous(),
-        }
-    )
-    n = int.from_bytes(raw[:8], "little")
-    header = raw[8 : 8 + n].rstrip(b" ")
-    return make_leaf0(header) + raw[8 + n :]
-
-
-def _platform_class() -> str:
-    """This machine's class with one thread (``node.compute.platform.platform_class``)."""
-    from node.compute.platform import platform_class
-
-    return platform_class("cpu", 1)
-
-
-async def _sync_run_job(
-    job: dict[str, Any], *, time_limit_s: float, on_progress: Any = None
-) -> dict[str, Any]:
-    """The worker run blocking on the loop: the mock clock cannot jump while the child runs."""
-    return run_job(job, time_limit_s=time_limit_s, on_progress=on_progress)
-
-
-@dataclass
-class Pool:
-    chain: ChainService
-    txs: list[VerifiedTransaction] = field(default_factory=list)
-
-    async def submit(self, raw: bytes) -> Hash32:
-        vtx = verify_transaction(raw)
-        self.txs.append(vtx)
-        return vtx.tx_id
-
-    async def pending_nonce(self, address: Address) -> int:
-        base = self.chain.read_view().get_account(address).nonce
-        return base + sum(1 for v in self.txs if v.sender == address)
-
-    def submit_for(self, _who: int) -> Callable[[bytes], Any]:
-        return self.submit
-
-    def pending_nonce_for(self, _who: int) -> Callable[[Address], Any]:
-        return self.pending_nonce
-
-    def drop_for(self, _who: int) -> Callable[[Hash32], bool] | None:
-        return None
-
-    def candidates(self) -> list[VerifiedTransaction]:
-        out = list(self.txs)
-        self.txs.clear()
-        return out
-
-    def built(self, rejected: list[bytes], block_txs: list[bytes]) -> None:
-        """Every candidate left the pool when the block was built."""
-
-
-@dataclass
-class NodePools:
-    """Each agent's node has its own mempool (the real ``Mempool``, admission as
-    ``Node.submit_transaction`` does it) and gossips what it admits to the validator's, which
-    builds the blocks and drops what the build rejected; every pool catches up with each
-    committed block. So a transaction that fails in a block stays in its sender's own pool."""
-
-    chain: ChainService
-    validator: Mempool = field(init=False)
-    local: dict[int, Mempool] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.validator = Mempool(self.chain.chain.chain_id)
-
-    def _add(self, pool: Mempool, vtx: VerifiedTransaction) -> None:
-        self.chain.check_admission(vtx)
-        pool.add(vtx, self.chain.state_view(), self.chain.params)
-
-    async def submit(self, raw: bytes) -> Hash32:
-        vtx = verify_transaction(raw)
-        self._add(self.validator, vtx)
-        return vtx.tx_id
-
-    async def pending_nonce(self, address: Address) -> int:
-        return self.validator.pending_nonce(address, self.chain.state_view())
-
-    def submit_for(self, who: int) -> Callable[[bytes], Any]:
-        pool = self.local.setdefault(who, Mempool(self.chain.chain.chain_id))
-
-        async def submit(raw: bytes) -> Hash32:
-            vtx = verify_transaction(raw)
-            self._add(pool, vtx)
-            with contextlib.suppress(NeuroSeedError):  # gossip: the validator may refuse it
-                self._add(self.validator, vtx)
-            return vtx.tx_id
-
-        return submit
-
-    def pending_nonce_for(self, who: int) -> Callable[[Address], Any]:
-        pool = self.local.setdefault(who, Mempool(self.chain.chain.chain_id))
-
-        async def pending_nonce(address: Address) -> int:
-            return pool.pending_nonce(address, self.chain.state_view())
-
-        return pending_nonce
-
-    def drop_for(self, who: int) -> Callable[[Hash32], bool] | None:
-        return self.local.setdefault(who, Mempool(self.chain.chain.chain_id)).remove
-
-    def candidates(self) -> list[VerifiedTransaction]:
-        return self.validator.select(1000, 1 << 24)
-
-    def built(self, rejected: list[bytes], block_txs: list[bytes]) -> None:
-        for raw in rejected:
-            self.validator.remove(Hash32(hashlib.sha256(raw).digest()))
-        ids = [Hash32(hashlib.sha256(raw).digest()) for raw in block_txs]
-        senders = [verify_transaction(raw).sender for raw in block_txs]
-        view = self.chain.state_view()
-        for pool in (self.validator, *self.local.values()):
-            pool.on_block_committed(ids, view, senders=senders)
-
-
-@dataclass
-class World:
-    chain: ChainService
-    pool: Pool | NodePools
-    agents: dict[int, ComputeAgent]
-    dataset: Hash32
-    cls: str
-    rejected: list[tuple[bytes, InvalidTransaction]] = field(default_factory=list)
-    fees_paid: dict[bytes, int] = field(default_factory=dict)
-
-    async def block(self) -> int:
-        chain = self.chain
-        height = chain.head_height + 1
-        proposer = chain.validator_set().proposer(height, 0)
-        last = None if chain.head is None else chain.store.get_commit(chain.head_height)
-        built = chain.build(0, proposer, last, self.pool.candidates())
-        self.rejected.extend(built.rejected)
-        block = built.block
-        commit = make_commit(block.hash(), height, 0, (0,), time_ms=block.header.time + 1000)
-        chain.commit(block, commit)
-        self.pool.built([raw for raw, _ in built.rejected], [bytes(raw) for raw in block.txs])
-        for raw in block.txs:
-            vtx = verify_transaction(bytes(raw))
-            who = bytes(vtx.sender)
-            self.fees_paid[who] = self.fees_paid.get(who, 0) + int(vtx.tx.fee)
-        for agent in self.agents.values():
-            agent.notify_block()
-        for _ in range(5):
-            await trio.sleep(0.2)
-        return height
-
-    async def blocks_until(self, done: Callable[[], bool], limit: int = 80) -> None:
-        for _ in range(limit):
-            if done():
-                return
-            await self.block()
-        raise AssertionError("condition not reached")
-
-    def balance(self, who: int) -> int:
-        return int(self.chain.read_view().get_account(key(who).address).balance)
-
-    def net(self, who: int) -> int:
-        """Balance plus the fees its committed transactions paid."""
-        return self.balance(who) + self.fees_paid.get(bytes(key(who).address), 0)
-
-    def task(self, tid: bytes) -> tk.Task:
-        t = tk.get_task(_State(self.chain.read_view()), tid)
-        assert t is not None
-        return t
-
-    async def tx(self, who: int, body: object) -> None:
-        raw = signed_tx(who, body, nonce=await self.pool.pending_nonce(key(who).address))  # type: ignore[arg-type]
-        await self.pool.submit(raw)
-
-    def params(self, **over: Any) -> bytes:
-        p: dict[str, Any] = {
-            "spec": SPEC,
-            "dataset": self.dataset.hex(),
-            "steps": 20,
-            "lr": 0.01,
-            "batch_size": 32,
-            "optimizer": "adam",
-            "seed": 1,
-            "checkpoint_every": 10,
-            **over,
-        }
-        return recipes.canonical_params(p)
-
-    def submit_body(self, params: bytes, *, recipe: str = "train", verifiers: int = 2) -> Any:
-        return tk.TaskSubmit(
-            recipe=recipe,
-            params=params,
-            inputs=(tk.TaskInput(tk.InputKind.DATASET, self.dataset),),
-            limits=tk.TaskLimits(1 << 30, WALL, 1000),
-            deadline=self.chain.head_height + 60,
-            max_price=Amount(MAX_PRICE),
-            verifier_fee=Amount(VERIFIER_FEE),
-            verifiers=verifiers,
-            min_reputation=0,
-            platform_class=self.cls,
-        )
-
-    async def submit(self, body: Any, who: int = REQ) -> Hash32:
-        tid = tk.task_id(key(who).address, await self.pool.pending_nonce(key(who).address))
-        await self.tx(who, body)
-        await self.block()
-        return tid
-
-
-class _State:
-    def __init__(self, view: object) -> None:
-        self._view = view
-
-    def get(self, k: bytes) -> bytes | None:
-        return self._view.get_state(k)  # type: ignore[attr-defined,no-any-return]
-
-
-Cheat = Callable[[tk.Task, dict[str, Any]], dict[str, Any]]
-
-
-def random_weights(task: tk.Task, result: dict[str, Any]) -> dict[str, Any]:
-    """A provider that never trained: every checkpoint and the output replaced by random bytes
-    of the same size (the hook returns what the agent then uploads and posts)."""
-    rng = hashlib.sha256(b"cheat" + task.id).digest()
-    for c in [*result["checkpoints"], {"path": result["output"]}]:
-        path = Path(c["path"])
-        size = path.stat().st_size
-        data = (rng * (size // 32 + 1))[:size]
-        path.write_bytes(data)
-        if "sha256" in c:
-            c["sha256"] = hashlib.sha256(data).hexdigest()
-    return result
-
-
-async def _world(
-    tmp_path: Path,
-    nursery: trio.Nursery,
-    hooks: dict[int, Cheat] | None = None,
-    *,
-    providers: tuple[int, ...] = PROVIDERS,
-    all_provide: bool = False,
-    node_pools: bool = False,
-) -> World:
-    chain = open_chain(MemoryKV(), _genesis())
-    pool: Pool | NodePools = NodePools(chain) if node_pools else Pool(chain)
-    blobs = BlobStore(tmp_path / "blobs", MemoryKV(), verify=verify_cid_block, quota_bytes=1 << 30)
-    v1 = _digits_v1()
-    root = bytes(import_file(blobs, io.BytesIO(v1)).root)
-    cls = _platform_class()
-    settings = ComputeSettings(
-        memory_bytes=2 << 30,
-        wall_seconds=WALL,
-        price_per_device_second=PRICE_PER_DEVICE_SECOND,
-        platform_class=cls,
-        poll_interval_s=0.1,
-    )
-    agents = {
-        i: ComputeAgent(
-            chain,
-            pool.submit_for(i),
-            key(i),
-            tmp_path / f"node{i}",
-            # unless all provide, the others only verify
-            settings if i == P or all_provide else replace(settings, provide=False),
-            blobs=blobs,
-            pending_nonce=pool.pending_nonce_for(i),
-            drop=pool.drop_for(i),
-            run_job=_sync_run_job,
-            result_hook=(hooks or {}).get(i),
-        )
-        for i in providers
-    }
-    w = World(chain, pool, agents, dataset_id(root), cls)
-    await w.tx(SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER)))
-    for i in providers:
-        await w.tx(i, RoleRegister(int(Role.COMPUTE_PROVIDER)))
-    await w.block()
-    proof = make_proof(lambda c: blobs.get(c), root)
-    await w.tx(SUPPLIER, DatasetRegister(root, proof, "digits", "8x8 digits", "CC0", Amount(0)))
-    for i in providers:
-        await w.tx(
-            i,
-            tk.ProviderRegister(
-                device_kind="cpu",
-                device_name="test cpu",
-                devices=1,
-                memory_bytes=4 << 30,
-                compute_capability="",
-                cpu_cores=os.cpu_count() or 1,
-                platform_class=cls,
-                price_per_device_second=Amount(PRICE_PER_DEVICE_SECOND),
-                max_concurrent=1,
-            ),
-        )
-    await w.block()
-    assert not w.rejected, w.rejected
-    for agent in agents.values():
-        await nursery.start(agent.run)
-    return w
+from tests.helpers import key, open_chain
 
 
 @pytest.fixture
