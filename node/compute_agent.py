@@ -74,6 +74,7 @@ COMPUTE_DIR = "compute"
 MAX_TRACKED = 4096  # watched tasks kept in memory
 SCAN_AT_START = 10_000  # task records read at start to find the open ones
 STATE_FILE = "state"  # what the agent sent and computed, kept across restarts (0600)
+_ABSTAIN = "abstain-"  # a marker in _Local.sent: this node could not re-run that segment
 PROGRESS_SAVE_S = 5.0  # a change of progress alone is saved at most this often
 STATE_VERSION = 1
 MAX_STATE_BYTES = 64 << 20  # a larger state file is refused (it is never that big)
@@ -114,6 +115,14 @@ class InputUnavailable(ComputeAgentError):
 
     code = 3184
     reason = "a task input could not be fetched"
+
+
+class InputNotBought(InputUnavailable):
+    """A priced input could not be bought (or its key did not come in time): a verifier or
+    referee then abstains rather than report a mismatch it never computed."""
+
+    code = 3188
+    reason = "a priced task input could not be bought"
 
 
 class NotTaskRunner(ComputeAgentError):
@@ -862,7 +871,7 @@ class ComputeAgent:
         try:
             path: Path = await self.input_buyer().input_file(task, role, ds, self._blobs, dest)
         except (CannotBuy, InputNotDelivered) as exc:
-            raise InputUnavailable(str(exc)) from exc
+            raise InputNotBought(str(exc)) from exc
         return path
 
     async def _job_inputs(self, view: Any, task: tk.Task, work: Path) -> dict[str, Any]:
@@ -931,7 +940,7 @@ class ComputeAgent:
             **inputs,
         }
         if s.device.startswith("cuda"):
-            job["cuda_memory_fraction"] = 1.0
+            job["cuda_memory_bytes"] = max(memory, 64 << 20)  # the share of the device it may use
         else:
             job["memory_limit_bytes"] = max(memory, 64 << 20)
         if task.recipe in recipes.TRAINING_RECIPES and kind == "task":
@@ -1092,13 +1101,19 @@ class ComputeAgent:
             await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
 
     def _compute(self, task: tk.Task, local: _Local, key: str, segment: int, to_step: int) -> None:
-        if key in local.answer or key in local.computing:
+        if key in local.answer or key in local.computing or _ABSTAIN + key in local.sent:
             return
         local.computing.add(key)
 
         async def work() -> None:
             try:
                 local.answer[key] = await self._state_hash_at(task, segment, to_step, key)
+            except InputNotBought as exc:
+                # Nothing was computed: abstain (the fee goes back to the requester) instead of
+                # a commitment the chain refuses without a purchase (InputNotPurchased).
+                log.warning("task 0x%s: not verifying: %s", task.id.hex()[:16], exc.message)
+                local.sent.add(_ABSTAIN + key)
+                self.progress.setdefault(task.id, TaskProgress("verifier")).stage = "abstained"
             except Exception as exc:  # a re-run that fails is reported as a mismatch
                 message = exc.message if isinstance(exc, NeuroSeedError) else repr(exc)
                 log.warning("task 0x%s: re-run failed: %s", task.id.hex()[:16], message)
@@ -1125,7 +1140,7 @@ class ComputeAgent:
         prog = self.progress.setdefault(task.id, TaskProgress(role))
         prog.role = role
         if slot.commitment is None:
-            if head > task.commit_end:
+            if head > task.commit_end or _ABSTAIN + key in local.sent:
                 return
             if key not in local.answer:
                 if key not in local.computing:

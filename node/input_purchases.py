@@ -211,6 +211,7 @@ class InputBuyer:
             kept = _read_key_file(path)
             if kept is not None:
                 return kept
+            check_buyable(_StateOf(self._read_view()), task, self.address)  # before any spend
             secret, pubkey = generate_wrap_keypair()
             kept = {
                 "task": "0x" + task.id.hex(),

@@ -8,6 +8,7 @@ dataset with their own purchase, wait for the key, "fetch" with the purchase as 
 agents share one blob store, so the fetch callable only checks the signed access request against
 the owner's ``ChainPolicy`` on chain, as the owner's chunk server would — decrypt it and run
 the task; it ends paid, every buyer is reimbursed, and the owner is paid one purchase per read.
+A second verifier without the CUSTOMER role cannot buy: it abstains (no commitment, no fee).
 An agent without the CUSTOMER role (or the balance) does not claim such a task.
 """
 
@@ -120,7 +121,7 @@ async def _priced_world(tmp_path: Path, nursery: trio.Nursery) -> tuple[Any, Gra
             fetch_granted=grants.for_peer(b"peer-%d" % i),
             peer_id=b"peer-%d" % i,
         )
-        for i in (P, V1)
+        for i in (P, V1, V2)
     }
     w = cw.World(chain=chain, pool=pool, agents=agents, dataset=dataset_id(root), cls=cls)
 
@@ -134,7 +135,8 @@ async def _priced_world(tmp_path: Path, nursery: trio.Nursery) -> tuple[Any, Gra
     await w.tx(SUPPLIER, RoleRegister(int(Role.DATA_SUPPLIER)))
     for i in agents:
         await w.tx(i, RoleRegister(int(Role.COMPUTE_PROVIDER)))
-        await w.tx(i, RoleRegister(int(Role.CUSTOMER)))
+        if i != V2:  # V2 cannot buy data: drawn as a verifier, it abstains
+            await w.tx(i, RoleRegister(int(Role.CUSTOMER)))
     await w.block()
     proof = make_proof(lambda c: blobs.get(c), root)
     await w.tx(
@@ -186,14 +188,21 @@ async def test_priced_input_is_bought_by_each_reader_and_reimbursed(
     tmp_path: Path, nursery: trio.Nursery, threads: Any
 ) -> None:
     w, grants, owner = await _priced_world(tmp_path, nursery)
-    before = {i: w.net(i) for i in (SUPPLIER, REQ, P, V1)}
-    tid = await w.submit(w.submit_body(w.params(), verifiers=1))
+    before = {i: w.net(i) for i in (SUPPLIER, REQ, P, V1, V2)}
+    tid = await w.submit(w.submit_body(w.params(), verifiers=2))
     t = w.task(tid)
     assert t.input_allowance == DPRICE
     await w.blocks_until(lambda: w.task(tid).state == tk.TaskState.ENDED, limit=120)
     t = w.task(tid)
     assert t.outcome == tk.Outcome.PAID, t
     assert [b.address for b in t.input_buys] == [key(P).address, key(V1).address]
+    # V2, drawn too, could not buy (no CUSTOMER role): it committed nothing rather than a
+    # mismatch it never computed, and nothing of its was refused on chain.
+    slots = {bytes(s.address): s for s in t.verifier_slots}
+    assert set(slots) == {bytes(key(V1).address), bytes(key(V2).address)}
+    assert slots[bytes(key(V2).address)].commitment is None
+    assert not w.rejected, w.rejected
+    assert w.agents[V2].task_progress(tid)["stage"] == "abstained"  # type: ignore[index]
     # Both readers fetched under their own purchase; the owner's key agent posted both keys.
     assert {a for a, _ in grants.granted} == {bytes(key(P).address), bytes(key(V1).address)}
     assert owner.posted == 2
@@ -208,7 +217,9 @@ async def test_priced_input_is_bought_by_each_reader_and_reimbursed(
     royalty = price * ECONOMY.royalty_percent // 100
     assert w.net(P) - before[P] == price  # its purchase came back from the allowance
     assert w.net(V1) - before[V1] == cw.VERIFIER_FEE
+    assert w.net(V2) - before[V2] == 0  # abstained: no fee, nothing bought
     assert w.net(SUPPLIER) - before[SUPPLIER] == royalty + 2 * DPRICE
+    # V2's fee and the two unused allowance parts (V2's, the referee's) came back
     assert w.net(REQ) - before[REQ] == -(price + royalty + cw.VERIFIER_FEE + 2 * DPRICE)
 
 
