@@ -13,13 +13,15 @@ parent hash — the hash of the block holding the result, unknown when the resul
 Verifiers commit ``sha256(TAG_VERIFY ‖ task ‖ verifier ‖ state_hash ‖ salt)`` (``VerifyCommit``)
 and reveal after the commit window (``VerifyReveal``): a copy of another's commitment cannot be
 opened by anyone else (the verifier's address is bound), and reveals only start once every
-commitment is in. Reveals that all equal the provider's state hash for the segment's end open a
-challenge window (``TaskChallenge`` by any bonded provider of the class posting its own hash);
-a mismatching reveal or a challenge opens a dispute bisected Verde-style (``BisectStep``: both
-post the state hash at the midpoint; equal → the lower bound moves up, else the upper moves
-down) until one step remains, which a third verifier (the referee, drawn the same way) re-runs
-from the agreed state and commit-reveals. The loser's stake is slashed: part to the winner, the
-referee's fee from it, the rest burned.
+commitment is in. Both windows close early once every party has acted: the last drawn slot's
+commitment ends the commit window (reveals from the next height), and the last committed slot's
+reveal has the reveals taken at the end of the next block. Reveals that all equal the provider's
+state hash for the segment's end open a challenge window (``TaskChallenge`` by any bonded
+provider of the class posting its own hash); a mismatching reveal or a challenge opens a dispute
+bisected Verde-style (``BisectStep``: both post the state hash at the midpoint; equal → the
+lower bound moves up, else the upper moves down) until one step remains, which a third verifier
+(the referee, drawn the same way) re-runs from the agreed state and commit-reveals. The loser's
+stake is slashed: part to the winner, the referee's fee from it, the rest burned.
 
 Every payer is defined: settlement pays the provider its price, each verifier who revealed the
 right hash its fee and the input owners their royalties from escrow, the rest back to the
@@ -1489,8 +1491,37 @@ def apply_verify_commit(
     found = _require_purchases(view, task, vtx.sender, "VerifyCommit")
     charge(view, vtx)
     task = _use_purchases(view, task, vtx.sender, found)
-    _put_task(view, _with_slot(task, vtx.sender, replace(slot, commitment=body.commitment)))
+    task = _with_slot(task, vtx.sender, replace(slot, commitment=body.commitment))
+    _put_task(view, _close_commits_early(view, task, ctx.height))
     return (_event("verify_commit", task.id, Attribute("verifier", vtx.sender)),)
+
+
+def _phase_slots(task: Task) -> tuple[VerifierSlot, ...]:
+    """The slots of the open commit-reveal: the drawn verifiers', or the referee's."""
+    if task.state == TaskState.REFEREE:
+        assert task.dispute is not None and task.dispute.referee is not None
+        return (task.dispute.referee,)
+    return task.verifier_slots
+
+
+def _close_commits_early(view: Overlay, task: Task, height: int) -> Task:
+    """Once every drawn slot has committed, the commit window ends at ``height`` (reveals are
+    taken from the next height) and the reveal window is moved up with it."""
+    if height >= task.commit_end or any(s.commitment is None for s in _phase_slots(task)):
+        return task
+    reveal_end = min(task.reveal_end, height + max(1, economy_params(view).verify_reveal_heights))
+    task = replace(task, commit_end=height, reveal_end=reveal_end)
+    return _arm(view, task, reveal_end, _REVEAL_END)
+
+
+def _close_reveals_early(view: Overlay, task: Task, height: int) -> Task:
+    """Once every slot that committed has revealed (reveals are only taken after the commit
+    window), the reveal window ends at the next height, whose end of block takes its result."""
+    if height + 1 >= task.reveal_end or any(
+        s.commitment is not None and s.state_hash is None for s in _phase_slots(task)
+    ):
+        return task
+    return _arm(view, replace(task, reveal_end=height + 1), height + 1, _REVEAL_END)
 
 
 def apply_verify_reveal(
@@ -1514,7 +1545,8 @@ def apply_verify_reveal(
             f"the state hash and salt do not open 0x{vtx.sender.hex()}'s commitment"
         )
     charge(view, vtx)
-    _put_task(view, _with_slot(task, vtx.sender, replace(slot, state_hash=body.state_hash)))
+    task = _with_slot(task, vtx.sender, replace(slot, state_hash=body.state_hash))
+    _put_task(view, _close_reveals_early(view, task, ctx.height))
     return (
         _event(
             "verify_reveal",

@@ -374,8 +374,8 @@ class Market:
         self.c.run(self.c.tx(who, VerifyReveal(t.id, state, salt_of(who))))
 
     def verify_all(self, t: Task, answer: Callable[[int, Task], Hash32]) -> Task:
-        """Every drawn verifier commits and reveals ``answer(verifier, task)``; the reveal
-        window is then closed."""
+        """Every drawn verifier commits and reveals ``answer(verifier, task)`` as soon as it
+        may (the windows close early); the reveal window is then closed."""
         who = self.verifiers(t)
         c = self.c
         c.run(
@@ -387,9 +387,9 @@ class Market:
                 for v in who
             )
         )
-        c.advance_to(t.commit_end + 1)
+        c.advance_to(self.task(t.id).commit_end + 1)
         c.run(*(c.tx(v, VerifyReveal(t.id, answer(v, t), salt_of(v))) for v in who))
-        self.c.advance_to(t.reveal_end + 1)
+        self.c.advance_to(self.task(t.id).reveal_end + 1)
         return self.task(t.id)
 
     def segment_end(self, t: Task, run: Callable[[int], Hash32] = honest) -> Hash32:
