@@ -4,16 +4,15 @@ The policy: ``neuroseed task submit``'s default number of verifiers (read from t
 parser: 1) and the task's checkpoints. Every verifier re-runs the **one** segment drawn after
 the result (checkpoint i−1 → i, from the block hash; docs/compute-market.md), so a task's
 verification costs ``verifiers × one segment``; the draw is uniform over the k segments, so
-the expected cost is ``verifiers ×`` the mean segment. The CLI has no default for
-``checkpoint_every`` (the train recipe requires it); this benchmark uses a checkpoint every
-tenth of the steps (k = 10), the coarsest checkpointing whose policy value ``verifiers / k``
-meets the target 0.1.
+the expected cost is ``verifiers ×`` the mean segment. The checkpoints are the CLI's default
+policy (``cli_compute.with_default_checkpoints``: parameters without ``checkpoint_every`` get
+``ceil(steps / 32)``, so k = 32).
 
-The task is ``task_overhead.py``'s: an MLP 64 → 256 → 256 → 10 (Adam, batch 128), 20,000 steps
-on 8,192 rows, 30–40 s on one core. Both sides run as the nodes run them, in worker child
+The task is ``task_overhead.py``'s, the issue's 60-second reference: an MLP 64 → 256 → 256 → 10
+(Adam, batch 128), 40,960 steps on 8,192 rows, about 60 s on one core. Both sides run as the nodes run them, in worker child
 processes (``node.compute.worker.run_job``, 1 torch thread, the task's 1 GiB memory limit):
 
-* **provider** (the bound): the whole ``task`` job — training from step 0 with its 10
+* **provider** (the bound): the whole ``task`` job — training from step 0 with its 32
   checkpoints, metrics, the result file;
 * **verifier**: a ``task_segment`` job per segment, from the provider's checkpoint i−1 (none
   for the first) to the step of checkpoint i, with no output file — what a drawn verifier runs.
@@ -38,7 +37,7 @@ counts, with the fewest checkpoints (largest ``checkpoint_every``) that meet 0.1
 and for a task of 60 s of training. CPU seconds are the headline because the machine is shared:
 another process on the same core stretches wall times, not CPU times.
 
-Run: ``.venv/bin/python benchmarks/verification_cost.py`` (no arguments; about 1.5 minutes).
+Run: ``.venv/bin/python benchmarks/verification_cost.py`` (no arguments; about 4 minutes).
 """
 
 from __future__ import annotations
@@ -218,7 +217,7 @@ def measure(
 
 
 def report(m: Measurement, recipe: Recipe) -> None:
-    every = recipe.checkpoint_every
+    every = recipe.every
     print(
         f"policy: {m.verifiers} verifier(s) (the CLI's default), {m.checkpoints} checkpoints "
         f"(checkpoint_every {every} of {recipe.steps} steps); expected verifiers / k = "
@@ -280,7 +279,7 @@ def main() -> int:
         )
         print(
             f"task: mlp {DIM}→{'→'.join(map(str, recipe.hidden))}→{CLASSES}, {recipe.steps} "
-            f"steps of batch {recipe.batch_size}, a checkpoint every {recipe.checkpoint_every}; "
+            f"steps of batch {recipe.batch_size}, a checkpoint every {recipe.every}; "
             f"{ROWS} rows",
             flush=True,
         )

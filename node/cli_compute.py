@@ -6,7 +6,8 @@
   first (the chain checks them again), resolve the inputs (dataset / model ids, CIDs; the ids
   the parameters name are added) and send a ``TaskSubmit`` (the escrow shown is what the chain
   locks, input allowance included; ``--platform`` defaults to the class of the providers on
-  chain when they share one); prints the task id;
+  chain when they share one; a training task without ``checkpoint_every`` gets
+  ``with_default_checkpoints``); prints the task id;
 * ``task list [--mine] [--state S]``, ``task show ID`` — the chain's tasks (``ns_listTasks``,
   ``ns_getTask``);
 * ``task watch ID`` — a progress bar on stderr until the task has ended (the node's own progress
@@ -46,6 +47,16 @@ DEFAULT_WATCH_TIMEOUT = 3600.0
 DEFAULT_DEADLINE_HEIGHTS = 200
 DEFAULT_WALL_SECONDS = 3600
 DEFAULT_MEMORY = "1GiB"
+OFFER_TIMEOUT_S = 120.0  # the RPC timeout of ns_computeOffer (see cmd_compute_offer)
+DEFAULT_CHECKPOINTS = 32
+"""A training task whose parameters name no ``checkpoint_every`` gets
+``ceil(steps / DEFAULT_CHECKPOINTS)``, i.e. at most 32 checkpoints (the chain allows 64). A
+verifier re-runs one segment, 1/k of the training, plus a fixed cost of its own (worker start-up,
+torch import, data and checkpoint load: ~2.9 s of CPU on the reference machine): with one
+verifier that is 0.08 of the provider's compute for a task of ~65 s of training (measured),
+under the issue's 0.1, where 16 checkpoints give ~0.10; each checkpoint costs the provider a
+write and a hash of its state (12 bytes a parameter with Adam, 250–400 MB/s here: 4 ms for 85k
+parameters), so very large models may want fewer (docs/benchmarks.md, "Compute market")."""
 STATES = tuple(s.name.lower() for s in tk.TaskState)
 _STAGES = {
     "open": "waiting for a provider",
@@ -101,6 +112,18 @@ def _load_params(path: str) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise _cli.CliError(f"--params: {path} must hold a JSON object")
     return tree
+
+
+def with_default_checkpoints(recipe: str, tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``checkpoint_every = ceil(steps / DEFAULT_CHECKPOINTS)`` added when a
+    training recipe's parameters name none (a missing or bad ``steps`` is left to the schema
+    check, which names it)."""
+    if recipe not in recipes.TRAINING_RECIPES or "checkpoint_every" in tree:
+        return tree
+    steps = tree.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        return tree
+    return {**tree, "checkpoint_every": -(-steps // DEFAULT_CHECKPOINTS)}
 
 
 def canonical_task_params(recipe: str, tree: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -293,6 +316,11 @@ def send_submit(
     fields: list[tuple[str, str, object, object]] = [
         ("recipe", body.recipe, "recipe", body.recipe),
         ("steps", str(steps), "steps", steps),
+    ]
+    if body.recipe in recipes.TRAINING_RECIPES:
+        count = recipes.checkpoint_count(body.recipe, body.params)
+        fields.append(("checkpoints", str(count), "checkpoints", count))
+    fields += [
         ("platformClass", platform, "platform class", platform),
         ("deadline", str(body.deadline), "deadline", f"height {body.deadline}"),
         ("escrow", str(escrow), "escrow", f"{_cli.format_nsd(escrow)} NSD"),
@@ -303,7 +331,8 @@ def send_submit(
 
 def cmd_task_submit(args: argparse.Namespace) -> int:
     # Everything local is checked before the node is asked anything or a key unlocked.
-    raw, parsed = canonical_task_params(args.recipe, _load_params(args.params))
+    tree = with_default_checkpoints(args.recipe, _load_params(args.params))
+    raw, parsed = canonical_task_params(args.recipe, tree)
     opts = submit_options(args)
     steps = recipes.task_steps(args.recipe, parsed)
     limit_steps = steps if args.steps is None else args.steps
@@ -678,7 +707,11 @@ def cmd_compute_offer(args: argparse.Namespace) -> int:
         raise _cli.CliError("--price-per-device-second: too large (at most 2^64-1 base units)")
     if args.max_concurrent is not None and not 0 < args.max_concurrent <= UINT64_MAX:
         raise _cli.CliError("--max-concurrent: expected a positive number of tasks")
-    with _cli._client(args) as client:
+    from rpc.client import Client
+
+    # The node's first offer probes its platform in a child process that imports torch:
+    # seconds, longer than the client's default 10 s on a loaded machine.
+    with Client(_cli._rpc_url(args), timeout=OFFER_TIMEOUT_S) as client:
         tx_id = client.compute_offer(
             price_per_device_second=price, max_concurrent=args.max_concurrent
         )

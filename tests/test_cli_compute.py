@@ -4,7 +4,9 @@ usage error, exit 2), the payments shown by ``task watch``, the progress of ``ta
 ``task list`` / ``task show`` / ``compute status`` / ``compute providers`` against a real
 ``RpcServer`` over a chain with tasks and providers (the fixture of tests/rpc/test_compute_rpc.py):
 the escrow ``task submit`` shows is what the chain locks for a task on a priced input, and the
-default ``--platform`` is the providers' class when they share one (else an error naming them)."""
+default ``--platform`` is the providers' class when they share one (else an error naming them);
+the default checkpoint policy of training tasks (at most 32 checkpoints) and ``compute offer``'s
+own RPC timeout."""
 
 from __future__ import annotations
 
@@ -17,26 +19,31 @@ from typing import Any
 import pytest
 import trio
 
-from node import cli, cli_models
+from node import cli, cli_compute, cli_models
 from node.cli_compute import (
+    DEFAULT_CHECKPOINTS,
+    OFFER_TIMEOUT_S,
     SubmitOptions,
     build_submit,
     canonical_task_params,
     default_platform,
     task_payments,
     watch_progress,
+    with_default_checkpoints,
 )
 from node.compute import recipes
-from node.consensus.txs import KNOWN_KINDS
+from node.compute_agent import ComputeAgent, ComputeSettings
+from node.consensus.txs import KNOWN_KINDS, verify_transaction
 from node.economy import tasks as tk
 from node.economy.api import DEFAULT_ECONOMY_PARAMS, Role
 from node.economy.roles import RoleRegister
 from node.storage import MemoryKV
-from node.types import NSD, ZERO_HASH, Amount
+from node.types import NSD, ZERO_HASH, Amount, Hash32
+from rpc import client as rpc_client
 from rpc.client import Client
 from rpc.methods.compute import _StateOf
 from rpc.server import RpcServer
-from tests.helpers import FEES, addr, make_genesis, open_chain
+from tests.helpers import FEES, addr, key, make_genesis, open_chain
 from tests.rpc.conftest import LIMITS
 from tests.rpc.test_compute_rpc import (
     CLS,
@@ -79,6 +86,33 @@ def test_params_are_canonicalised_and_checked_locally() -> None:
         canonical_task_params("train", {**PARAMS, "code": "import os"})
 
 
+def test_default_checkpoint_policy() -> None:
+    """Training parameters without ``checkpoint_every`` get ceil(steps / 32): at most 32
+    checkpoints, every one of them when the task is shorter; a value given is kept; merge and
+    evaluate take none; a bad ``steps`` is still reported by the schema."""
+    bare = {k: v for k, v in PARAMS.items() if k != "checkpoint_every"}
+    with pytest.raises(cli.CliError, match="field 'checkpoint_every'"):
+        canonical_task_params("train", bare)
+    for steps, every, count in ((1, 1, 1), (20, 1, 20), (32, 1, 32), (33, 2, 17), (20_000, 625, 32),
+                                (20_001, 626, 32), (recipes.MAX_STEPS, -(-recipes.MAX_STEPS // 32), 32)):  # fmt: skip
+        tree = with_default_checkpoints("train", {**bare, "steps": steps})
+        assert tree["checkpoint_every"] == every, steps
+        _, parsed = canonical_task_params("train", tree)
+        assert recipes.checkpoint_count("train", parsed) == count <= DEFAULT_CHECKPOINTS
+        assert len(recipes.checkpoint_steps("train", parsed)) == count
+    assert with_default_checkpoints("train", PARAMS) == PARAMS  # given: kept
+    finetune = {**bare, "model": "cd" * 32, "train_head_only": False, "steps": 640}
+    finetune.pop("spec")
+    assert with_default_checkpoints("finetune", finetune)["checkpoint_every"] == 20
+    evaluate = {"model": "cd" * 32, "dataset": "ab" * 32, "split": "holdout"}
+    assert with_default_checkpoints("evaluate", evaluate) == evaluate
+    for bad in (-3, "20", True, None):
+        tree = with_default_checkpoints("train", {**bare, "steps": bad})
+        assert "checkpoint_every" not in tree
+        with pytest.raises(cli.CliError, match="field 'steps'"):
+            canonical_task_params("train", tree)
+
+
 def test_submit_refuses_bad_input_before_contacting_a_node(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -109,6 +143,11 @@ def test_submit_refuses_bad_input_before_contacting_a_node(
     # A well-formed submission gets as far as the node, which is not there: exit 3.
     code, _, err = _run(capsys, *base, "--params", str(good), "--platform", "cpu-x")
     assert code == 3
+    # So does one that leaves checkpoint_every to the default policy.
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({k: v for k, v in PARAMS.items() if k != "checkpoint_every"}))
+    code, _, err = _run(capsys, *base, "--params", str(bare), "--platform", "cpu-x")
+    assert code == 3, err
 
 
 def _ended(outcome: str, slots: list[dict[str, Any]], fail: str | None = None) -> dict[str, Any]:
@@ -297,3 +336,39 @@ async def test_the_escrow_shown_is_what_the_chain_locks(url: str, market: Market
         escrow == task.escrow == tk.escrow_for(DEFAULT_ECONOMY_PARAMS, body, task.input_allowance)
     )
     assert escrow > tk.escrow_for(DEFAULT_ECONOMY_PARAMS, body)  # the allowance is counted
+
+
+class _SlowProbe(ComputeAgent):
+    """The real agent; its hardware probe (a torch child in a node) takes 1 s here."""
+
+    async def platform_info(self) -> dict[str, Any]:
+        await trio.sleep(1.0)
+        return {"class": CLS, "hw": {"machine": "x86_64", "cpu_cores": 4, "memory_bytes": 8 << 30}}
+
+
+async def test_compute_offer_has_its_own_rpc_timeout(
+    url: str,
+    market: Market,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``compute offer`` waits ``OFFER_TIMEOUT_S`` for ``ns_computeOffer`` (the node's probe of
+    its platform imports torch in a child: seconds under load), not the client's default."""
+    assert OFFER_TIMEOUT_S >= 60 > rpc_client.DEFAULT_TIMEOUT
+    sent: list[bytes] = []
+
+    async def submit(raw: bytes) -> Hash32:
+        sent.append(raw)
+        return verify_transaction(raw).tx_id
+
+    agent = _SlowProbe(market.chain, submit, key(PROV), tmp_path, ComputeSettings())
+    monkeypatch.setattr(market, "compute_agent", agent, raising=False)
+    argv = ("compute", "offer", "--no-wait", "--rpc", url, "--datadir", str(tmp_path))
+    monkeypatch.setattr(cli_compute, "OFFER_TIMEOUT_S", 0.3)
+    code, _, err = await trio.to_thread.run_sync(lambda: _run(capsys, *argv))
+    assert code == cli.EXIT_UNREACHABLE and "within 0.3 s" in err, err
+    monkeypatch.setattr(cli_compute, "OFFER_TIMEOUT_S", 30.0)
+    code, out, err = await trio.to_thread.run_sync(lambda: _run(capsys, *argv))
+    assert code == 0, err
+    assert sent and cli._hex(verify_transaction(sent[-1]).tx_id) in out

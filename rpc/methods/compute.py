@@ -84,6 +84,8 @@ def task_to_json(t: tk.Task, progress: dict[str, Any] | None = None) -> dict[str
         "checkpointSteps": list(t.checkpoint_steps),
         "devices": t.devices,
         "submitHeight": t.submit_height,
+        "claimHeight": t.claim_height or None,  # the current claim's block; null: unclaimed
+        "resultHeight": None if r is None else r.height,
         "state": tk.TaskState(t.state).name.lower(),
         "outcome": tk.Outcome(t.outcome).name.lower(),
         "escrow": str(t.escrow),

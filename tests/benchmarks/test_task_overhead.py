@@ -1,4 +1,5 @@
-"""``benchmarks/task_overhead.py``: how it finds the claim's block and decides that a task was
+"""``benchmarks/task_overhead.py``: the task's heights it reads from ``ns_getTask``, its
+reference task's checkpoints (the CLI's default policy), how it decides that a task was
 verified, the fixed-latency floor of a genesis, and (slow) its devnet run on a tiny task: three
 node processes, providers registered with the CLI, a task submitted, claimed, run, verified and
 settled paid, and every process stopped afterwards."""
@@ -13,25 +14,31 @@ import _devnet
 import pytest
 import task_overhead as to
 
-TID = "0x" + "ab" * 32
-PROVIDER = "0x" + "01" * 20
-OTHER = "0x" + "02" * 20
+from node.compute import recipes
+from node.economy import tasks as tk
+from rpc.methods.compute import _StateOf, task_to_json
+from tests.rpc.test_compute_rpc import Market
+from tests.rpc.test_compute_rpc import market as market
 
 
-def tx(kind: str, sender: str, task_id: str) -> dict[str, Any]:
-    return {"kindName": kind, "from": sender, "body": {"taskId": task_id}}
-
-
-def test_claim_height_is_the_block_of_the_winning_providers_claim() -> None:
-    blocks = {
-        10: {"transactions": [tx("task_submit", OTHER, TID)]},
-        11: {"transactions": [tx("task_claim", OTHER, TID), tx("task_claim", PROVIDER, "0x" + "cd" * 32)]},
-        12: {"transactions": [tx("transfer", PROVIDER, TID), tx("task_claim", PROVIDER, TID.upper())]},
-        13: {"transactions": [tx("task_claim", PROVIDER, TID)]},
+def test_task_heights_are_the_tasks_own(market: Market) -> None:
+    """The heights come from ``ns_getTask`` (``task_to_json``); one missing is an error."""
+    task = tk.get_task(_StateOf(market.read_view()), market.tasks["a1"])
+    assert task is not None
+    shown = task_to_json(task)
+    with pytest.raises(RuntimeError, match="no claim, result, end height"):
+        to.task_heights(shown)
+    shown.update(claimHeight=12, resultHeight=40, endHeight=77)
+    assert to.task_heights(shown) == {
+        "submit": task.submit_height, "claim": 12, "result": 40, "end": 77,
     }  # fmt: skip
-    assert to.claim_height(blocks, TID, PROVIDER) == 12
-    with pytest.raises(RuntimeError):
-        to.claim_height({10: blocks[10]}, TID, PROVIDER)
+
+
+def test_the_reference_task_uses_the_default_checkpoint_policy() -> None:
+    params = to.FULL.params("00" * 32)
+    assert recipes.checkpoint_count("train", recipes.validate_task_params(
+        "train", recipes.canonical_params(params))) == 32  # fmt: skip
+    assert to.FULL.every == 1280 and to.TINY.every == 10  # TINY names its own
 
 
 def task(segment: int, reveals: list[tuple[bool, str | None]]) -> dict[str, Any]:
@@ -53,8 +60,16 @@ def test_verified_needs_every_verifier_to_reveal_the_providers_hash() -> None:
 
 def test_fixed_floor_counts_claim_draw_and_the_windows() -> None:
     g = to.benchmark_genesis(verify_reveal_heights=4, task_challenge_heights=7)
-    assert g.economy_params.verify_commit_heights == 20
-    assert to.fixed_floor(g) == 1 + 1 + 20 + 4 + 7
+    assert (
+        g.economy_params.verify_commit_heights
+        == to.benchmark_genesis().economy_params.verify_commit_heights
+    )
+    # claim + draw + commit (closing early) + reveal and its closing block + challenge
+    assert to.fixed_floor(g) == 1 + 1 + 1 + 2 + 7
+    assert (
+        to.fixed_floor(to.benchmark_genesis(verify_reveal_heights=1, task_challenge_heights=7))
+        == 1 + 1 + 1 + 1 + 7
+    )
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """``benchmarks/verification_cost.py``: the policy it reads from the CLI, its arithmetic (the
 ratio, the prediction for other checkpoint counts, the fewest checkpoints meeting 0.1), and its
 core run on a tiny task (a provider job and a verifier's segment re-run in worker processes,
-state hashes checked)."""
+state hashes checked), and that torch's deterministic mode costs a re-run no inductor import."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import _devnet
@@ -89,3 +91,27 @@ def test_a_tiny_task_and_a_verifier_segment(
         "verification_cost_device",
     ]
     assert all("unit=s" in ln and "target=0.1" in ln for ln in lines)
+
+
+def test_deterministic_mode_costs_no_inductor_import() -> None:
+    """Part of every re-run's fixed cost: ``set_deterministic`` turns on torch's deterministic
+    algorithms (errors, not warnings) without importing ``torch._inductor`` (~1 s of CPU)."""
+    code = (
+        "import sys, torch\n"
+        "from node.compute.finetune import set_deterministic\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "set_deterministic(1)\n"
+        "assert torch.are_deterministic_algorithms_enabled()\n"
+        "assert not torch.is_deterministic_algorithms_warn_only_enabled()\n"
+        "assert torch.get_num_threads() == 1\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._inductor')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.stdout.strip() == "[]", out.stdout

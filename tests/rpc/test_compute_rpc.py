@@ -1,10 +1,12 @@
 """The compute market over JSON-RPC (rpc/methods/compute.py) on a real ``RpcServer`` whose node is
 a ``ChainService`` that committed a registered dataset and a priced one, three compute providers'
 offers in two platform classes, three task submissions from two requesters and one cancellation:
-``ns_getTask`` by id (the input allowance and buys of a task on a priced input), ``ns_listTasks``
+``ns_getTask`` by id (the input allowance and buys of a task on a priced input, the claim and
+result heights), ``ns_listTasks``
 filters (requester, state) and the cursor, ``ns_getProvider``, ``ns_listProviders`` (class filter,
 cursor, bounded reads), the local-only methods refused to remote callers and answering
-``ComputeAgentDisabled`` on a node without an agent, bad params; and the SDK helpers
+``ComputeAgentDisabled`` on a node without an agent, bad params; an offer's single platform
+probe; and the SDK helpers
 (``rpc.client``) over the same server.
 """
 
@@ -184,6 +186,7 @@ async def test_get_task(url: str, market: Market) -> None:
     assert t["limits"] == {"deviceMemory": 1 << 30, "wallSeconds": 60, "steps": 100}
     assert t["maxPrice"] == str(2 * NSD) and t["platformClass"] == CLS
     assert t["provider"] is None and t["result"] is None and t["progress"] is None
+    assert t["claimHeight"] is None and t["resultHeight"] is None  # unclaimed
     assert t["inputAllowance"] == "0" and t["inputBuys"] == []
     assert recipes.parse_params(t["params"].encode())["seed"] == 1
     cancelled = await ok(url, "ns_getTask", hx(market.tasks["a2"]))
@@ -251,6 +254,24 @@ async def test_task_input_allowance_and_buys(url: str, market: Market) -> None:
         {"address": hx(addr(PROV)), "purchases": [hx(p1)]},
         {"address": hx(addr(GPU)), "purchases": [hx(p2)]},
     ]
+
+
+def test_claim_and_result_heights(market: Market) -> None:
+    """``claimHeight`` is the current claim's block (null while unclaimed, again once a claim
+    has been dropped), ``resultHeight`` the block of the result (``result.height``)."""
+    task = tk.get_task(_StateOf(market.read_view()), market.tasks["a1"])
+    assert task is not None and task.claim_height == 0
+    claimed = replace(task, state=tk.TaskState.CLAIMED, provider=addr(PROV), claim_height=17)
+    shown = task_to_json(claimed)
+    assert shown["claimHeight"] == 17 and shown["resultHeight"] is None
+    record = tk.ResultRecord(
+        output=b"", metrics=(), checkpoints=(), final_link=Hash32(b"\x01" * 32),
+        device_seconds=30, price=Amount(1000), height=52, fail_reason=0,
+    )  # fmt: skip
+    done = task_to_json(replace(claimed, state=tk.TaskState.DRAWING, result=record))
+    assert done["claimHeight"] == 17 and done["resultHeight"] == 52 == done["result"]["height"]
+    reopened = replace(claimed, state=tk.TaskState.OPEN, provider=None, claim_height=0)
+    assert task_to_json(reopened)["claimHeight"] is None
 
 
 def _by_address(*who: int) -> list[str]:
@@ -402,6 +423,49 @@ async def test_offer_prices_are_amounts_in_base_units(
         assert err["code"] == -32602, (bad, err)
     assert (await error(url, "ns_computeOffer", {"price": "1"}))["code"] == -32602
     assert len(sent) == 5  # nothing sent for a refused request
+
+
+class _ProbedAgent(ComputeAgent):
+    """The real agent with no platform class in its settings; its hardware probe (a torch child
+    process in the node) is counted and can be made to fail."""
+
+    probes = 0
+    fail = False
+
+    async def platform_info(self) -> dict[str, Any]:
+        self.probes += 1
+        if self.fail:
+            raise RuntimeError("the probe failed")
+        return {"class": CLS, "hw": {"machine": "x86_64", "cpu_cores": 4, "memory_bytes": 8 << 30}}
+
+
+async def test_an_offer_probes_the_platform_once(market: Market, tmp_path: Path) -> None:
+    """One probe per offer gives both the hardware and the class (cached from the first);
+    without a class a failed probe sends nothing, with one the offer goes out on the settings."""
+    sent: list[bytes] = []
+
+    async def submit(raw: bytes) -> Hash32:
+        sent.append(raw)
+        return verify_transaction(raw).tx_id
+
+    settings = ComputeSettings(price_per_device_second=7)
+    agent = _ProbedAgent(market.chain, submit, key(PROV), tmp_path, settings)
+    agent.fail = True
+    with pytest.raises(RuntimeError, match="the probe failed"):
+        await agent.offer()
+    assert agent.probes == 1 and sent == []
+    agent.fail = False
+    await agent.offer()
+    assert agent.probes == 2 and await agent.platform_class() == CLS and agent.probes == 2
+    body = decode_body(verify_transaction(sent[-1]).tx)
+    assert isinstance(body, tk.ProviderRegister)
+    assert body.platform_class == CLS and body.cpu_cores == 4 and body.device_name == "x86_64-"
+    agent.fail = True
+    await agent.offer(max_concurrent=5)  # the class is known: sent without the hardware
+    assert agent.probes == 3 and len(sent) == 2
+    body = decode_body(verify_transaction(sent[-1]).tx)
+    assert isinstance(body, tk.ProviderRegister)
+    assert body.platform_class == CLS and body.cpu_cores == 1 and body.max_concurrent == 5
 
 
 def test_the_ask_uses_the_price_of_the_offer_on_chain(market: Market, tmp_path: Path) -> None:
