@@ -28,7 +28,9 @@ right hash its fee and the input owners their royalties from escrow, the rest ba
 requester; an unclaimed task is refunded at its deadline; a claimed task that misses it burns
 part of the provider's bond and reopens once; a failure inside the requester's limits pays the
 proven checkpoints pro rata (after the same verification); a provider fault or a lost dispute
-refunds the requester. ``TaskCancel`` refunds an unclaimed task.
+refunds the requester. A challenger that loses (or is left without a referee's verdict) hands
+over to the next challenge: the task settles only when none is left. ``TaskCancel`` refunds an
+unclaimed task.
 
 Priced inputs: a task naming priced (encrypted) datasets escrows an input allowance, their prices
 once per party that reads them (the provider, each verifier, one referee). A result, a failure
@@ -365,6 +367,19 @@ class InputNotPurchased(TaskError):
     reason = "a priced input of the task has no purchase by the sender"
 
 
+class RequesterCannotChallenge(TaskError):
+    code = 3148
+    reason = "a requester cannot challenge its own task's result"
+
+
+class ChallengerAtCapacity(TaskError):
+    """The challenger's role bond cannot cover one more ``challenge_slash``: it has as many
+    disputes open as ``provider_bond // challenge_slash``, or a bond below the role's."""
+
+    code = 3149
+    reason = "the challenger has as many disputes open as its role bond covers"
+
+
 # --- enums ---------------------------------------------------------------------------------------
 
 
@@ -394,7 +409,7 @@ class Outcome(IntEnum):
     EXPIRED = 4  # no claim (or a second missed deadline): refunded
     CANCELLED = 5
     PROVIDER_FAULT = 6  # the provider reported its own fault: refunded, bond returned
-    UNDECIDED = 7  # no referee, or its hash matched neither party: refunded, no slash
+    UNDECIDED = 7  # the referee's hash matched neither party (no dispute left): refunded
 
 
 class FailReason(IntEnum):
@@ -601,7 +616,9 @@ class ResultRecord(Record):
 @dataclass(frozen=True, slots=True)
 class Dispute(Record):
     """A bisection over steps [low, high] of one segment; ``low_hash`` is agreed (ZERO_HASH:
-    the task's initial state, derived from its inputs)."""
+    the task's initial state, derived from its inputs). A task may hold several disputes one
+    after another (a challenger that loses hands over to the next one): the last one stays on
+    the task, and its round numbers follow on from the previous dispute's."""
 
     challenger: Address
     by_verifier: bool  # opened by a mismatching reveal (else by TASK_CHALLENGE)
@@ -615,6 +632,8 @@ class Dispute(Record):
     provider_mid: Hash32 | None
     challenger_mid: Hash32 | None
     referee: VerifierSlot | None
+    window_left: int  # heights of the challenge window left when a TaskChallenge opened it
+    lost: int  # bit i: verifier slot i lost a dispute of this task (it is not paid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -937,9 +956,13 @@ def _take_role_bond(view: Overlay, address: Address, role: int, amount: int) -> 
     return 0
 
 
-def _eligible_verifier(view: StateView, params: EconomyParams, address: Address, cls: str) -> bool:
+def _holds_full_bond(view: StateView, params: EconomyParams, address: Address) -> bool:
     entry = get_role(view, address, Role.COMPUTE_PROVIDER)
-    if entry is None or entry.bond < required_bond(params, Role.COMPUTE_PROVIDER):
+    return entry is not None and entry.bond >= required_bond(params, Role.COMPUTE_PROVIDER)
+
+
+def _eligible_verifier(view: StateView, params: EconomyParams, address: Address, cls: str) -> bool:
+    if not _holds_full_bond(view, params, address):
         return False
     record = get_provider(view, address)
     return record is not None and record.platform_class == cls
@@ -1018,7 +1041,8 @@ def _use_purchases(
     view: Overlay, task: Task, buyer: Address, found: Sequence[tuple[Hash32, Hash32 | None]]
 ) -> Task:
     """Mark ``buyer``'s purchases in ``found`` used (off its open list) and record them on the
-    task for reimbursement."""
+    task for reimbursement. The allowance covers ``input_parties`` readers: a later one (the
+    referee of a second dispute) reads at its own cost."""
     used: list[Hash32] = []
     for ref, pid in found:
         if pid is None:
@@ -1027,7 +1051,7 @@ def _use_purchases(
             view, buyer, ref, [p for p in open_purchases(view, buyer, ref) if p != pid]
         )
         used.append(pid)
-    if not used:
+    if not used or len(task.input_buys) >= input_parties(task.verifiers):
         return task
     return replace(task, input_buys=(*task.input_buys, InputBuy(buyer, tuple(used))))
 
@@ -1093,8 +1117,13 @@ def apply_provider_register(
         )
     listed = class_providers(view, body.platform_class)
     cap = min(params.max_providers_per_class, MAX_PROVIDERS_PER_CLASS_HARD)
-    if moving and vtx.sender not in listed and len(listed) >= cap:
-        raise ProviderClassFull(f"class {body.platform_class!r} lists {len(listed)} providers")
+    if vtx.sender not in listed and len(listed) >= cap:
+        # A full list gives up the first entry that no longer holds the role with a full bond
+        # (resigned or slashed): a class cannot be locked by addresses that left it.
+        stale = next((a for a in listed if not _holds_full_bond(view, params, a)), None)
+        if stale is None:
+            raise ProviderClassFull(f"class {body.platform_class!r} lists {len(listed)} providers")
+        listed = tuple(a for a in listed if a != stale)
     charge(view, vtx)
     if old is not None and moving:
         rest = tuple(a for a in class_providers(view, old.platform_class) if a != vtx.sender)
@@ -1571,6 +1600,11 @@ def apply_task_challenge(
     sender = vtx.sender
     if sender == task.provider:
         raise NotDisputeParty("a provider cannot challenge its own result")
+    if sender == task.requester:
+        raise RequesterCannotChallenge(
+            f"0x{sender.hex()} submitted task {_hex(task.id)}: a requester that challenges "
+            "could have the result undone and keep it"
+        )
     require_role(view, sender, Role.COMPUTE_PROVIDER, "a task challenge")
     record = get_provider(view, sender)
     if record is None:
@@ -1585,8 +1619,15 @@ def apply_task_challenge(
         raise BadSegment(f"segment {body.segment} of {len(task.result.checkpoints)}")
     if body.state_hash == task.result.checkpoints[body.segment].state_hash:
         raise ChallengeAgrees(f"segment {body.segment}'s state hash is the provider's")
+    params = economy_params(view)
+    if not _may_dispute(view, params, sender):
+        raise ChallengerAtCapacity(
+            f"0x{sender.hex()} has {open_disputes(view, sender)} dispute(s) open; its bond "
+            f"covers {dispute_capacity(params)} stake(s) of {params.challenge_slash}"
+        )
     charge(view, vtx)
-    task = _open_dispute(view, task, sender, body.segment, body.state_hash, False, ctx.height)
+    left = task.window_end - ctx.height  # the heights the window has left after this one
+    task = _open_dispute(view, task, sender, body.segment, body.state_hash, False, ctx.height, left)
     _put_task(view, task)
     return (
         _event(
@@ -1654,10 +1695,12 @@ def _open_dispute(
     challenger_hash: Hash32,
     by_verifier: bool,
     height: int,
+    window_left: int = 0,
 ) -> Task:
     bounds = segment_bounds(task, segment)
     # The challenger's stake is its role bond: it may not resign while the dispute is open.
     adjust_obligations(view, challenger, Role.COMPUTE_PROVIDER, 1)
+    prev = task.dispute  # an earlier dispute of the task, whose challenger lost or went unheard
     d = Dispute(
         challenger=challenger,
         by_verifier=by_verifier,
@@ -1667,12 +1710,15 @@ def _open_dispute(
         low_hash=bounds.start_hash,
         provider_hash=bounds.end_hash,
         challenger_hash=challenger_hash,
-        round=0,
+        round=0 if prev is None else prev.round + 1,
         provider_mid=None,
         challenger_mid=None,
         referee=None,
+        window_left=window_left,
+        lost=0 if prev is None else prev.lost,
     )
-    return _next_dispute_round(view, replace(task, segment=segment, dispute=d), height)
+    # ``task.segment`` stays the drawn one: the verifiers' reveals are compared with it.
+    return _next_dispute_round(view, replace(task, dispute=d), height)
 
 
 def _next_dispute_round(view: Overlay, task: Task, height: int) -> Task:
@@ -1722,7 +1768,15 @@ def _on_deadline(view: Overlay, params: EconomyParams, task: Task, height: int) 
         credit(view, task.requester, task.escrow)
         _end(view, task, Outcome.EXPIRED, height)
         return
-    # Claimed, no result: burn part of the bond, return the rest, reopen once.
+    _provider_missed(view, params, task, height, Outcome.EXPIRED)
+
+
+def _provider_missed(
+    view: Overlay, params: EconomyParams, task: Task, height: int, outcome: Outcome
+) -> None:
+    """Claimed, no result (the deadline passed, or the provider reported its own fault): burn
+    part of the bond, return the rest, reopen the task once (a second time it ends with
+    ``outcome`` and the requester is refunded)."""
     assert task.provider is not None
     slash = task.bond * params.task_miss_slash_percent // 100
     burn(view, slash)
@@ -1731,7 +1785,7 @@ def _on_deadline(view: Overlay, params: EconomyParams, task: Task, height: int) 
     task = replace(task, provider=None, price=Amount(0), bond=Amount(0), claim_height=0)
     if task.reopened:
         credit(view, task.requester, task.escrow)
-        _end(view, task, Outcome.EXPIRED, height)
+        _end(view, replace(task, timer=task.timer + 1), outcome, height)
         return
     deadline = height + max(1, params.task_reopen_heights)
     task = replace(task, state=int(TaskState.OPEN), reopened=True, deadline=deadline)
@@ -1766,21 +1820,92 @@ def _open_challenge_window(view: Overlay, params: EconomyParams, task: Task, hei
     _put_task(view, _arm(view, task, end, _CHALLENGE_END))
 
 
-def _on_reveal_end(view: Overlay, params: EconomyParams, task: Task, height: int) -> None:
+def dispute_capacity(params: EconomyParams) -> int:
+    """How many disputes one challenger may have open at once: as many stakes of
+    ``challenge_slash`` as a full provider bond covers (no limit without a stake)."""
+    if params.challenge_slash <= 0:
+        return MAX_PROVIDERS_PER_CLASS_HARD * MAX_CHECKPOINTS
+    return params.provider_bond // params.challenge_slash
+
+
+def open_disputes(view: StateView, address: Address) -> int:
+    """The disputes ``address`` has open as a challenger: its COMPUTE_PROVIDER obligations less
+    its claimed tasks (each holds one obligation)."""
+    entry = get_role(view, address, Role.COMPUTE_PROVIDER)
+    if entry is None:
+        return 0
+    record = get_provider(view, address)
+    return max(0, entry.obligations - (record.active_tasks if record is not None else 0))
+
+
+def _may_dispute(view: StateView, params: EconomyParams, address: Address) -> bool:
+    """``address`` holds the COMPUTE_PROVIDER role with a full bond and has a free dispute slot
+    (``dispute_capacity``): its stake covers one more lost dispute."""
+    if not _holds_full_bond(view, params, address):
+        return False
+    return open_disputes(view, address) < dispute_capacity(params)
+
+
+def _next_verifier_dispute(
+    view: Overlay, params: EconomyParams, task: Task, start: int, height: int
+) -> Task | None:
+    """Open a dispute with the first verifier from slot ``start`` on (draw order) whose reveal
+    differs from the provider's and who may dispute (``_may_dispute``: a verifier that resigned
+    or is out of stake since its draw has none to dispute with); None if there is none."""
     assert task.result is not None
     claimed = task.result.checkpoints[task.segment].state_hash
-    for slot in task.verifier_slots:
-        # A verifier that resigned since its draw has no stake to dispute with: its reveal
-        # stands for nothing.
-        if get_role(view, slot.address, Role.COMPUTE_PROVIDER) is None:
+    for slot in task.verifier_slots[start:]:
+        if slot.state_hash is None or slot.state_hash == claimed:
             continue
-        if slot.state_hash is not None and slot.state_hash != claimed:
-            task = _open_dispute(
-                view, task, slot.address, task.segment, slot.state_hash, True, height
-            )
-            _put_task(view, task)
-            return
+        if not _may_dispute(view, params, slot.address):
+            continue
+        return _open_dispute(view, task, slot.address, task.segment, slot.state_hash, True, height)
+    return None
+
+
+def _on_reveal_end(view: Overlay, params: EconomyParams, task: Task, height: int) -> None:
+    disputed = _next_verifier_dispute(view, params, task, 0, height)
+    if disputed is not None:
+        _put_task(view, disputed)
+        return
     _open_challenge_window(view, params, task, height)
+
+
+def _after_dispute(
+    view: Overlay, params: EconomyParams, task: Task, height: int, *, undecided: bool = False
+) -> None:
+    """The dispute did not prove the provider wrong (its challenger lost, or no referee
+    answered): the next challenge gets its turn, and the task is settled only when none is
+    left. A verifier's dispute hands over to the next mismatching verifier in draw order, then
+    to a challenge window (the whole window: it never opened); a TaskChallenge's dispute
+    returns to its challenge window for the heights it had left. ``undecided`` (the referee
+    matched neither party): the next verifier, if any, else the task ends undecided."""
+    d = task.dispute
+    assert d is not None
+    if d.by_verifier:
+        index = _verifier_index(task, d.challenger)
+        disputed = _next_verifier_dispute(view, params, task, index + 1, height)
+        if disputed is not None:
+            _put_task(view, disputed)
+            return
+        if undecided:
+            _undecided(view, task, height)
+            return
+        _open_challenge_window(view, params, task, height)
+        return
+    if undecided:
+        _undecided(view, task, height)
+        return
+    if d.window_left <= 0:
+        _settle(view, params, task, height)
+        return
+    end = height + d.window_left
+    task = replace(task, state=int(TaskState.CHALLENGE), window_end=end)
+    _put_task(view, _arm(view, task, end, _CHALLENGE_END))
+
+
+def _verifier_index(task: Task, address: Address) -> int:
+    return next(i for i, s in enumerate(task.verifier_slots) if s.address == address)
 
 
 def _on_bisect_due(view: Overlay, params: EconomyParams, task: Task, height: int) -> None:
@@ -1803,7 +1928,7 @@ def _on_referee_draw(view: Overlay, params: EconomyParams, task: Task, ctx: Bloc
         pool = _candidates(view, params, task, exclude)
     chosen = draw_verifiers(bytes(ctx.parent_hash), task.id, pool, 1, b"referee")
     if not chosen:
-        _undecided(view, task, ctx.height)
+        _no_verdict(view, params, task, ctx.height)
         return
     commit_end = ctx.height + max(1, params.verify_commit_heights)
     reveal_end = commit_end + max(1, params.verify_reveal_heights)
@@ -1825,8 +1950,11 @@ def _on_referee_reveal_end(view: Overlay, params: EconomyParams, task: Task, hei
         _challenger_loses(view, params, task, height, referee=d.referee.address)
     elif answer is not None and answer == d.challenger_hash:
         _provider_loses(view, params, task, height, referee=d.referee.address)
+    elif answer is None:
+        _no_verdict(view, params, task, height)
     else:
-        _undecided(view, task, height)
+        adjust_obligations(view, d.challenger, Role.COMPUTE_PROVIDER, -1)
+        _after_dispute(view, params, task, height, undecided=True)
 
 
 # --- outcomes ------------------------------------------------------------------------------------
@@ -1864,11 +1992,15 @@ def _end(view: Overlay, task: Task, outcome: Outcome, height: int) -> None:
 
 def _pay_verifiers(view: Overlay, task: Task, agree: bool) -> int:
     """Pay the fee to each verifier whose reveal agreed with the provider (``agree``) or, when
-    the provider lost, disagreed with it; returns what was paid."""
+    the provider lost, disagreed with it and lost no dispute of the task; returns what was
+    paid."""
     assert task.result is not None
     claimed = task.result.checkpoints[task.segment].state_hash
+    lost = task.dispute.lost if task.dispute is not None else 0
     paid = 0
-    for slot in task.verifier_slots:
+    for i, slot in enumerate(task.verifier_slots):
+        if lost >> i & 1:
+            continue
         if slot.state_hash is not None and (slot.state_hash == claimed) == agree:
             credit(view, slot.address, task.verifier_fee)
             paid += task.verifier_fee
@@ -1972,17 +2104,31 @@ def _challenger_loses(
     record = get_provider(view, d.challenger)
     if record is not None:
         view.put(provider_key(d.challenger), replace(record, slashed=record.slashed + 1).encode())
-    _settle(view, params, task, height)
+    slot = next((i for i, s in enumerate(task.verifier_slots) if s.address == d.challenger), None)
+    if slot is not None:  # a verifier proven wrong is not paid, whatever comes next
+        task = replace(task, dispute=replace(d, lost=d.lost | 1 << slot))
+    _after_dispute(view, params, task, height)
+
+
+def _no_verdict(view: Overlay, params: EconomyParams, task: Task, height: int) -> None:
+    """No referee could be drawn or the referee did not reveal: nobody proved the result
+    wrong, so it stands as far as this dispute goes. The challenger is not slashed (nobody
+    proved it wrong either) and its obligation is freed; the next challenge, if any, gets its
+    turn (``_after_dispute``)."""
+    d = task.dispute
+    assert d is not None
+    adjust_obligations(view, d.challenger, Role.COMPUTE_PROVIDER, -1)
+    _after_dispute(view, params, task, height)
 
 
 def _undecided(view: Overlay, task: Task, height: int) -> None:
-    """No referee answered with either party's hash: nobody is slashed or paid, the requester
-    gets the escrow back and the provider its bond."""
+    """The referee's hash matched neither party's (and no other challenge is left): nobody is
+    slashed or paid, the requester gets the escrow back and the provider its bond. The
+    challenger's obligation was closed by the caller."""
     assert task.provider is not None and task.dispute is not None
     credit(view, task.requester, task.escrow - _reimburse_inputs(view, task))
     credit(view, task.provider, task.bond)
     _release(view, task.provider, ok=False, slashed=False)
-    adjust_obligations(view, task.dispute.challenger, Role.COMPUTE_PROVIDER, -1)
     _end(view, task, Outcome.UNDECIDED, height)
 
 

@@ -898,6 +898,10 @@ def test_dispute_provider_cheated_referee_sides_with_the_verifier(m: Market, bad
 def test_dispute_lying_challenger_loses_its_stake(m: Market) -> None:
     r = run_dispute(m, 7, provider_lies=False)
     t = referee_answers(m, r["task"], honest(r["high"]))
+    # The challenge window comes back for the heights it had left, then the task settles.
+    assert t.state == TaskState.CHALLENGE
+    m.c.advance_to(t.window_end + 1)
+    t = m.task(t.id)
     assert (t.state, t.outcome) == (TaskState.ENDED, Outcome.PAID)
     before, c, v = r["before"], r["challenger"], r["verifier"]
     referee = m.index(t.dispute.referee.address)
