@@ -1,8 +1,10 @@
 """The compute agent: a node's side of the compute market (DESIGN §10; docs/compute-market.md).
 
 One trio service signing with the node's **operator account**. Every committed block it reads
-the block's transactions for new ``TaskSubmit``s (plus, at start, the open tasks in state) and
-looks at up to ``tasks_per_block`` watched tasks (round-robin), each a bounded state read:
+the block's transactions for new ``TaskSubmit``s of its platform class (plus, at start, the open
+tasks of that class in state) and looks at every watched task it is involved in (its claim,
+its work, its draws, its disputes) and at up to ``tasks_per_block`` others (round-robin), each
+a bounded state read:
 
 * **Provider.** With an offer on chain (``offer`` sends ``ProviderRegister``), an open task of
   this node's platform class whose limits fit the local ones (memory, wall time, devices,
@@ -19,7 +21,10 @@ looks at up to ``tasks_per_block`` watched tasks (round-robin), each a bounded s
   the segment's start checkpoint, re-runs the segment (merge and evaluate: the whole job) in a
   child process, commits ``verify_commitment(task, me, hash, salt)`` and reveals once the commit
   window has closed. In a dispute where it is the provider or the challenger it replays the
-  segment from its start to each round's midpoint and posts ``BisectStep``.
+  segment from its start to each round's midpoint and posts ``BisectStep``. A re-run this node
+  cannot complete for a reason of its own (its limits below the task's, a timeout, an input it
+  cannot fetch or buy, a crash) is no answer: it abstains (no commitment, reveal or step). Only
+  a start checkpoint of the provider's that does not load answers as a mismatch.
 
 Progress of the tasks this node works on (``progress``, for ``ns_getTask``) and what it sent,
 computed and drew (claims, results, verification answers and salts, commit / reveal / bisect
@@ -77,6 +82,7 @@ STATE_FILE = "state"  # what the agent sent and computed, kept across restarts (
 _ABSTAIN = "abstain-"  # a marker in _Local.sent: this node could not re-run that segment
 PROGRESS_SAVE_S = 5.0  # a change of progress alone is saved at most this often
 STATE_VERSION = 1
+SWEEP_EVERY = 64  # blocks between two looks for files of ended tasks (work dirs, purchase keys)
 MAX_STATE_BYTES = 64 << 20  # a larger state file is refused (it is never that big)
 
 
@@ -165,10 +171,16 @@ class ComputeSettings:
     price_per_device_second: int = 1
     platform_class: str = ""  # "" = ask the worker (node.compute.platform) once
     provide: bool = True  # claim tasks (else only verify when drawn)
-    tasks_per_block: int = 64  # watched tasks looked at per block (bounded work)
+    # Watched tasks looked at per block (bounded work), besides those this node is involved in:
+    # reading one and deciding on it takes about 25 µs (an open task, in-memory store), so
+    # 512 is about 15 ms a block and MAX_TRACKED open tasks are all seen within 8 blocks.
+    tasks_per_block: int = 512
     poll_interval_s: float = 0.5
     fee_tip_divisor: int = 10
     keep_finished: int = 256  # progress records kept for ended tasks
+    # Claim only a task whose deadline is at least this many heights away: room to buy priced
+    # inputs, run and post (or post a TaskFail in time when an input's key does not come).
+    claim_margin_heights: int = 10
 
 
 class ChainSource(Protocol):
@@ -276,6 +288,17 @@ class _Local:
             result=result,
         )
 
+
+_TASK_KINDS: dict[int, Any] = {
+    int(EconomyKind.TASK_CLAIM): tk.TaskClaim,
+    int(EconomyKind.TASK_RESULT): tk.TaskResult,
+    int(EconomyKind.TASK_FAIL): tk.TaskFail,
+    int(EconomyKind.VERIFY_COMMIT): tk.VerifyCommit,
+    int(EconomyKind.VERIFY_REVEAL): tk.VerifyReveal,
+    int(EconomyKind.TASK_CHALLENGE): tk.TaskChallenge,
+    int(EconomyKind.BISECT_STEP): tk.BisectStep,
+    int(EconomyKind.TASK_CANCEL): tk.TaskCancel,
+}  # the task transactions other than submissions: their bodies start with the task id
 
 _LOCAL_FIELDS = frozenset(
     {"claimed_at", "claim_tx", "running", "posted", "answer", "salt", "sent", "result"}
@@ -422,6 +445,9 @@ class ComputeAgent:
         self._buyer: Any = None  # node.input_purchases.InputBuyer, made on first use
         self._dir = Path(data_dir) / COMPUTE_DIR
         self._watched: dict[Hash32, None] = {}
+        self._involved: set[Hash32] = set()  # visited first every block (see on_head)
+        self._hot: dict[Hash32, int] = {}  # touched by a recent block: visited first until then
+        self._watch_class: str | None = None  # the platform class the watched tasks are of
         self._local: dict[Hash32, _Local] = {}
         self.progress: dict[Hash32, TaskProgress] = {}
         self._cursor = 0
@@ -440,7 +466,7 @@ class ComputeAgent:
     # --- life cycle --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._dir)
         self._load()
         view = self._chain.read_view()
         self._scan_open_tasks(view)
@@ -520,6 +546,7 @@ class ComputeAgent:
                 prog.stage, prog.done = "posted", task.steps
         self._trim_progress()
         self._save()
+        await self._sweep(view)
 
     def _save(self) -> None:
         """Write the state file when what it holds changed (atomic; mode 0600). A write that
@@ -552,17 +579,27 @@ class ComputeAgent:
         self._head_changed.set()
 
     def _scan_open_tasks(self, view: Any) -> None:
-        """At start: watch the tasks in state that have not ended (bounded read)."""
+        """At start (and when this node's platform class changes): watch the tasks in state
+        of this node's class that have not ended (bounded read)."""
         iterate = getattr(view, "iter_state", None)
         self._scanned_blocks = _head(view)
-        if iterate is None:
+        cls = self._watch_class = self._class_of(view)
+        if iterate is None or cls is None:
             return
         for n, (_key, value) in enumerate(iterate(tk.task_key(b"")), 1):
             t = tk.Task.decode(value)
-            if t.state != tk.TaskState.ENDED:
+            if t.state != tk.TaskState.ENDED and t.platform_class == cls:
                 self._watch(t.id)
             if n >= SCAN_AT_START:
                 break
+
+    def _class_of(self, view: Any) -> str | None:
+        """The platform class whose tasks this node watches: its offer's on chain (a provider
+        claims only tasks of its class, and verifiers and referees are drawn from the task's
+        class), else the configured or probed one; None while neither is known (no offer: the
+        node can neither claim nor be drawn)."""
+        record = tk.get_provider(_ViewState(view), self.address)
+        return record.platform_class if record is not None else self._platform
 
     def _watch(self, task_id: Hash32) -> None:
         if task_id in self._watched:
@@ -601,11 +638,17 @@ class ComputeAgent:
     ) -> Hash32:
         """Send (or replace) this node's ``ProviderRegister`` from its hardware and settings."""
         s = self.settings
-        cls = await self.platform_class()
+        # One probe (a torch child) gives both the hardware and, on the first offer, the class
+        # (then cached); a failed probe still sends the offer when the class is known already.
+        cls = self._platform
         try:
             info = await self.platform_info()
             hw: dict[str, Any] = info["hw"]
+            if cls is None:
+                cls = self._platform = str(info["class"])
         except Exception:  # best effort: the offer still goes out with the settings
+            if cls is None:
+                raise
             hw = {}
         cuda = hw.get("cuda") or []
         if s.device.startswith("cuda") and cuda:
@@ -646,16 +689,26 @@ class ComputeAgent:
     # --- every block -------------------------------------------------------------------------
 
     async def on_head(self, view: Any) -> None:
+        """Every block: first every watched task this node is involved in (``_is_involved``)
+        or that a recent block touched, then the others round-robin with what is left of
+        ``tasks_per_block`` (at least one): however many open tasks are watched, a task where
+        this node has a window to meet is looked at in every block."""
         head = _head(view)
         self.last_head = head
+        if self._class_of(view) != self._watch_class:
+            self._scan_open_tasks(view)  # a new or first offer: the open tasks of its class
         self._read_new_blocks(view, head)
-        ids = list(self._watched)
-        if not ids:
-            return
-        count = min(len(ids), max(1, self.settings.tasks_per_block))
-        start = self._cursor % len(ids)
-        batch = [ids[(start + i) % len(ids)] for i in range(count)]
-        self._cursor = (start + count) % len(ids)
+        self._hot = {t: until for t, until in self._hot.items() if until >= head}
+        if head % SWEEP_EVERY == 0:
+            await self._sweep(view)
+        first = [t for t in self._watched if t in self._involved or t in self._hot]
+        ids = [t for t in self._watched if t not in self._involved and t not in self._hot]
+        batch = list(first)
+        if ids:
+            count = min(len(ids), max(1, self.settings.tasks_per_block - len(first)))
+            start = self._cursor % len(ids)
+            batch += [ids[(start + i) % len(ids)] for i in range(count)]
+            self._cursor = (start + count) % len(ids)
         state = _ViewState(view)
         for tid in batch:
             task = tk.get_task(state, tid)
@@ -665,23 +718,60 @@ class ComputeAgent:
                 await self._step(view, state, head, task)
             except NeuroSeedError as exc:
                 log.warning("task 0x%s: %s", tid.hex()[:16], exc.message)
-            if task.state == tk.TaskState.ENDED and tid in self._watched:
+            local = self._local.get(tid)
+            busy = local is not None and (local.running or bool(local.computing))
+            if task.state == tk.TaskState.ENDED and tid in self._watched and not busy:
                 del self._watched[tid]
                 self._local.pop(tid, None)
+                self._involved.discard(tid)
                 self._trim_progress()
+                await self._remove_work(tid)
+            elif self._is_involved(task):
+                self._involved.add(tid)
+            else:
+                self._involved.discard(tid)
+
+    def _is_involved(self, task: tk.Task) -> bool:
+        """Whether ``task`` has (or is about to have) a window this node must meet: it claimed
+        it or its claim is pending, it has work in progress for it, it is drawn for it or a
+        party of its dispute, or a draw is due at the next block (verifiers, referee)."""
+        me, local = self.address, self._local.get(task.id)
+        if local is not None and (local.claim_tx is not None or local.running or local.computing):
+            return True
+        st = task.state
+        if st in (tk.TaskState.DRAWING, tk.TaskState.REFEREE_DRAW, tk.TaskState.DISPUTE):
+            return True  # a draw next block, or a dispute whose referee is drawn at its end
+        if task.provider == me and st != tk.TaskState.OPEN:
+            return True
+        if any(s.address == me for s in task.verifier_slots):
+            return True
+        d = task.dispute
+        return d is not None and d.referee is not None and d.referee.address == me
 
     def _read_new_blocks(self, view: Any, head: int) -> None:
-        """Watch the tasks submitted in the blocks since the last look."""
+        """Watch the tasks of this node's class submitted in the blocks since the last look
+        (their ``platform_class`` read from the body before any signature is checked), and mark
+        the watched tasks another task transaction touched as hot for two blocks (a result's
+        verifiers are drawn at the next block)."""
         first = max(self._scanned_blocks + 1, 1)
+        cls = self._watch_class
         for height in range(first, head + 1):
             block = view.get_block(height)
             if block is None:
                 continue
             for raw in block.txs:
-                try:  # only submissions are verified (their sender makes the task id)
-                    if decode_transaction(bytes(raw)).tx.kind != int(EconomyKind.TASK_SUBMIT):
+                try:
+                    tx = decode_transaction(bytes(raw)).tx
+                    if tx.kind in _TASK_KINDS:
+                        body = _TASK_KINDS[tx.kind].decode(tx.body)
+                        if body.task_id in self._watched:
+                            self._hot[Hash32(body.task_id)] = head + 2
                         continue
-                    vtx = verify_transaction(bytes(raw))
+                    if tx.kind != int(EconomyKind.TASK_SUBMIT) or cls is None:
+                        continue
+                    if tk.TaskSubmit.decode(tx.body).platform_class != cls:
+                        continue
+                    vtx = verify_transaction(bytes(raw))  # its sender makes the task id
                 except NeuroSeedError:
                     continue
                 self._watch(tk.task_id(vtx.sender, vtx.tx.nonce))
@@ -773,8 +863,10 @@ class ComputeAgent:
             return
         if record.active_tasks >= record.max_concurrent or task.requester == self.address:
             return
-        if tk.reputation(record) < task.min_reputation or head >= task.deadline:
+        if tk.reputation(record) < task.min_reputation:
             return
+        if task.deadline - head < max(1, self.settings.claim_margin_heights):
+            return  # too close to its deadline to run it in time
         running = sum(1 for x in self._local.values() if x.running)
         if running >= self.settings.max_concurrent:
             return
@@ -812,7 +904,39 @@ class ComputeAgent:
     # --- provider: run -----------------------------------------------------------------------
 
     def _task_dir(self, task: tk.Task) -> Path:
+        """The task's work directory (inputs, decrypted priced inputs, checkpoints, output;
+        mode 0700), removed once the task has ended (``_remove_work``)."""
         return self._dir / task.id.hex()
+
+    async def _remove_work(self, task_id: bytes) -> None:
+        """Delete an ended task's work directory: what it produced was imported into the blob
+        store (which serves it from there) before it was posted."""
+        path = self._dir / bytes(task_id).hex()
+        if path.exists():
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
+
+    async def _sweep(self, view: Any) -> None:
+        """Remove what ended tasks left behind: the work directories of tasks ended or unknown
+        (not among the saved ones) and, once their purchases can no longer be disputed, the
+        one-off purchase keys (``InputBuyer.forget_ended``)."""
+        state = _ViewState(view)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self._dir):
+                if len(entry.name) != 64 or not entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    tid = Hash32(bytes.fromhex(entry.name))
+                except ValueError:
+                    continue
+                if tid in self._local:
+                    continue
+                task = tk.get_task(state, tid)
+                if task is None or task.state == tk.TaskState.ENDED:
+                    await self._remove_work(tid)
+        from node.input_purchases import PURCHASES_DIR
+
+        if (self._dir / PURCHASES_DIR).is_dir():
+            self.input_buyer().forget_ended(view)  # a state read and an unlink per key file
 
     async def _input_file(self, root: bytes, dest: Path) -> Path:
         """Make ``root`` complete in the blob store (fetching it) and export it to ``dest``."""
@@ -975,7 +1099,7 @@ class ComputeAgent:
         work = self._task_dir(task)
         reason = tk.FailReason.PROVIDER_FAULT
         try:
-            work.mkdir(parents=True, exist_ok=True)
+            private_dir(work)
             prog.stage = "fetching"
             inputs = await self._job_inputs(self._chain.read_view(), task, work)
             job = self._job(task, work, "task", inputs)
@@ -1078,8 +1202,9 @@ class ComputeAgent:
         """Re-run ``task`` from the start of ``segment`` to ``to_step`` (merge / evaluate: the
         whole job) and return the state hash there."""
         view = self._chain.read_view()
+        private_dir(self._task_dir(task))
         work = self._task_dir(task) / f"{label}-{secrets.token_hex(4)}"
-        work.mkdir(parents=True, exist_ok=True)
+        private_dir(work)
         try:
             inputs = await self._job_inputs(view, task, work)
             if task.recipe not in recipes.TRAINING_RECIPES:
@@ -1095,29 +1220,65 @@ class ComputeAgent:
                 cid = task.result.checkpoints[bounds.index - 1].cid
                 start = str(await self._input_file(cid, work / "start.safetensors"))
             job.update(start=start, from_step=bounds.start, to_step=to_step, output="")
-            result = await self._run_job(job, time_limit_s=self._wall(task), on_progress=None)
+            try:
+                result = await self._run_job(job, time_limit_s=self._wall(task), on_progress=None)
+            except _provider_artifact_errors() as exc:
+                if start is None:
+                    raise  # no file of the provider's was loaded: not its fault
+                # The provider's own checkpoint does not load: the same on every node, a
+                # mismatch with the hash it posted.
+                log.warning(
+                    "task 0x%s: the provider's start checkpoint is invalid: %s",
+                    task.id.hex()[:16],
+                    exc.message,
+                )
+                return rerun_failed_hash(task.id)
             return Hash32(bytes.fromhex(result["state_hash"]))
         finally:
             await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
 
+    def rerun_refusal(self, task: tk.Task) -> str | None:
+        """Why this node cannot re-run ``task`` within the task's own limits (its memory, wall
+        time or devices below them), or None. Such a node abstains without running: a re-run
+        cut by a local limit proves nothing about the provider."""
+        s = self.settings
+        if task.limits.device_memory > s.memory_bytes:
+            return f"the task's memory {task.limits.device_memory} exceeds {s.memory_bytes} bytes"
+        if task.limits.wall_seconds > s.wall_seconds:
+            return f"the task's wall time {task.limits.wall_seconds} s exceeds {s.wall_seconds} s"
+        if task.devices > s.devices:
+            return f"the task wants {task.devices} devices, this node has {s.devices}"
+        return None
+
+    def _abstain(self, task: tk.Task, local: _Local, key: str, why: str) -> None:
+        """Never answer ``key``: no commitment, no reveal, no bisection step (the verifier's fee
+        goes back to the requester; an unanswered slot accuses nobody)."""
+        log.warning("task 0x%s: not re-running %s: %s", task.id.hex()[:16], key, why)
+        local.sent.add(_ABSTAIN + key)
+        self.progress.setdefault(task.id, TaskProgress("verifier")).stage = "abstained"
+        self._save()
+
     def _compute(self, task: tk.Task, local: _Local, key: str, segment: int, to_step: int) -> None:
         if key in local.answer or key in local.computing or _ABSTAIN + key in local.sent:
+            return
+        refusal = self.rerun_refusal(task)
+        if refusal is not None:
+            self._abstain(task, local, key, refusal)
             return
         local.computing.add(key)
 
         async def work() -> None:
             try:
                 local.answer[key] = await self._state_hash_at(task, segment, to_step, key)
-            except InputNotBought as exc:
-                # Nothing was computed: abstain (the fee goes back to the requester) instead of
-                # a commitment the chain refuses without a purchase (InputNotPurchased).
-                log.warning("task 0x%s: not verifying: %s", task.id.hex()[:16], exc.message)
-                local.sent.add(_ABSTAIN + key)
-                self.progress.setdefault(task.id, TaskProgress("verifier")).stage = "abstained"
-            except Exception as exc:  # a re-run that fails is reported as a mismatch
+            except Exception as exc:
+                # Nothing was computed (a priced input not bought, a fetch that failed, this
+                # node's memory, wall time, disk or process): abstain. A hash standing for
+                # "failed" would be the same on every node whose re-run fails for a local
+                # reason, and would convict an honest provider. A start checkpoint of the
+                # provider's that does not load is the one failure that is its fault: that
+                # answer comes back from _state_hash_at as a hash, not as an error.
                 message = exc.message if isinstance(exc, NeuroSeedError) else repr(exc)
-                log.warning("task 0x%s: re-run failed: %s", task.id.hex()[:16], message)
-                local.answer[key] = Hash32(crypto.sha256(b"NeuroSeed/rerun-failed/v1" + task.id))
+                self._abstain(task, local, key, f"re-run failed: {message}")
             finally:
                 local.computing.discard(key)
                 self.notify_block()
@@ -1140,7 +1301,8 @@ class ComputeAgent:
         prog = self.progress.setdefault(task.id, TaskProgress(role))
         prog.role = role
         if slot.commitment is None:
-            if head > task.commit_end or _ABSTAIN + key in local.sent:
+            # Sent now, it lands at head + 1 at the earliest: past commit_end it is refused.
+            if head + 1 > task.commit_end or _ABSTAIN + key in local.sent:
                 return
             if key not in local.answer:
                 if key not in local.computing:
@@ -1234,6 +1396,28 @@ class ComputeAgent:
             },
             "tasks": {"0x" + k.hex(): v.as_json() for k, v in self.progress.items()},
         }
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` (and its missing parents) a directory of the owner's only (mode 0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def rerun_failed_hash(task_id: bytes) -> Hash32:
+    """The answer of a re-run that could not load the provider's own start checkpoint: a hash
+    no honest run produces, so it mismatches the provider's."""
+    return Hash32(crypto.sha256(b"NeuroSeed/rerun-failed/v1" + task_id))
+
+
+def _provider_artifact_errors() -> tuple[type[NeuroSeedError], ...]:
+    """The worker's typed errors for a checkpoint or model file that does not load (invalid,
+    of another task or step): the provider's fault when the file is its start checkpoint."""
+    from node.compute.worker import CheckpointMismatch, InvalidCheckpoint
+    from node.merge.recipe import InvalidModelFile
+
+    return (InvalidCheckpoint, CheckpointMismatch, InvalidModelFile)
 
 
 def checkpoint_file_name(step: int) -> str:

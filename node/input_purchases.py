@@ -12,8 +12,9 @@ compute agent (``node.compute_agent``) with the node's operator account:
    ``Purchase(dataset, one-off public key, price)``.
 2. It waits for the purchase to be in a block (found through the buyer's open purchases of the
    dataset, by its public key) and for the owner's ``KeyPost`` (the owner's key agent,
-   ``node.key_agent``), polling the chain up to a height bound (the task's deadline for the
-   provider, the commit window's end for a verifier or the referee).
+   ``node.key_agent``), polling the chain up to a height bound (``PROVIDER_GIVE_UP_HEIGHTS``
+   before the task's deadline for the provider, so that its ``TaskFail`` lands in time; the
+   commit window's end for a verifier or the referee).
 3. It unwraps the content key (``key_wrap_context`` of the purchase and dataset) and checks it
    against the registered key check, fetches the encrypted artifact with an access request whose
    grant is the purchase (``sign_access``; the owner's ``ChainPolicy`` serves it while the
@@ -21,7 +22,12 @@ compute agent (``node.compute_agent``) with the node's operator account:
    the plaintext, checked against the registered plaintext hash).
 
 A kept purchase is reused for the same task and role (a provider's or a challenger's replays
-in a dispute), so one read is bought once per party. The same key-file writer serves
+in a dispute), so one read is bought once per party. One that is not in a block
+``RESEND_AFTER_HEIGHTS`` after it was sent (dropped from the pool, lost with a restart; the
+send height is kept in the key file) is sent again with the same key. The decrypted input is
+written mode 0600. A key file is kept until its task has ended and its purchase can no longer
+be disputed (the task's end + the key-post, dispute and leaf-dispute windows), then deleted
+(``InputBuyer.forget_ended``, called by the agent). The same key-file writer serves
 ``neuroseed dataset buy`` (``save_key_file``).
 """
 
@@ -60,6 +66,8 @@ from node.types import Address, Amount, ChainId, Hash32, TimestampMs
 log = logging.getLogger(__name__)
 
 PURCHASES_DIR = "purchases"  # under data_dir/compute
+RESEND_AFTER_HEIGHTS = 20  # a purchase not in a block this long after it was sent is sent again
+PROVIDER_GIVE_UP_HEIGHTS = 3  # a provider stops waiting for a key this long before the deadline
 ACCESS_LIFETIME_MS = 3600 * 1000
 ROLES = ("provider", "verifier", "referee")
 
@@ -160,9 +168,11 @@ def role_in(task: tk.Task, me: Address) -> str:
 
 
 def read_until(task: tk.Task, role: str) -> int:
-    """The last height at which a purchase for ``role`` is still of use."""
+    """The last height at which a purchase for ``role`` is still of use. A provider gives up
+    ``PROVIDER_GIVE_UP_HEIGHTS`` before the task's deadline, so that its ``TaskFail`` still
+    lands in time (a late task costs part of its bond; a reported failure does not)."""
     if role == "provider":
-        return task.deadline
+        return task.deadline - PROVIDER_GIVE_UP_HEIGHTS
     return max(task.commit_end, task.window_end, task.reveal_end)
 
 
@@ -213,6 +223,7 @@ class InputBuyer:
                 return kept
             check_buyable(_StateOf(self._read_view()), task, self.address)  # before any spend
             secret, pubkey = generate_wrap_keypair()
+            view = self._read_view()
             kept = {
                 "task": "0x" + task.id.hex(),
                 "role": role,
@@ -222,6 +233,7 @@ class InputBuyer:
                 "publicKey": "0x" + pubkey.hex(),
                 "purchase": None,
                 "createdMs": int(time.time() * 1000),
+                "sentHeight": _head(view),
             }
             save_key_file(self.directory, path.name, kept)
             await self._send(Purchase(ds.id, pubkey, Amount(ds.price)))
@@ -249,7 +261,7 @@ class InputBuyer:
         while True:
             view = self._read_view()
             state = _StateOf(view)
-            head = 0 if view.head is None else int(view.head.height)
+            head = _head(view)
             if pid is None:
                 for candidate in open_purchases(state, self.address, ds.id):
                     record = get_purchase(state, candidate)
@@ -258,6 +270,8 @@ class InputBuyer:
                         kept["purchase"] = "0x" + pid.hex()
                         save_key_file(self.directory, self._file(task, role, ds.id).name, kept)
                         break
+            if pid is None:
+                await self._resend_if_lost(task, role, ds, kept, head)
             record = None if pid is None else get_purchase(state, pid)
             if record is not None:
                 share = next((s for s in record.shares if s.source == ds.id), None)
@@ -286,6 +300,71 @@ class InputBuyer:
                     f"no key for priced input 0x{ds.id.hex()[:16]} by height {until}"
                 )
             await trio.sleep(self._poll)
+
+    async def _resend_if_lost(
+        self, task: tk.Task, role: str, ds: DatasetRecord, kept: dict[str, Any], head: int
+    ) -> None:
+        """Send the kept key's ``Purchase`` again (the same one-off key) when none with that key
+        is in a block ``RESEND_AFTER_HEIGHTS`` after it was sent: it left the pool (dropped, or
+        lost with a restart of the node). The send height is kept in the key file; a file
+        without one counts from the first look. A purchase that was only late lands twice: the
+        first found is used, the other stays an open purchase of the dataset."""
+        from node.economy.purchases import Purchase
+
+        sent = kept.get("sentHeight")
+        if not isinstance(sent, int):
+            kept["sentHeight"] = head
+        elif head >= sent + RESEND_AFTER_HEIGHTS:
+            kept["sentHeight"] = head
+            pubkey = bytes.fromhex(str(kept["publicKey"])[2:])
+            await self._send(Purchase(ds.id, pubkey, Amount(ds.price)))
+            log.warning(
+                "task 0x%s: the purchase of 0x%s as %s is not in a block after %d heights: "
+                "sent again",
+                task.id.hex()[:16],
+                ds.id.hex()[:16],
+                role,
+                head - sent,
+            )
+        else:
+            return
+        async with self._lock:
+            save_key_file(self.directory, self._file(task, role, ds.id).name, kept)
+
+    def forget_ended(self, view: Any) -> list[Path]:
+        """Delete the key files of tasks that ended long enough ago that their purchases can no
+        longer be disputed: past the task's end height + the key-post window + the dispute
+        window + the leaf dispute's (each purchase was made before the task ended, so its key
+        and disputes are over by then). Keys of tasks still running, or unknown, are kept.
+        Returns the files deleted."""
+        from node.economy.api import economy_params
+
+        state = _StateOf(view)
+        head = _head(view)
+        p = economy_params(state)
+        keep = p.key_post_heights + p.dispute_window_heights + p.leaf_dispute_heights
+        gone: list[Path] = []
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return gone
+        for name in names:
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            try:
+                tid = bytes.fromhex(name.split("-", 1)[0])
+            except ValueError:
+                continue
+            task = tk.get_task(state, tid) if len(tid) == 32 else None
+            if task is None or task.state != tk.TaskState.ENDED or head <= task.end_height + keep:
+                continue
+            path = self.directory / name
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            gone.append(path)
+        return gone
 
     def access_request(self, view: Any, root: bytes, grant: Hash32) -> Any:
         """A signed access request for ``root`` under ``grant``, for this node's peer id (None
@@ -341,11 +420,13 @@ def decrypt_to_file(blobs: Any, ds: DatasetRecord, content_key: bytes, dest: Pat
     assert ds.salt is not None
     cipher = dest.with_name(dest.name + ".cipher")
     tmp = dest.with_name(dest.name + ".tmp")
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
     try:
-        with open(cipher, "w+b") as stored:
+        # Both files are the owner's only (mode 0600): the plaintext was paid for.
+        with os.fdopen(os.open(cipher, flags, 0o600), "w+b") as stored:
             export_file(blobs, ds.root, stored)
             stored.seek(0)
-            with open(tmp, "wb") as out:
+            with os.fdopen(os.open(tmp, flags, 0o600), "wb") as out:
                 shutil.copyfileobj(_Limited(stored, LEAF0_BYTES), out)
                 decrypt_stream(
                     content_key,
@@ -374,6 +455,10 @@ class _Limited:
         data: bytes = self._src.read(want)
         self._left -= len(data)
         return data
+
+
+def _head(view: Any) -> int:
+    return 0 if view.head is None else int(view.head.height)
 
 
 class _StateOf:

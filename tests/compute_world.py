@@ -368,10 +368,13 @@ async def _world(
     max_concurrent: int = 1,
     developer: bool = False,
     pause: float = 0.05,
+    run_jobs: dict[int, Any] | None = None,
+    settings_over: dict[int, dict[str, Any]] | None = None,
 ) -> World:
     """The world after two blocks: roles, the dataset, every provider's offer (and, with
     ``developer``, ``DEV``'s MODEL_DEVELOPER role); the agents running. Only ``P`` claims
-    tasks unless ``all_provide``."""
+    tasks unless ``all_provide``. ``run_jobs`` replaces an agent's worker run, ``settings_over``
+    some of its settings."""
     chain = open_chain(MemoryKV(), _genesis())
     pool: Pool | NodePools = NodePools(chain) if node_pools else Pool(chain)
     blobs = BlobStore(tmp_path / "blobs", MemoryKV(), verify=verify_cid_block, quota_bytes=1 << 30)
@@ -393,11 +396,15 @@ async def _world(
             key(i),
             tmp_path / f"node{i}",
             # unless all provide, the others only verify
-            settings if i == P or all_provide else replace(settings, provide=False),
+            replace(
+                settings,
+                provide=i == P or all_provide,
+                **(settings_over or {}).get(i, {}),
+            ),
             blobs=blobs,
             pending_nonce=pool.pending_nonce_for(i),
             drop=pool.drop_for(i),
-            run_job=_sync_run_job,
+            run_job=(run_jobs or {}).get(i, _sync_run_job),
             result_hook=(hooks or {}).get(i),
         )
         for i in providers
