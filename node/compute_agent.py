@@ -80,7 +80,8 @@ MAX_TRACKED = 4096  # watched tasks kept in memory
 SCAN_AT_START = 10_000  # task records read at start to find the open ones
 STATE_FILE = "state"  # what the agent sent and computed, kept across restarts (0600)
 _ABSTAIN = "abstain-"  # a marker in _Local.sent: this node could not re-run that segment
-PROGRESS_SAVE_S = 5.0  # a change of progress alone is saved at most this often
+PROGRESS_SAVE_S = 5.0
+ANNOUNCE_PARALLEL = 8  # DHT provider records of a posted result sent at once  # a change of progress alone is saved at most this often
 STATE_VERSION = 1
 SWEEP_EVERY = 64  # blocks between two looks for files of ended tasks (work dirs, purchase keys)
 MAX_STATE_BYTES = 64 << 20  # a larger state file is refused (it is never that big)
@@ -1125,6 +1126,7 @@ class ComputeAgent:
             await self.send_transaction(body)
             prog.stage, prog.done = "posted", task.steps
             local.posted = True
+            self._start(self._announce, task, [body.output, *(e.cid for e in body.checkpoints)])
         except Exception as exc:  # a task never stops the node
             message = exc.message if isinstance(exc, NeuroSeedError) else repr(exc)
             log.warning("task 0x%s failed: %s", task.id.hex()[:16], message)
@@ -1137,7 +1139,7 @@ class ComputeAgent:
         finally:
             local.running = False
 
-    async def _import(self, path: Path) -> bytes:
+    async def _import(self, path: Path, *, announce: bool = True) -> bytes:
         from node.storage.importer import import_file
 
         if self._blobs is None:
@@ -1149,16 +1151,43 @@ class ComputeAgent:
                 return bytes(import_file(blobs, f).root)
 
         root = await trio.to_thread.run_sync(work)
-        if self._provide is not None:
+        if announce and self._provide is not None:
             await self._provide(root)
         return root
 
+    async def _announce(self, task: tk.Task, roots: list[bytes]) -> None:
+        """Provide a posted result's artifacts (DHT records), several at a time, in the
+        background: the result is in the pool first, and the verifiers, drawn a block after it
+        lands, look for the providers then."""
+        if self._provide is None:
+            return
+        provide = self._provide
+        limiter = trio.CapacityLimiter(ANNOUNCE_PARALLEL)
+
+        async def one(root: bytes) -> None:
+            async with limiter:
+                try:
+                    await provide(root)
+                except Exception as exc:  # the blob store still serves it to a direct ask
+                    log.warning(
+                        "task 0x%s: cannot announce %s…: %r",
+                        task.id.hex()[:16],
+                        root.hex()[:20],
+                        exc,
+                    )
+
+        async with trio.open_nursery() as nursery:
+            for root in dict.fromkeys(roots):
+                nursery.start_soon(one, root)
+
     async def _result_body(self, task: tk.Task, result: Mapping[str, Any]) -> tk.TaskResult:
-        output = await self._import(Path(result["output"]))
+        """The ``TaskResult`` of a finished job, its files imported into the blob store (not
+        yet announced: ``_announce`` runs once the result is sent)."""
+        output = await self._import(Path(result["output"]), announce=False)
         if task.recipe in recipes.TRAINING_RECIPES:
             entries = []
             for c in result["checkpoints"]:
-                cid = await self._import(Path(c["path"]))
+                cid = await self._import(Path(c["path"]), announce=False)
                 entries.append(tk.CheckpointEntry(cid, Hash32(bytes.fromhex(c["sha256"]))))
         else:  # merge / evaluate: the one "checkpoint" is the output itself
             digest = await trio.to_thread.run_sync(_sha256_file, Path(result["output"]))
@@ -1297,7 +1326,10 @@ class ComputeAgent:
     ) -> None:
         segment = task.segment if task.dispute is None else task.dispute.segment
         end = tk.segment_bounds(task, segment).end if to_step is None else to_step
-        key = f"{role}-{segment}-{end}"
+        key = f"{role}-{segment}-{end}"  # the re-run's answer: the same in every dispute
+        # What was sent is per dispute: the same node may referee the same step again in a
+        # later dispute of the task (dispute rounds keep counting across a task's disputes).
+        turn = key if task.dispute is None else f"{key}@{task.dispute.round}"
         prog = self.progress.setdefault(task.id, TaskProgress(role))
         prog.role = role
         if slot.commitment is None:
@@ -1315,23 +1347,23 @@ class ComputeAgent:
                 prog.stage = "re-running"
                 self._compute(task, local, key, segment, end)
                 return
-            if "c" + key in local.sent:
+            if "c" + turn in local.sent:
                 return
-            salt = local.salt.setdefault(key, Hash32(secrets.token_bytes(32)))
+            salt = local.salt.setdefault(turn, Hash32(secrets.token_bytes(32)))
             self._save()  # the salt is on disk before the commitment can be in a block
             commitment = tk.verify_commitment(task.id, self.address, local.answer[key], salt)
             await self.send_transaction(tk.VerifyCommit(task.id, commitment), view)
-            local.sent.add("c" + key)
+            local.sent.add("c" + turn)
             prog.stage = "committed"
             log.info("task 0x%s: %s commitment sent", task.id.hex()[:16], role)
             return
         if slot.state_hash is None and task.commit_end < head + 1 <= task.reveal_end:
-            if "r" + key in local.sent or key not in local.answer or key not in local.salt:
+            if "r" + turn in local.sent or key not in local.answer or turn not in local.salt:
                 return
             await self.send_transaction(
-                tk.VerifyReveal(task.id, local.answer[key], local.salt[key]), view
+                tk.VerifyReveal(task.id, local.answer[key], local.salt[turn]), view
             )
-            local.sent.add("r" + key)
+            local.sent.add("r" + turn)
             prog.stage = "revealed"
             log.info("task 0x%s: %s reveal sent", task.id.hex()[:16], role)
 
