@@ -147,7 +147,9 @@ class NodeConfig:
     # Artifacts (DESIGN §7): the blob store's quota and the local upload endpoint's limits.
     blob_quota_bytes: int = DEFAULT_BLOB_QUOTA_BYTES
     upload_max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
-    upload_remote: bool = False  # serve POST /artifacts (and local-only RPC) to non-loopback callers
+    upload_remote: bool = (
+        False  # serve POST /artifacts (and local-only RPC) to non-loopback callers
+    )
     # The node's operator account: signs its own transactions (key posts, storage deals).
     operator_address: Address | None = None
     operator_password_file: Path | None = None
@@ -160,6 +162,8 @@ class NodeConfig:
     compute_device: str = "cpu"
     compute_threads: int = 1
     compute_price_per_device_second: int = 1
+    compute_claim_margin_heights: int = 10
+    compute_tasks_per_block: int = 512
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -250,6 +254,8 @@ def _validate(c: NodeConfig) -> None:
         "compute_wall_seconds",
         "compute_threads",
         "compute_price_per_device_second",
+        "compute_claim_margin_heights",
+        "compute_tasks_per_block",
     ):
         value = getattr(c, name)
         if type(value) is not int or value < 1:
@@ -337,6 +343,8 @@ _TOML_KEYS: dict[tuple[str, str], str] = {
     ("compute", "device"): "compute_device",
     ("compute", "threads"): "compute_threads",
     ("compute", "price_per_device_second"): "compute_price_per_device_second",
+    ("compute", "claim_margin_heights"): "compute_claim_margin_heights",
+    ("compute", "tasks_per_block"): "compute_tasks_per_block",
     ("log", "level"): "log_level",
 }
 _SECTIONS = sorted({s for s, _ in _TOML_KEYS})

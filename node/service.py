@@ -77,9 +77,17 @@ class Node:
     """The live node behind JSON-RPC (implements ``node.api.NodeAPI``)."""
 
     def __init__(
-        self, chain: ChainService, mempool: Mempool, consensus: ConsensusService,
-        key: crypto.PrivateKey | None, *, network: Any = None, p2p: Any = None, sync: Any = None,
-        artifacts: ArtifactService | None = None, operator: crypto.PrivateKey | None = None,
+        self,
+        chain: ChainService,
+        mempool: Mempool,
+        consensus: ConsensusService,
+        key: crypto.PrivateKey | None,
+        *,
+        network: Any = None,
+        p2p: Any = None,
+        sync: Any = None,
+        artifacts: ArtifactService | None = None,
+        operator: crypto.PrivateKey | None = None,
     ) -> None:
         self.chain = chain
         self.mempool = mempool
@@ -126,7 +134,9 @@ class Node:
             is_validator=address is not None and validators.is_member(address),
             mempool_size=len(self.mempool),
             mempool_bytes=self.mempool.size_bytes,
-            peers=0 if self.network is None else sum(1 for p in self.network.peers() if p.connected),
+            peers=0
+            if self.network is None
+            else sum(1 for p in self.network.peers() if p.connected),
             syncing=False if self.sync is None else bool(self.sync.status().syncing),
             finalized_height=self.chain.head_height,
             consensus_height=int(self.consensus.state.height),
@@ -243,21 +253,33 @@ async def run_node(
 
                 # Range sync is the SyncService's; catch-up keeps votes, commits and pulls.
                 p2p = ConsensusP2P(
-                    network, chain, mempool, consensus,
+                    network,
+                    chain,
+                    mempool,
+                    consensus,
                     catchup_settings=CatchupSettings(serve_sync=False),
                 )
                 # With bootstrap peers, wait a little for one so a restarted or new node syncs
                 # before it starts voting.
                 sync = SyncService(
-                    network, chain, consensus,
+                    network,
+                    chain,
+                    consensus,
                     SyncSettings(initial_peer_wait_s=5.0 if config.p2p_bootstrap_peers else 0.0),
                 )
             artifacts = ArtifactService.open(
                 layout, network, chain.read_view, quota_bytes=config.blob_quota_bytes
             )
             node = Node(
-                chain, mempool, consensus, key, network=network, p2p=p2p, sync=sync,
-                artifacts=artifacts, operator=operator,
+                chain,
+                mempool,
+                consensus,
+                key,
+                network=network,
+                p2p=p2p,
+                sync=sync,
+                artifacts=artifacts,
+                operator=operator,
             )
             server = RpcServer(
                 node,
@@ -354,6 +376,8 @@ async def _start_compute(
         device=config.compute_device,
         threads=config.compute_threads,
         price_per_device_second=config.compute_price_per_device_second,
+        claim_margin_heights=config.compute_claim_margin_heights,
+        tasks_per_block=config.compute_tasks_per_block,
     )
     agent = ComputeAgent(
         node,

@@ -176,6 +176,8 @@ def test_overrides(tmp_path: Path) -> None:
         ("[mempool]\nmax_future_per_sender = -1\n", "mempool.max_future_per_sender"),
         ("[mempool]\nmax_txs = 10\nmax_future_per_sender = 11\n", "max_future_per_sender"),
         ('[log]\nlevel = "verbose"\n', "log.level"),
+        ("[compute]\nclaim_margin_heights = 0\n", "compute.claim_margin_heights"),
+        ("[compute]\ntasks_per_block = -5\n", "compute.tasks_per_block"),
         ("[rpc\n", "TOML"),
     ],
 )
@@ -304,3 +306,12 @@ def test_init_resumes_after_an_interrupted_run(tmp_path: Path) -> None:
 def test_port_zero_means_an_ephemeral_port(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[rpc]\nport = 0\n")
     assert load_config(tmp_path).rpc_port == 0
+
+
+def test_compute_agent_limits_from_toml(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        "[compute]\nclaim_margin_heights = 25\ntasks_per_block = 64\n"
+    )
+    c = load_config(tmp_path)
+    assert (c.compute_claim_margin_heights, c.compute_tasks_per_block) == (25, 64)
+    assert load_config(tmp_path / "other").compute_tasks_per_block == 512  # the default
