@@ -81,7 +81,9 @@ SCAN_AT_START = 10_000  # task records read at start to find the open ones
 STATE_FILE = "state"  # what the agent sent and computed, kept across restarts (0600)
 _ABSTAIN = "abstain-"  # a marker in _Local.sent: this node could not re-run that segment
 PROGRESS_SAVE_S = 5.0
-ANNOUNCE_PARALLEL = 8  # DHT provider records of a posted result sent at once  # a change of progress alone is saved at most this often
+ANNOUNCE_PARALLEL = 8  # DHT provider records of a posted result queued at once
+FETCH_ATTEMPTS = 10  # a verifier's re-run whose inputs are not found yet is tried again ...
+FETCH_RETRY_S = 3.0  # ... this many seconds later (the provider may still be announcing)  # a change of progress alone is saved at most this often
 STATE_VERSION = 1
 SWEEP_EVERY = 64  # blocks between two looks for files of ended tasks (work dirs, purchase keys)
 MAX_STATE_BYTES = 64 << 20  # a larger state file is refused (it is never that big)
@@ -1126,6 +1128,8 @@ class ComputeAgent:
             await self.send_transaction(body)
             prog.stage, prog.done = "posted", task.steps
             local.posted = True
+            # Announced after the result is sent (the records go out a few a second, so 32
+            # checkpoints take seconds); a verifier retries a fetch that finds no provider yet.
             self._start(self._announce, task, [body.output, *(e.cid for e in body.checkpoints)])
         except Exception as exc:  # a task never stops the node
             message = exc.message if isinstance(exc, NeuroSeedError) else repr(exc)
@@ -1156,9 +1160,8 @@ class ComputeAgent:
         return root
 
     async def _announce(self, task: tk.Task, roots: list[bytes]) -> None:
-        """Provide a posted result's artifacts (DHT records), several at a time, in the
-        background: the result is in the pool first, and the verifiers, drawn a block after it
-        lands, look for the providers then."""
+        """Provide a posted result's artifacts (DHT records) in the background; the host paces
+        its announcements (``provide_interval_s``)."""
         if self._provide is None:
             return
         provide = self._provide
@@ -1182,7 +1185,7 @@ class ComputeAgent:
 
     async def _result_body(self, task: tk.Task, result: Mapping[str, Any]) -> tk.TaskResult:
         """The ``TaskResult`` of a finished job, its files imported into the blob store (not
-        yet announced: ``_announce`` runs once the result is sent)."""
+        yet announced: see ``_announce``)."""
         output = await self._import(Path(result["output"]), announce=False)
         if task.recipe in recipes.TRAINING_RECIPES:
             entries = []
@@ -1298,7 +1301,25 @@ class ComputeAgent:
 
         async def work() -> None:
             try:
-                local.answer[key] = await self._state_hash_at(task, segment, to_step, key)
+                for attempt in range(1, FETCH_ATTEMPTS + 1):
+                    try:
+                        local.answer[key] = await self._state_hash_at(task, segment, to_step, key)
+                        break
+                    except InputNotBought:
+                        raise
+                    except InputUnavailable as exc:
+                        # The provider announces its checkpoints after posting the result, a
+                        # few a second: the one this segment starts from may not be found yet.
+                        if attempt == FETCH_ATTEMPTS:
+                            raise
+                        log.info(
+                            "task 0x%s: %s (try %d of %d)",
+                            task.id.hex()[:16],
+                            exc.message,
+                            attempt,
+                            FETCH_ATTEMPTS,
+                        )
+                        await trio.sleep(FETCH_RETRY_S)
             except Exception as exc:
                 # Nothing was computed (a priced input not bought, a fetch that failed, this
                 # node's memory, wall time, disk or process): abstain. A hash standing for
