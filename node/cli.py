@@ -599,6 +599,10 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     if args.validators < 1 or args.nodes < 0:
         raise CliError("--validators must be at least 1 and --nodes at least 0")
     if args.validators == 1 and args.nodes == 0:
+        if getattr(args, "provide_compute", False):
+            raise CliError(
+                "--provide-compute runs the compute agent on the full nodes: use --nodes 1 or more"
+            )
         return _devnet_single(args)
     return _devnet_multi(args)
 
@@ -749,7 +753,13 @@ def _devnet_multi(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    code = DevnetSupervisor(plan, on_up=on_up, on_all_up=on_all_up, on_exit=on_exit).run()
+    code = DevnetSupervisor(
+        plan,
+        on_up=on_up,
+        on_all_up=on_all_up,
+        on_exit=on_exit,
+        provide_compute=bool(getattr(args, "provide_compute", False)),
+    ).run()
     if code != EXIT_OK:
         raise CliError("every devnet node exited; see their logs")
     print("devnet stopped", file=sys.stderr)
@@ -1378,7 +1388,10 @@ def cmd_dataset_buy(args: argparse.Namespace) -> int:
             },
         )
         chain_holder["purchase"] = pid
-        return [("purchase", pid, "purchase id", pid), ("dataset", record["id"], "dataset", record["id"])]
+        return [
+            ("purchase", pid, "purchase id", pid),
+            ("dataset", record["id"], "dataset", record["id"]),
+        ]
 
     code = _sign_send_wait(args, body, [], spend=price, on_nonce=on_nonce)
     if code == EXIT_OK and args.wait and not args.no_wait:
@@ -1388,7 +1401,9 @@ def cmd_dataset_buy(args: argparse.Namespace) -> int:
         with _client(args) as client:
             _wait_for_keys(client, pid, args.timeout)
         if not args.json:
-            print(f"key posted for purchase {pid}; fetch with `neuroseed dataset get {record['id']}`")
+            print(
+                f"key posted for purchase {pid}; fetch with `neuroseed dataset get {record['id']}`"
+            )
     return code
 
 
@@ -1403,10 +1418,14 @@ def _wait_for_keys(client: Client, pid: str, timeout: float) -> dict[str, Any]:
             for s in purchase.get("shares", [])
         ):
             return purchase
-        if purchase is not None and any(int(s.get("state", 0)) in (4, 5) for s in purchase["shares"]):
+        if purchase is not None and any(
+            int(s.get("state", 0)) in (4, 5) for s in purchase["shares"]
+        ):
             raise CliError(f"purchase {pid} was refunded: the owner did not post the key in time")
         if time.monotonic() > deadline:
-            raise CliError(f"no key posted for purchase {pid} within {timeout:g} s; try again later")
+            raise CliError(
+                f"no key posted for purchase {pid} within {timeout:g} s; try again later"
+            )
         time.sleep(0.5)
 
 
@@ -1531,13 +1550,17 @@ def _run_fetch(client: Client, src: _Source, timeout: float, label: str) -> None
         while job["state"] == "running":
             bar(int(job.get("bytesFetched") or 0))
             if time.monotonic() > deadline:
-                raise CliError(f"the fetch did not finish within {timeout:g} s; run again to resume")
+                raise CliError(
+                    f"the fetch did not finish within {timeout:g} s; run again to resume"
+                )
             time.sleep(FETCH_POLL_S)
             job = client.fetch_status(job["job"])
     finally:
         bar.close()
     if job["state"] != "done":
-        raise CliError(f"fetching {src.record.get('rootCid') or src.record['id']} failed: {job.get('error')}")
+        raise CliError(
+            f"fetching {src.record.get('rootCid') or src.record['id']} failed: {job.get('error')}"
+        )
 
 
 class _SliceReader:
@@ -1618,9 +1641,7 @@ def _download_whole(client: Client, src: _Source, out: Path) -> int:
     try:
         if have < size:
             with open(part, "ab") as fh:
-                client.download_artifact(
-                    src.root, fh, start=have, progress=lambda n: bar(have + n)
-                )
+                client.download_artifact(src.root, fh, start=have, progress=lambda n: bar(have + n))
     finally:
         bar.close()
     if part.stat().st_size != size:
@@ -1686,7 +1707,9 @@ def cmd_dataset_get(args: argparse.Namespace) -> int:
             for src, start, end in plan:
                 for r in row_byte_ranges(src.header, start, end, names):
                     assert src.leaves is not None
-                    src.leaves.update(leaves_for_data_range(r.begin, r.end, encrypted=src.encrypted))
+                    src.leaves.update(
+                        leaves_for_data_range(r.begin, r.end, encrypted=src.encrypted)
+                    )
             unique = list(sources.values())
             _content_keys(args, client, record, unique)
             for i, src in enumerate(unique):
@@ -2479,6 +2502,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEVNET_NODES,
         help=f"full (non-validator) nodes (default {DEVNET_NODES})",
+    )
+    p.add_argument(
+        "--provide-compute",
+        action="store_true",
+        help="the full nodes run the compute agent with their operator accounts (register the "
+        "compute_provider role and send `compute offer` to start claiming tasks)",
     )
     p.add_argument("--rpc-host", metavar="HOST", help="JSON-RPC listen host (default 127.0.0.1)")
     p.add_argument(

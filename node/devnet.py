@@ -402,9 +402,11 @@ class _Child:
     exited: bool = False
 
 
-def node_command(datadir: Path) -> list[str]:
-    """The command line of one node process."""
-    return [sys.executable, "-m", "node", "--datadir", str(datadir), "run"]
+def node_command(datadir: Path, *, provide_compute: bool = False) -> list[str]:
+    """The command line of one node process (``provide_compute``: it runs the compute agent
+    with its operator account)."""
+    cmd = [sys.executable, "-m", "node", "--datadir", str(datadir), "run"]
+    return [*cmd, "--provide-compute"] if provide_compute else cmd
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -435,8 +437,10 @@ class DevnetSupervisor:
         on_up: Callable[[NodeUp], None],
         on_all_up: Callable[[list[NodeUp]], None],
         on_exit: Callable[[DevnetNode, int, str], None],
+        provide_compute: bool = False,
     ) -> None:
         self.plan = plan
+        self._provide_compute = provide_compute  # the full nodes run the compute agent
         self._on_up = on_up
         self._on_all_up = on_all_up
         self._on_exit = on_exit
@@ -466,7 +470,9 @@ class DevnetSupervisor:
             log = open(n.log_path, "ab")  # noqa: SIM115 - closed in _stop_all
             try:
                 proc = subprocess.Popen(
-                    node_command(n.datadir),
+                    node_command(
+                        n.datadir, provide_compute=self._provide_compute and not n.is_validator
+                    ),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=log,

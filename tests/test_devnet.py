@@ -102,3 +102,19 @@ def test_cli_devnet_init_only_and_layout_checks(
     assert "100" in summary["devKeys"] and "1" in summary["devKeys"]
     assert main([*args[:-1], "--validators", "1", "--nodes", "0"]) == 1
     assert "multi-node devnet" in capsys.readouterr().err
+
+
+def test_devnet_provide_compute_runs_the_agent_on_full_nodes_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.devnet import node_command
+
+    plain = node_command(tmp_path / "node4")
+    assert plain[-1] == "run" and "--provide-compute" not in plain
+    assert node_command(tmp_path / "node4", provide_compute=True)[-2:] == [
+        "run",
+        "--provide-compute",
+    ]
+    single = ["devnet", "--datadir", str(tmp_path / "s"), "--init-only", "--provide-compute"]
+    assert main([*single, "--validators", "1", "--nodes", "0"]) == 1
+    assert "full nodes" in capsys.readouterr().err
