@@ -126,11 +126,36 @@ def with_default_checkpoints(recipe: str, tree: dict[str, Any]) -> dict[str, Any
     return {**tree, "checkpoint_every": -(-steps // DEFAULT_CHECKPOINTS)}
 
 
+_ID_FIELDS = ("dataset", "val_dataset", "model", "base")  # one id each
+_ID_LIST_FIELDS = ("parents", "datasets")  # lists of ids
+
+
+def _plain_id(value: Any) -> Any:
+    """An id as the schema wants it (lowercase hex, no ``0x``): the CLI prints ids with the
+    prefix, so a parameters file may hold them either way."""
+    if isinstance(value, str) and value[:2] in ("0x", "0X"):
+        return value[2:].lower()
+    return value
+
+
+def normalize_ids(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with its dataset and model ids written as the schema wants them."""
+    out = dict(tree)
+    for name in _ID_FIELDS:
+        if name in out:
+            out[name] = _plain_id(out[name])
+    for name in _ID_LIST_FIELDS:
+        if isinstance(out.get(name), list):
+            out[name] = [_plain_id(v) for v in out[name]]
+    return out
+
+
 def canonical_task_params(recipe: str, tree: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     """The canonical parameter bytes and their parsed, checked form (``CliError`` naming the
-    field on the first schema rule broken)."""
+    field on the first schema rule broken). Ids may be written with ``0x``, as the CLI prints
+    them."""
     try:
-        raw = recipes.canonical_params(tree)
+        raw = recipes.canonical_params(normalize_ids(tree))
         parsed = recipes.validate_task_params(recipe, raw)
     except recipes.UnknownRecipe as exc:
         raise _cli.CliError(f"--recipe: {exc.message}") from None

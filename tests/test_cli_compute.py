@@ -84,6 +84,19 @@ def test_params_are_canonicalised_and_checked_locally() -> None:
         canonical_task_params("train", {**PARAMS, "steps": -3})
     with pytest.raises(cli.CliError, match="field 'code'"):
         canonical_task_params("train", {**PARAMS, "code": "import os"})
+    # ids as the CLI prints them (0x, any case) are the same parameters
+    prefixed, _ = canonical_task_params("train", {**PARAMS, "dataset": "0x" + "AB" * 32})
+    assert prefixed == raw
+    merge = {
+        "method": "task_arithmetic",
+        "parents": ["0x" + "aa" * 32, "bb" * 32],
+        "base": "0X" + "cc" * 32,
+        "coefficients": [0.5, 0.5],
+    }
+    _raw, parsed_merge = canonical_task_params("merge", merge)
+    assert parsed_merge["parents"] == ["aa" * 32, "bb" * 32] and parsed_merge["base"] == "cc" * 32
+    with pytest.raises(cli.CliError, match="field 'dataset'"):
+        canonical_task_params("train", {**PARAMS, "dataset": "0xnothex"})
 
 
 def test_default_checkpoint_policy() -> None:
