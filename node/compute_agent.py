@@ -551,26 +551,28 @@ class ComputeAgent:
         self._save()
         await self._sweep(view)
 
-    def _save(self) -> None:
+    def _save(self) -> bool:
         """Write the state file when what it holds changed (atomic; mode 0600). A write that
-        fails is logged, never raised: the agent goes on and tries again on the next change."""
+        fails is logged, never raised: the agent goes on and tries again on the next change.
+        True when the file holds the tasks' state as it is now (progress may lag)."""
         raw = encode_state(self._local, self.progress)
         if raw == self._saved:
-            return
+            return True
         # What must survive a stop (claims, salts, what was sent) is written at once; a change
         # of progress alone (step counts, several a second while a task runs) at most every
         # PROGRESS_SAVE_S, so a running task does not fsync at every poll.
         tasks = encode_state(self._local, {})
         now = time.monotonic()
         if tasks == self._saved_tasks and now - self._saved_at < PROGRESS_SAVE_S:
-            return
+            return True
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             write_state_file(self._state_path, raw)
         except OSError as exc:
             log.error("compute agent: cannot save %s: %s", self._state_path, exc)
-            return
+            return False
         self._saved, self._saved_tasks, self._saved_at = raw, tasks, now
+        return True
 
     def _keep_result(self, local: _Local, body: tk.TaskResult) -> None:
         """Remember the result about to be posted (saved first: a stop after this point posts
@@ -1371,7 +1373,8 @@ class ComputeAgent:
             if "c" + turn in local.sent:
                 return
             salt = local.salt.setdefault(turn, Hash32(secrets.token_bytes(32)))
-            self._save()  # the salt is on disk before the commitment can be in a block
+            if not self._save():  # the salt is on disk before the commitment can be in a block
+                return  # not committed: a restart could not reveal it; tried again next block
             commitment = tk.verify_commitment(task.id, self.address, local.answer[key], salt)
             await self.send_transaction(tk.VerifyCommit(task.id, commitment), view)
             local.sent.add("c" + turn)

@@ -272,3 +272,26 @@ async def test_a_provider_restarted_mid_task_finishes_it(
         assert w.net(h.P) - before[h.P] == h.PRICE_PER_DEVICE_SECOND * h.WALL
         assert w.net(h.V1) - before[h.V1] == h.VERIFIER_FEE
         outer.cancel_scope.cancel()
+
+
+def test_a_failed_save_is_reported_so_no_commitment_goes_out_unsaved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``_save`` says whether the tasks' state is on disk: ``_verify`` sends a commitment only
+    after its salt was saved (a restart could not reveal an unsaved one)."""
+    import node.compute_agent as ca
+
+    agent = _agent(tmp_path)
+    agent._local[T1] = _Local(salt={"verify-0-20": Hash32(b"\x5a" * 32)})
+
+    def broken(path: Path, raw: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ca, "write_state_file", broken)
+    with caplog.at_level(logging.ERROR):
+        assert agent._save() is False
+    assert "cannot save" in caplog.text
+    monkeypatch.undo()
+    assert agent._save() is True
+    assert read_state_file(tmp_path / "compute" / STATE_FILE)[0][T1].salt == agent._local[T1].salt
+    assert agent._save() is True  # nothing changed: still on disk
