@@ -22,7 +22,6 @@ script, this module only says so (``make bench`` runs every file in ``benchmarks
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -39,6 +38,8 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages come first
     sys.path.insert(0, str(REPO))
+
+from node.devnet import die_with_parent  # noqa: E402
 
 if TYPE_CHECKING:
     from node.crypto import PrivateKey
@@ -101,23 +102,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn``: Linux sends the child SIGTERM when the benchmark dies (even by
-    SIGKILL), so no node outlives it; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
-
-
 class Proc:
     """One child process; its stdout is read line by line, its stderr appended to ``log_path``."""
 
@@ -133,7 +117,7 @@ class Proc:
                 stderr=self._log,
                 env=child_env(),
                 cwd=REPO,
-                preexec_fn=_die_with_parent(),  # nodes start before any thread here
+                preexec_fn=die_with_parent(),  # nodes start before any thread here
             )
         except BaseException:
             self._log.close()

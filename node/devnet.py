@@ -409,9 +409,9 @@ def node_command(datadir: Path, *, provide_compute: bool = False) -> list[str]:
     return [*cmd, "--provide-compute"] if provide_compute else cmd
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` asking Linux to SIGTERM the child when this process dies, so a devnet
-    killed with SIGKILL leaves no nodes behind; None elsewhere."""
+    (or a benchmark) killed with SIGKILL leaves no nodes behind; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -464,7 +464,7 @@ class DevnetSupervisor:
 
     def _start_all(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "NEUROSEED_DATADIR"}
-        preexec = _die_with_parent()
+        preexec = die_with_parent()
         # Every child is forked before any thread exists here (preexec_fn is not thread-safe).
         for n in self.plan.nodes:
             log = open(n.log_path, "ab")  # noqa: SIM115 - closed in _stop_all
