@@ -242,11 +242,12 @@ def test_recipe_rules_are_checked_before_reading(parents: Path, tmp_path: Path) 
 
 def test_no_torch_load_or_pickle_in_node() -> None:
     """Nothing in the node deserializes pickles: no torch.load, pickle, marshal, shelve, dill,
-    joblib, numpy's allow_pickle or weights_only=False."""
+    joblib, numpy's allow_pickle or weights_only=False; no eval or exec either."""
     forbidden = re.compile(
         r"torch\.load\s*\(|\bimport\s+(c?pickle|marshal|shelve|dill|joblib)\b"
         r"|\bfrom\s+(c?pickle|marshal|shelve|dill|joblib)\b|\bpickle\.\w+\s*\("
         r"|allow_pickle\s*=\s*True|weights_only\s*=\s*False|\bload_pickle\b"
+        r"|(?<![.\w])(eval|exec)\s*\("  # the builtins; model.eval() is torch's inference mode
     )
     hits = []
     for path in sorted((ROOT / "node").rglob("*.py")):
@@ -260,5 +261,8 @@ def test_no_torch_load_or_pickle_in_node() -> None:
         "import pickle",
         "from pickle import loads",
         "pickle.loads(b)",
+        "eval(text)",
+        "x = exec(code)",
     ):
         assert forbidden.search(line), line
+    assert not forbidden.search("model.eval()")  # torch's inference mode, not the builtin
