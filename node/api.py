@@ -91,6 +91,18 @@ class ChainReadView(Protocol):
         ...
 
 
+class ViewState:
+    """A ``ChainReadView`` as the ``StateView`` (``get``) that the economy's read helpers take."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: ChainReadView) -> None:
+        self._view = view
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._view.get_state(key)
+
+
 class NodeAPI(Protocol):
     def read_view(self) -> ChainReadView: ...
 

@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 
 import trio
 
+from node.api import ViewState
 from node.economy.datasets import get_dataset_by_root
 from node.economy.models import get_model_by_root
 from node.encoding import Record, limit
@@ -397,19 +398,6 @@ def leaf0_cid(store: BlobStore, root: bytes) -> bytes | None:
 StateGetter = Callable[[bytes], "bytes | None"]
 
 
-class _StateOf:
-    """A ``ChainReadView`` as the ``StateView`` (``get``) the economy helpers read."""
-
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
-
-
 @dataclass(frozen=True, slots=True)
 class _RootInfo:
     leaf0: bytes | None
@@ -444,7 +432,7 @@ class ChainPolicy:
         if known is not None:
             self._priced.move_to_end(root)
             return known
-        state = _StateOf(self._read_view())
+        state = ViewState(self._read_view())
         record: Any = get_dataset_by_root(state, root)
         if record is None:
             record = get_model_by_root(state, root)  # priced models are encrypted the same way
@@ -476,10 +464,10 @@ class ChainPolicy:
         return self.grant_covers(bytes(access.grant_id), bytes(access.address), root)
 
     def grant_covers(self, grant: bytes, address: bytes, root: bytes) -> bool:
-        return _grant_covers(_StateOf(self._read_view()), grant, address, root)
+        return _grant_covers(ViewState(self._read_view()), grant, address, root)
 
 
-def _grant_covers(state: _StateOf, grant: bytes, address: bytes, root: bytes) -> bool:
+def _grant_covers(state: ViewState, grant: bytes, address: bytes, root: bytes) -> bool:
     """Does the on-chain grant ``grant`` give ``address`` the blocks of ``root``: a purchase by
     that buyer covering the root, or a live storage deal of that provider for it."""
     from node.economy.deals import DealState, get_deal

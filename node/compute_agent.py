@@ -62,6 +62,7 @@ import msgpack
 import trio
 
 from node import crypto
+from node.api import ViewState
 from node.compute import recipes
 from node.consensus import fees
 from node.consensus.txs import decode_transaction, make_transaction, verify_transaction
@@ -196,17 +197,6 @@ Fetch = Callable[[bytes], Awaitable[None]]  # make a root complete in the blob s
 Provide = Callable[[bytes], Awaitable[None]]
 Drop = Callable[[Hash32], bool]  # forget one of our transactions in the local mempool
 RunJob = Callable[..., Awaitable[dict[str, Any]]]
-
-
-class _ViewState:
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
 
 
 def _head(view: Any) -> int:
@@ -524,7 +514,7 @@ class ComputeAgent:
         post again a result built before the stop while the task still waits for it (the
         node's mempool did not survive). A claimed task whose run was cut starts again in
         ``_step``, unless its deadline has passed."""
-        state = _ViewState(view)
+        state = ViewState(view)
         head = _head(view)
         for tid in list(self._local):
             task = tk.get_task(state, tid)
@@ -603,7 +593,7 @@ class ComputeAgent:
         claims only tasks of its class, and verifiers and referees are drawn from the task's
         class), else the configured or probed one; None while neither is known (no offer: the
         node can neither claim nor be drawn)."""
-        record = tk.get_provider(_ViewState(view), self.address)
+        record = tk.get_provider(ViewState(view), self.address)
         return record.platform_class if record is not None else self._platform
 
     def _watch(self, task_id: Hash32) -> None:
@@ -689,7 +679,7 @@ class ComputeAgent:
 
     def provider_record(self, view: Any | None = None) -> tk.ComputeProvider | None:
         view = self._chain.read_view() if view is None else view
-        return tk.get_provider(_ViewState(view), self.address)
+        return tk.get_provider(ViewState(view), self.address)
 
     # --- every block -------------------------------------------------------------------------
 
@@ -714,7 +704,7 @@ class ComputeAgent:
             start = self._cursor % len(ids)
             batch += [ids[(start + i) % len(ids)] for i in range(count)]
             self._cursor = (start + count) % len(ids)
-        state = _ViewState(view)
+        state = ViewState(view)
         for tid in batch:
             task = tk.get_task(state, tid)
             if task is None:
@@ -924,7 +914,7 @@ class ComputeAgent:
         """Remove what ended tasks left behind: the work directories of tasks ended or unknown
         (not among the saved ones) and, once their purchases can no longer be disputed, the
         one-off purchase keys (``InputBuyer.forget_ended``)."""
-        state = _ViewState(view)
+        state = ViewState(view)
         with contextlib.suppress(OSError):
             for entry in os.scandir(self._dir):
                 if len(entry.name) != 64 or not entry.is_dir(follow_symlinks=False):
@@ -1005,7 +995,7 @@ class ComputeAgent:
 
     async def _job_inputs(self, view: Any, task: tk.Task, work: Path) -> dict[str, Any]:
         """The job fields naming local files of the task's inputs (fetched and exported)."""
-        state = _ViewState(view)
+        state = ViewState(view)
         p = recipes.validate_task_params(task.recipe, task.params)
         files: dict[bytes, Path] = {}
         specs: dict[bytes, Any] = {}
@@ -1422,7 +1412,7 @@ class ComputeAgent:
             chain_id = view.chain.chain_id
             draft = make_transaction(self._key, chain_id, nonce, 0, body).encode()
             vtx = await trio.to_thread.run_sync(verify_transaction, draft)
-            cost = fees.cost_of(view.params, _ViewState(view), vtx)
+            cost = fees.cost_of(view.params, ViewState(view), vtx)
             fee = cost + cost // max(1, self.settings.fee_tip_divisor)
             signed = make_transaction(self._key, chain_id, nonce, fee, body)
             tx_id = await self._submit(signed.encode())

@@ -47,6 +47,7 @@ from typing import Any
 import trio
 
 from node import crypto
+from node.api import ViewState
 from node.consensus.state import get_account
 from node.economy import tasks as tk
 from node.economy.api import Role
@@ -221,7 +222,7 @@ class InputBuyer:
             kept = _read_key_file(path)
             if kept is not None:
                 return kept
-            check_buyable(_StateOf(self._read_view()), task, self.address)  # before any spend
+            check_buyable(ViewState(self._read_view()), task, self.address)  # before any spend
             secret, pubkey = generate_wrap_keypair()
             view = self._read_view()
             kept = {
@@ -260,7 +261,7 @@ class InputBuyer:
             pid = Hash32(bytes.fromhex(str(kept["purchase"])[2:]))
         while True:
             view = self._read_view()
-            state = _StateOf(view)
+            state = ViewState(view)
             head = _head(view)
             if pid is None:
                 for candidate in open_purchases(state, self.address, ds.id):
@@ -339,7 +340,7 @@ class InputBuyer:
         Returns the files deleted."""
         from node.economy.api import economy_params
 
-        state = _StateOf(view)
+        state = ViewState(view)
         head = _head(view)
         p = economy_params(state)
         keep = p.key_post_heights + p.dispute_window_heights + p.leaf_dispute_heights
@@ -459,14 +460,3 @@ class _Limited:
 
 def _head(view: Any) -> int:
     return 0 if view.head is None else int(view.head.height)
-
-
-class _StateOf:
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from node import crypto
+from node.api import ViewState
 from node.artifact_service import ContentKeyStore
 from node.consensus.txs import decode_transaction
 from node.economy.api import EconomyKind, economy_params
@@ -53,17 +54,6 @@ class KeyAgentSettings:
     max_lookback: int = 10_000  # blocks scanned at start at most
 
 
-class _ViewState:
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
-
-
 class KeyAgent:
     """See the module docstring. ``run`` in the node's nursery; ``send`` signs a body with the
     operator key and submits it (the storage agent's ``send_transaction``, so one lock orders the
@@ -90,9 +80,7 @@ class KeyAgent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         view = self._chain.read_view()
         head = _head(view)
-        lookback = min(
-            economy_params(_ViewState(view)).key_post_heights, self.settings.max_lookback
-        )
+        lookback = min(economy_params(ViewState(view)).key_post_heights, self.settings.max_lookback)
         self.scanned_height = max(0, head - lookback)
         task_status.started()
         while True:
@@ -137,7 +125,7 @@ class KeyAgent:
 
     async def serve_purchase(self, view: Any, purchase: bytes, height: int) -> int:
         """Post the keys of every share of ``purchase`` this node owes; returns how many."""
-        state = _ViewState(view)
+        state = ViewState(view)
         record = get_purchase(state, purchase)
         if record is None:
             return 0
@@ -183,7 +171,7 @@ class KeyAgent:
         return posted
 
     async def _resend(self, view: Any, head: int) -> None:
-        state = _ViewState(view)
+        state = ViewState(view)
         for key_id, sent_at in list(self._sent.items()):
             purchase, source = key_id
             record = get_purchase(state, purchase)

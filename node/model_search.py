@@ -49,6 +49,7 @@ from typing import Any
 
 import trio
 
+from node.api import ViewState
 from node.economy.api import NS_MODEL, EconomyKind
 from node.economy.models import ModelRecord, ModelRegister, get_model, model_id
 from node.errors import NeuroSeedError
@@ -550,19 +551,6 @@ def _with_terms(hit: SearchHit, terms: Sequence[str]) -> SearchHit:
 # --- keeping the index up to date in the node ------------------------------------------------------
 
 
-class _ViewState:
-    """A ``ChainReadView`` as the ``StateView`` the economy readers take."""
-
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
-
-
 def _head(view: Any) -> int:
     return 0 if view.head is None else int(view.head.height)
 
@@ -583,7 +571,7 @@ def registered_in_block(view: Any, height: int) -> list[ModelProfile]:
     block = view.get_block(height)
     if block is None:
         return []
-    state = _ViewState(view)
+    state = ViewState(view)
     out = []
     for raw in block.txs:
         try:
@@ -663,7 +651,7 @@ class ModelSearchService:
         found = self.index.get(model)
         if found is not None:
             return found
-        record = get_model(_ViewState(view), model)
+        record = get_model(ViewState(view), model)
         return None if record is None else profile_of(record)
 
     def search(self, query: SearchQuery, view: Any) -> SearchPage:

@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar, cast
 import trio
 
 from node import crypto
+from node.api import ViewState
 from node.consensus import fees
 from node.consensus.state import StateView
 from node.consensus.txs import make_transaction, verify_transaction
@@ -341,19 +342,6 @@ PendingNonce = Callable[[Address], Awaitable[int]]
 Progress = Callable[[int, int], None]
 
 
-class _ViewState:
-    """A read view as the ``StateView`` the economy's read helpers take."""
-
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
-
-
 def _head_height(view: Any) -> int:
     head = view.head
     return 0 if head is None else int(head.height)
@@ -566,7 +554,7 @@ class StorageAgent:
             return _error(exc)
 
     def provider_info(self) -> ProviderInfo:
-        state = _ViewState(self._chain.read_view())
+        state = ViewState(self._chain.read_view())
         offer = dl.get_offer(state, self.address)
         free = 0
         if offer is not None:
@@ -606,7 +594,7 @@ class StorageAgent:
         """Raise the specific error for terms this provider would not sign now (before any
         replica byte is accepted; the root is checked at the end of the upload)."""
         view = self._chain.read_view()
-        state = _ViewState(view)
+        state = ViewState(view)
         head = _head_height(view)
         if terms.provider != self.address:
             raise dl.InvalidDealTerms(
@@ -843,7 +831,7 @@ class StorageAgent:
         start = self._cursor % len(ids)
         batch = [ids[(start + i) % len(ids)] for i in range(count)]
         self._cursor = (start + count) % len(ids)
-        state = _ViewState(view)
+        state = ViewState(view)
         sent: list[Hash32] = []
         for deal_id in batch:
             local = self._deals.get(deal_id)
@@ -922,7 +910,7 @@ class StorageAgent:
             # The size does not depend on the fee (a fixed-width uint256): price a draft.
             draft = make_transaction(self._key, chain_id, nonce, 0, body).encode()
             vtx = await trio.to_thread.run_sync(verify_transaction, draft)
-            cost = fees.cost_of(view.params, _ViewState(view), vtx)
+            cost = fees.cost_of(view.params, ViewState(view), vtx)
             fee = cost + cost // max(1, self.settings.fee_tip_divisor)
             signed = make_transaction(self._key, chain_id, nonce, fee, body)
             tx_id = await self._submit(signed.encode())
@@ -997,7 +985,7 @@ class StorageAgent:
                 f"{len(missing)} blocks of the artifact are missing locally; fetch it first"
             )
         view = self._chain.read_view()
-        state = _ViewState(view)
+        state = ViewState(view)
         offer = dl.get_offer(state, provider)
         if offer is None:
             raise dl.OfferNotFound(f"provider 0x{provider.hex()} has no storage offer")

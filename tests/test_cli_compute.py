@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from node import cli, cli_compute, cli_models
+from node.api import ViewState
 from node.cli_compute import (
     DEFAULT_CHECKPOINTS,
     OFFER_TIMEOUT_S,
@@ -41,7 +42,6 @@ from node.storage import MemoryKV
 from node.types import NSD, ZERO_HASH, Amount, Hash32
 from rpc import client as rpc_client
 from rpc.client import Client
-from rpc.methods.compute import _StateOf
 from rpc.server import RpcServer
 from tests.helpers import FEES, addr, key, make_genesis, open_chain
 from tests.rpc.conftest import LIMITS
@@ -343,7 +343,7 @@ async def test_the_escrow_shown_is_what_the_chain_locks(url: str, market: Market
     assert [(i.kind, bytes(i.ref)) for i in body.inputs] == [(tk.InputKind.DATASET, market.priced)]
     tid = tk.task_id(addr(REQ_B), market.nonces.get(REQ_B, 0))
     market.block((REQ_B, body))
-    task = tk.get_task(_StateOf(market.read_view()), tid)
+    task = tk.get_task(ViewState(market.read_view()), tid)
     assert task is not None and task.input_allowance > 0
     assert (
         escrow == task.escrow == tk.escrow_for(DEFAULT_ECONOMY_PARAMS, body, task.input_allowance)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from node.api import ViewState
 from node.artifact_service import ArtifactInfo, ArtifactsDisabled, FetchJob, UploadResult
 from node.economy.api import NS_DATASET, Role
 from node.economy.datasets import DatasetRecord, dataset_key, get_dataset, get_dataset_by_root
@@ -166,23 +167,10 @@ def _role_name(role: int) -> str | None:
 
 def _lookup_dataset(ctx: Context, value: Any, name: str) -> DatasetRecord | None:
     view = ctx.node.read_view()
-    state = _State(view)
+    state = ViewState(view)
     if isinstance(value, str) and value.startswith(("0x", "0X")) and len(value) == 66:
         return get_dataset(state, parse_hash(value, name))
     return get_dataset_by_root(state, parse_root(value, name))
-
-
-class _State:
-    """A ``ChainReadView`` as the ``StateView`` the economy readers take."""
-
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
 
 
 def ns_get_dataset(ctx: Context, params: Any) -> dict[str, Any] | None:
@@ -250,7 +238,7 @@ def ns_list_datasets(ctx: Context, params: Any) -> dict[str, Any]:
 def ns_get_roles(ctx: Context, params: Any) -> dict[str, Any]:
     p = Params(params, ("address",))
     address = parse_address(p[0], "address")
-    entries = get_roles(_State(ctx.node.read_view()), address)
+    entries = get_roles(ViewState(ctx.node.read_view()), address)
     roles = []
     for e in entries:
         item = record_to_json(e)
@@ -264,7 +252,7 @@ def ns_get_purchase(ctx: Context, params: Any) -> dict[str, Any] | None:
     purchase_id = parse_hash(p[0], "purchase")
     from node.economy.purchases import get_purchase
 
-    record = get_purchase(_State(ctx.node.read_view()), purchase_id)
+    record = get_purchase(ViewState(ctx.node.read_view()), purchase_id)
     if record is None:
         return None
     out = record_to_json(record)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from node.api import ViewState
 from node.compute_agent import ComputeAgent, ComputeAgentDisabled
 from node.economy import tasks as tk
 from node.types import Address, Hash32
@@ -31,17 +32,6 @@ from rpc.schema import (
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_SCAN = 10_000
-
-
-class _StateOf:
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
 
 
 def _opt(b: bytes | None) -> str | None:
@@ -159,7 +149,7 @@ def _agent_or_none(ctx: Context) -> ComputeAgent | None:
 def ns_get_task(ctx: Context, params: Any) -> dict[str, Any] | None:
     p = Params(params, ("taskId",))
     tid = parse_hash(p[0], "taskId")
-    t = tk.get_task(_StateOf(ctx.node.read_view()), tid)
+    t = tk.get_task(ViewState(ctx.node.read_view()), tid)
     if t is None:
         return None
     agent = _agent_or_none(ctx)
@@ -247,7 +237,7 @@ def list_providers(
     """Providers after ``cursor`` (address order), of ``platform_class`` when given, at most
     ``limit``, reading at most ``limit`` provider records (and, with a class, its list); and the
     cursor to go on from (None at the end)."""
-    state = _StateOf(view)
+    state = ViewState(view)
     if platform_class is not None:
         listed = sorted(bytes(a) for a in tk.class_providers(state, platform_class))
         after = [a for a in listed if cursor is None or a > bytes(cursor)]
@@ -301,7 +291,7 @@ def ns_list_providers(ctx: Context, params: Any) -> dict[str, Any]:
 def ns_get_provider(ctx: Context, params: Any) -> dict[str, Any] | None:
     p = Params(params, ("provider",))
     who = parse_address(p[0], "provider")
-    rec = tk.get_provider(_StateOf(ctx.node.read_view()), who)
+    rec = tk.get_provider(ViewState(ctx.node.read_view()), who)
     return None if rec is None else provider_to_json(rec)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from node.api import ChainReadView
+from node.api import ChainReadView, ViewState
 from node.economy import models as mdl
 from node.economy.api import NS_MODEL
 from node.types import UINT64_MAX, Address, Hash32
@@ -40,18 +40,6 @@ MAX_LIST_SCAN = 10_000
 MAX_LINEAGE_DEPTH = 16
 MAX_FAMILY_FILTER = 32
 DIRECTIONS = ("ancestors", "descendants")
-
-
-class _State:
-    """A ``ChainReadView`` as the ``StateView`` the economy readers take."""
-
-    __slots__ = ("_view",)
-
-    def __init__(self, view: ChainReadView) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        return self._view.get_state(key)
 
 
 # --- JSON shapes ---------------------------------------------------------------------------------
@@ -118,7 +106,7 @@ def _summary(record: mdl.ModelRecord) -> dict[str, Any]:
 
 def _lookup(view: ChainReadView, value: Any, name: str) -> mdl.ModelRecord | None:
     """A model by id (``0x`` + 32 bytes) or by root CID (string or ``0x`` hex of the CID)."""
-    state = _State(view)
+    state = ViewState(view)
     if isinstance(value, str) and value.startswith(("0x", "0X")) and len(value) == 66:
         return mdl.get_model(state, parse_hash(value, name))
     return mdl.get_model_by_root(state, parse_root(value, name))
@@ -157,7 +145,7 @@ def ns_list_models(ctx: Context, params: Any) -> dict[str, Any]:
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise bad_param("filter.limit", f"expected 1 to {MAX_LIST_LIMIT}")
     view = ctx.node.read_view()
-    state = _State(view)
+    state = ViewState(view)
     if signature is None:
         prefix = NS_MODEL
         after = None if cursor is None else mdl.model_key(cursor)
@@ -210,7 +198,7 @@ def ns_get_lineage(ctx: Context, params: Any) -> dict[str, Any]:
         raise bad_param("query.depth", f"expected 1 to {MAX_LINEAGE_DEPTH}")
     proofs = parse_bool(q.get("proofs", False), "query.proofs")
     view = ctx.node.read_view()
-    state = _State(view)
+    state = ViewState(view)
     start = _lookup(view, q["model"], "query.model")
     if start is None:
         raise mdl.UnknownModel(f"no model {q['model']}")

@@ -13,7 +13,7 @@ import typing
 from typing import Any, Protocol
 
 from node import crypto
-from node.api import ChainReadView, NodeStatus, StateProof
+from node.api import ChainReadView, NodeStatus, StateProof, ViewState
 from node.consensus import fees
 from node.consensus.blocks import Block
 from node.consensus.receipts import Receipt, ReceiptStatus
@@ -275,18 +275,6 @@ def account_at(view: ChainReadView, address: Address, tag: BlockTag) -> Account:
     return EMPTY_ACCOUNT if value is None else Account.decode(value)
 
 
-class _StateOf:
-    """A ``ChainReadView`` as the ``StateView`` the fee rules read."""
-
-    __slots__ = ("_view",)
-
-    def __init__(self, view: ChainReadView) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        return self._view.get_state(key)
-
-
 # --- handlers ------------------------------------------------------------------------------------
 
 
@@ -384,7 +372,7 @@ def ns_estimate_fee(ctx: Context, params: Any) -> str:
         raise bad_param("tx", "expected the hex of a signed transaction or {kind, size}")
     raw = parse_hex_bytes(arg, "tx", max_length=MAX_TX_BYTES_HARD)
     vtx = verify_transaction(raw, view.params.max_tx_bytes)  # typed InvalidTransaction errors
-    return str(fees.cost_of(view.params, _StateOf(view), vtx))
+    return str(fees.cost_of(view.params, ViewState(view), vtx))
 
 
 async def ns_status(ctx: Context, params: Any) -> dict[str, Any]:

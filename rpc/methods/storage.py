@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from node.api import ViewState
 from node.economy import deals as dl
 from node.storage_agent import DealJob, StorageAgent, StorageAgentDisabled
 from node.types import Address, Hash32
@@ -37,19 +38,6 @@ DEFAULT_LIST_LIMIT = 20
 # than ``limit`` with a cursor to go on from, instead of scanning the whole prefix in one call.
 MAX_LIST_SCAN = 10_000
 MAX_PEER_ID_BYTES = 128
-
-
-class _StateOf:
-    """A read view as the ``StateView`` the deal read helpers take."""
-
-    __slots__ = ("_view",)
-
-    def __init__(self, view: Any) -> None:
-        self._view = view
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._view.get_state(key)
-        return value
 
 
 # --- JSON shapes ---------------------------------------------------------------------------------
@@ -149,7 +137,7 @@ def _cid_text(root: bytes) -> str | None:
 def ns_get_offer(ctx: Context, params: Any) -> dict[str, Any] | None:
     p = Params(params, ("provider",))
     provider = parse_address(p[0], "provider")
-    state = _StateOf(ctx.node.read_view())
+    state = ViewState(ctx.node.read_view())
     offer = dl.get_offer(state, provider)
     return None if offer is None else offer_to_json(offer, dl.get_provider_load(state, provider))
 
@@ -157,7 +145,7 @@ def ns_get_offer(ctx: Context, params: Any) -> dict[str, Any] | None:
 def ns_get_deal(ctx: Context, params: Any) -> dict[str, Any] | None:
     p = Params(params, ("dealId",))
     deal_id = parse_hash(p[0], "dealId")
-    deal = dl.get_deal(_StateOf(ctx.node.read_view()), deal_id)
+    deal = dl.get_deal(ViewState(ctx.node.read_view()), deal_id)
     return None if deal is None else deal_to_json(deal_id, deal)
 
 

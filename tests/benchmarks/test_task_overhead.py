@@ -14,16 +14,17 @@ import _devnet
 import pytest
 import task_overhead as to
 
+from node.api import ViewState
 from node.compute import recipes
 from node.economy import tasks as tk
-from rpc.methods.compute import _StateOf, task_to_json
+from rpc.methods.compute import task_to_json
 from tests.rpc.test_compute_rpc import Market
 from tests.rpc.test_compute_rpc import market as market
 
 
 def test_task_heights_are_the_tasks_own(market: Market) -> None:
     """The heights come from ``ns_getTask`` (``task_to_json``); one missing is an error."""
-    task = tk.get_task(_StateOf(market.read_view()), market.tasks["a1"])
+    task = tk.get_task(ViewState(market.read_view()), market.tasks["a1"])
     assert task is not None
     shown = task_to_json(task)
     with pytest.raises(RuntimeError, match="no claim, result, end height"):

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import trio
 
+from node.api import ViewState
 from node.chain import ChainService, ReadView
 from node.compute import recipes
 from node.compute_agent import ComputeAgent, ComputeSettings
@@ -38,7 +39,7 @@ from node.storage.importer import import_file, verify_cid_block
 from node.types import NSD, Address, Amount, Hash32
 from rpc import server as rpc_server
 from rpc.client import Client
-from rpc.methods.compute import _StateOf, list_providers, task_to_json
+from rpc.methods.compute import list_providers, task_to_json
 from rpc.server import RpcServer
 from tests.economy.econ import priced_dataset, register_body
 from tests.helpers import FEES, addr, commit_next, key, make_genesis, open_chain, signed_tx
@@ -241,7 +242,7 @@ async def test_task_input_allowance_and_buys(url: str, market: Market) -> None:
     t = await ok(url, "ns_getTask", hx(market.tasks["b2"]))
     assert t["inputs"] == [{"kind": "dataset", "ref": hx(market.priced)}]
     assert t["inputAllowance"] == str(PRICED) and t["inputBuys"] == []
-    task = tk.get_task(_StateOf(market.read_view()), market.tasks["b2"])
+    task = tk.get_task(ViewState(market.read_view()), market.tasks["b2"])
     assert task is not None and int(t["escrow"]) == task.escrow
     assert task.escrow == 2 * NSD + 2 * NSD * DEFAULT_ECONOMY_PARAMS.royalty_percent // 100 + (
         NSD // 10
@@ -259,7 +260,7 @@ async def test_task_input_allowance_and_buys(url: str, market: Market) -> None:
 def test_claim_and_result_heights(market: Market) -> None:
     """``claimHeight`` is the current claim's block (null while unclaimed, again once a claim
     has been dropped), ``resultHeight`` the block of the result (``result.height``)."""
-    task = tk.get_task(_StateOf(market.read_view()), market.tasks["a1"])
+    task = tk.get_task(ViewState(market.read_view()), market.tasks["a1"])
     assert task is not None and task.claim_height == 0
     claimed = replace(task, state=tk.TaskState.CLAIMED, provider=addr(PROV), claim_height=17)
     shown = task_to_json(claimed)
@@ -472,7 +473,7 @@ def test_the_ask_uses_the_price_of_the_offer_on_chain(market: Market, tmp_path: 
     """The provider's offer on chain says 1000 per device-second: that is the ask, whatever the
     node's setting; without an offer on chain, the setting."""
     view = market.read_view()
-    task = tk.get_task(_StateOf(view), market.tasks["a1"])
+    task = tk.get_task(ViewState(view), market.tasks["a1"])
     assert task is not None
     agent = _agent(market, tmp_path, [], price=7)
     record = agent.provider_record()
