@@ -219,6 +219,10 @@ def rank_main(argv: list[str] | None = None) -> int:
                 result = task_runner.run_training_task(
                     job, progress, args.threads, args.device, rank=rank, world=world
                 )
+            # Every rank is done with the group before any tears it down: a rank whose peer
+            # closed its gloo pairs mid-teardown could abort at exit (SIGABRT from a joinable
+            # thread), failing a run that succeeded.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         if rank == 0:
